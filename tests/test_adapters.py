@@ -1,0 +1,180 @@
+"""PEFT-format adapter files: interop with peft both ways, merge-export, and every bad folder."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
+
+from loratune.adapters import (CONFIG_NAME, WEIGHTS_NAME, load_adapter, read_meta, save_adapter)
+from loratune.errors import InputError
+from loratune.inject import LoraSpec, expand_targets, head_names, inject, lora_layers, set_active
+
+from conftest import ARCHS, tiny_model
+
+
+def _perturb(model: torch.nn.Module, seed: int = 0) -> None:
+    """Random non-zero B and a different head, as after training."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.2)
+
+
+def _saved(tmp_path: Path, arch: str, spec: LoraSpec, *, num_labels: int = 2) -> tuple[Path, torch.nn.Module]:
+    model = tiny_model(arch, num_labels=num_labels).eval()
+    inject(model, spec)
+    _perturb(model)
+    out = save_adapter(model, tmp_path / "adapter", spec, expand_targets(model, spec.targets),
+                       meta={"id2label": [f"c{i}" for i in range(num_labels)]})
+    return out, model
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_peft_loads_ours_with_the_same_logits(tmp_path, arch, batch) -> None:
+    spec = LoraSpec(targets=("qv",), rank=4, alpha=8, dropout=0.1, bias="none")
+    out, ours = _saved(tmp_path, arch, spec)
+    cfg = json.loads((out / CONFIG_NAME).read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["r"] == 4 and cfg["fan_in_fan_out"] == (arch == "gpt2")
+    ref = PeftModel.from_pretrained(tiny_model(arch).eval(), str(out)).eval()
+    assert _rel(ref(**batch).logits, ours(**batch).logits) <= 1e-5
+    assert read_meta(out)["id2label"] == ["c0", "c1"]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("r,alpha,dropout,rslora,which", [
+    (2, 4, 0.0, False, "qv"), (8, 32, 0.05, False, "attention"), (4, 4, 0.3, True, "qv")])
+def test_we_load_peft_s_with_the_same_logits(tmp_path, arch, r, alpha, dropout, rslora, which, batch) -> None:
+    probe = tiny_model(arch)
+    targets = expand_targets(probe, (which,))
+    pm = get_peft_model(tiny_model(arch), LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, use_rslora=rslora,
+                                                     target_modules=targets, task_type="SEQ_CLS"))
+    _perturb(pm, seed=5)
+    pm.save_pretrained(str(tmp_path / "p"))
+    pm.eval()
+    ours = tiny_model(arch).eval()
+    spec = load_adapter(ours, tmp_path / "p")
+    assert (spec.rank, spec.alpha, spec.rslora) == (r, alpha, rslora)
+    assert _rel(ours(**batch).logits, pm(**batch).logits) <= 1e-5
+
+
+def test_bias_modes_round_trip_through_peft(tmp_path, batch) -> None:
+    for bias in ("all", "lora_only"):
+        spec = LoraSpec(targets=("qv",), rank=4, alpha=8, bias=bias)
+        out, ours = _saved(tmp_path / bias, "bert", spec)
+        ref = PeftModel.from_pretrained(tiny_model("bert").eval(), str(out)).eval()
+        assert _rel(ref(**batch).logits, ours(**batch).logits) <= 1e-5
+        back = tiny_model("bert").eval()
+        load_adapter(back, out)
+        assert _rel(back(**batch).logits, ours(**batch).logits) <= 1e-6
+
+
+def test_keys_are_peft_s(tmp_path) -> None:
+    spec = LoraSpec(targets=("q_lin", "v_lin"), rank=2, alpha=4)
+    out, _ = _saved(tmp_path, "distilbert", spec)
+    keys = set(load_file(str(out / WEIGHTS_NAME)))
+    pm = get_peft_model(tiny_model("distilbert"), LoraConfig(r=2, lora_alpha=4, target_modules=["q_lin", "v_lin"],
+                                                             task_type="SEQ_CLS"))
+    pm.save_pretrained(str(tmp_path / "p"))
+    assert keys == set(load_file(str(tmp_path / "p" / WEIGHTS_NAME)))
+
+
+def test_several_named_adapters_load_side_by_side(tmp_path, batch) -> None:
+    a, ma = _saved(tmp_path / "a", "bert", LoraSpec(targets=("qv",), rank=2, alpha=2))
+    model = tiny_model("bert").eval()
+    load_adapter(model, a, "first")
+    out_first = model(**batch).logits
+    _perturb(model, seed=9)                          # changes "first" and the head
+    torch.testing.assert_close(out_first, ma(**batch).logits)
+    assert set(lora_layers(model)["bert.encoder.layer.0.attention.self.query"].adapters) == {"first"}
+    set_active(model, None)
+    assert head_names(model) == ["classifier"]
+
+
+# --- bad folders: one clear InputError each -----------------------------------------------------
+
+def _corrupt(tmp_path: Path, how: str) -> Path:
+    out, _ = _saved(tmp_path, "bert", LoraSpec(targets=("qv",), rank=4, alpha=8))
+    cfg_path, w_path = out / CONFIG_NAME, out / WEIGHTS_NAME
+    cfg = json.loads(cfg_path.read_text())
+    if how == "no config":
+        cfg_path.unlink()
+    elif how == "no weights":
+        w_path.unlink()
+    elif how == "corrupt weights":
+        w_path.write_bytes(w_path.read_bytes()[:100])
+    elif how == "bad json":
+        cfg_path.write_text("{not json")
+    elif how == "unknown peft_type":
+        cfg["peft_type"] = "IA3"
+    elif how == "r <= 0":
+        cfg["r"] = 0
+    elif how == "r wrong type":
+        cfg["r"] = "8"
+    elif how == "dropout out of range":
+        cfg["lora_dropout"] = 1.5
+    elif how == "dora":
+        cfg["use_dora"] = True
+    elif how == "missing tensor":
+        w = load_file(str(w_path))
+        w.pop(next(k for k in w if "lora_B" in k))
+        save_file(w, str(w_path))
+    elif how == "nan":
+        w = load_file(str(w_path))
+        k = next(k for k in w if "lora_A" in k)
+        w[k][0, 0] = float("nan")
+        save_file(w, str(w_path))
+    if how not in ("no config", "bad json"):
+        if cfg_path.exists():
+            cfg_path.write_text(json.dumps(cfg))
+    return out
+
+
+@pytest.mark.parametrize("how,fragment", [
+    ("no config", "adapter_config.json: missing"),
+    ("no weights", "adapter_model.safetensors: missing"),
+    ("corrupt weights", "not a valid safetensors file"),
+    ("bad json", "not valid JSON"),
+    ("unknown peft_type", "peft_type 'IA3' is not supported"),
+    ("r <= 0", "'r' must be >= 1"),
+    ("r wrong type", "'r' has the wrong type"),
+    ("dropout out of range", "lora_dropout"),
+    ("dora", "use_dora"),
+    ("missing tensor", "is missing"),
+    ("nan", "NaN"),
+])
+def test_bad_adapter_folder(tmp_path, how, fragment) -> None:
+    out = _corrupt(tmp_path, how)
+    with pytest.raises(InputError, match=fragment.replace("(", r"\(")):
+        load_adapter(tiny_model("bert"), out)
+
+
+def test_adapter_for_another_base_model(tmp_path) -> None:
+    out, _ = _saved(tmp_path, "bert", LoraSpec(targets=("qv",), rank=4, alpha=8))
+    import transformers as tf
+
+    wider = tf.BertForSequenceClassification(tf.BertConfig(hidden_size=48, num_hidden_layers=2, num_attention_heads=2,
+                                                           intermediate_size=64, vocab_size=120, num_labels=2))
+    with pytest.raises(InputError, match=r"shape \[4, 32\] but the model's is \[4, 48\]"):
+        load_adapter(wider, out)
+    with pytest.raises(InputError, match="does not fit DistilBertForSequenceClassification"):
+        load_adapter(tiny_model("distilbert"), out)
+    with pytest.raises(InputError, match="does not exist"):
+        load_adapter(tiny_model("bert"), tmp_path / "nope")
+
+
+def test_save_is_atomic_and_replaces(tmp_path) -> None:
+    out, model = _saved(tmp_path, "bert", LoraSpec(targets=("qv",), rank=4, alpha=8))
+    save_adapter(model, out, LoraSpec(targets=("qv",), rank=4, alpha=8), ["query", "value"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]          # no temp folders left
+    shutil.rmtree(out)

@@ -1,0 +1,111 @@
+"""Target resolution against peft's own matching, the trainable set, and the parameter report."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from loratune.errors import InputError
+from loratune.inject import (LoraSpec, count_parameters, expand_targets, inject, lora_layers, report_line,
+                             resolve_targets)
+
+from conftest import ARCHS, tiny_model
+
+# (our targets, peft's target_modules) per architecture; the short names resolve to these.
+PEFT_QV = {"distilbert": ["q_lin", "v_lin"], "bert": ["query", "value"], "roberta": ["query", "value"],
+           "gpt2": ["c_attn"], "llama": ["q_proj", "v_proj"]}
+
+
+def _peft_targets(peft_model) -> set[str]:
+    return {n.removeprefix("base_model.model.") for n, m in peft_model.named_modules()
+            if hasattr(m, "lora_A") and hasattr(m, "base_layer")}
+
+
+def test_distilbert_base_count_is_the_seeds_739586() -> None:
+    import transformers as tf
+
+    model = tf.DistilBertForSequenceClassification(tf.DistilBertConfig(num_labels=2))
+    inject(model, LoraSpec(targets=("q_lin", "v_lin"), rank=8, alpha=16))
+    assert count_parameters(model)[0] == 739_586
+    assert report_line(model).startswith("trainable params: 739,586 || all params: 67,102,466 || trainable%: 1.10")
+
+
+@pytest.mark.parametrize("arch", ARCHS + ["llama"])
+@pytest.mark.parametrize("targets,peft_targets,bias", [
+    (("qv",), None, "none"),
+    (("attention",), "attn", "all"),
+    (("all-linear",), "all-linear", "lora_only"),
+])
+def test_same_matrices_and_counts_as_peft(arch, targets, peft_targets, bias) -> None:
+    ours, ref = tiny_model(arch, num_labels=3), tiny_model(arch, num_labels=3)
+    names = inject(ours, LoraSpec(targets=targets, rank=4, alpha=8, bias=bias))
+    if peft_targets is None:
+        peft_targets = PEFT_QV[arch]
+    elif peft_targets == "attn" or (peft_targets == "all-linear" and arch == "distilbert"):
+        # peft's own "all-linear" also wraps DistilBERT's pre_classifier, then refuses to train it fully
+        # (modules_to_save on a LoRA layer: TypeError); we leave the head out of the targets.
+        peft_targets = expand_targets(ours, targets)
+    pm = get_peft_model(ref, LoraConfig(r=4, lora_alpha=8, target_modules=peft_targets, bias=bias,
+                                        task_type="SEQ_CLS"))
+    assert set(names) == _peft_targets(pm)
+    assert count_parameters(ours)[0] == pm.get_nb_trainable_parameters()[0]
+
+
+def test_suffix_matching_is_peft_s() -> None:
+    model = tiny_model("bert")
+    # "dense" is a suffix of pooler.dense, attention.output.dense, intermediate.dense, output.dense
+    ours = set(resolve_targets(model, ["dense"]))
+    pm = get_peft_model(tiny_model("bert"), LoraConfig(r=2, target_modules=["dense"], task_type="SEQ_CLS"))
+    assert ours == _peft_targets(pm) and "bert.pooler.dense" in ours
+    assert resolve_targets(model, ["re:.*layer\\.1\\..*query"]) == ["bert.encoder.layer.1.attention.self.query"]
+
+
+def test_layers_filter_matches_peft() -> None:
+    model = tiny_model("distilbert")
+    ours = resolve_targets(model, ["q_lin", "v_lin"], layers=[1])
+    pm = get_peft_model(tiny_model("distilbert"), LoraConfig(r=2, target_modules=["q_lin", "v_lin"],
+                                                             layers_to_transform=[1], task_type="SEQ_CLS"))
+    assert set(ours) == _peft_targets(pm) and len(ours) == 2
+
+
+def test_unmatched_target_names_model_and_its_layers() -> None:
+    import transformers as tf
+
+    model = tf.DistilBertForSequenceClassification(tf.DistilBertConfig(dim=32, n_layers=1, n_heads=2, hidden_dim=64))
+    with pytest.raises(InputError) as e:
+        resolve_targets(model, ["q_proj"])
+    assert str(e.value) == ("target 'q_proj' matches no linear layer of DistilBertForSequenceClassification; its "
+                            "linear layers are q_lin, k_lin, v_lin, out_lin, lin1, lin2, pre_classifier, classifier")
+
+
+def test_bad_targets() -> None:
+    model = tiny_model("bert")
+    with pytest.raises(InputError, match="not a linear layer"):
+        resolve_targets(model, ["attention.self"])
+    with pytest.raises(InputError, match="bad regex"):
+        resolve_targets(model, ["re:(("])
+    with pytest.raises(InputError, match="--layers"):
+        resolve_targets(model, ["qv"], layers=[7])
+    with pytest.raises(InputError, match=r"query \(32x32\)"):
+        inject(model, LoraSpec(targets=("q",), rank=33))
+
+
+def test_gradients_reach_only_the_trainable_set_and_base_is_unchanged(batch) -> None:
+    model = tiny_model("distilbert")
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters()}
+    inject(model, LoraSpec(targets=("qv",), rank=4, alpha=8))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {n for n in trainable if ".adapters." in n or n.startswith(("pre_classifier", "classifier"))}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for layer in lora_layers(model).values():            # make B non-zero so A gets gradients too
+        torch.nn.init.normal_(layer.adapters["default"].lora_B)
+    loss = model(**batch, labels=torch.tensor([0, 1, 0, 1])).loss
+    loss.backward()
+    for n, p in model.named_parameters():
+        assert (p.grad is not None) == (n in trainable), n
+    opt.step()
+    for n, p in model.named_parameters():
+        key = n.replace(".base_layer", "")
+        if n not in trainable:
+            assert torch.equal(p, frozen[key]), n
