@@ -47,3 +47,78 @@ def batch() -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(3, 120, (4, 10), generator=g)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+# --- a tiny local model folder and a learnable data set, for end-to-end tests ---------------------
+
+POSITIVE = ["good", "great", "fine", "lovely", "superb", "moving", "funny", "smart"]
+NEGATIVE = ["bad", "awful", "dull", "boring", "weak", "messy", "stale", "tired"]
+FILLER = ["the", "film", "movie", "plot", "cast", "story", "is", "was", "a", "very", "quite", "and", "but", "it"]
+
+
+def synthetic_rows(n: int, seed: int = 0) -> list[tuple[str, str]]:
+    """Sentences whose sentiment word decides the label: a tiny model learns it in a few epochs."""
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = "pos" if i % 2 == 0 else "neg"
+        words = [rng.choice(FILLER) for _ in range(rng.randint(2, 12))]
+        words.insert(rng.randint(0, len(words)), rng.choice(POSITIVE if label == "pos" else NEGATIVE))
+        rows.append((" ".join(words), label))
+    return rows
+
+
+def write_csv(path, rows, header=("text", "label")) -> str:
+    import csv
+
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> str:
+    """A random-init BERT (2 layers, width 32) with a word-level WordPiece vocab, saved as a folder."""
+    import transformers as tf
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + POSITIVE + NEGATIVE + FILLER + list("abcdefghijklmnopqrstuvwxyz")
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+
+    tk = Tokenizer(models.WordPiece(vocab={w: i for i, w in enumerate(vocab)}, unk_token="[UNK]"))
+    tk.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tk.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tk.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
+                                                      special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    tok = tf.PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                                     sep_token="[SEP]", mask_token="[MASK]")
+    tok.save_pretrained(str(folder))
+    torch.manual_seed(0)
+    cfg = tf.BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64, num_labels=2)
+    # "Pre-train" it briefly on other sentences of the same kind (full fine-tuning), so that, as with a
+    # real pretrained model, its features carry sentiment: a fresh head plus LoRA then learns in epochs.
+    model = tf.BertForSequenceClassification(cfg)
+    rows = synthetic_rows(512, seed=99)
+    enc = tok([t for t, _ in rows], padding=True, return_tensors="pt")
+    y = torch.tensor([int(lab == "pos") for _, lab in rows])
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(4):
+        for i in range(0, len(rows), 32):
+            loss = model(input_ids=enc["input_ids"][i:i + 32], attention_mask=enc["attention_mask"][i:i + 32],
+                         labels=y[i:i + 32]).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+    model.bert.save_pretrained(str(folder))          # the encoder only: loratune adds a fresh head
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> str:
+    """400 learnable rows as a CSV (split 320/40/40 by loratune)."""
+    return write_csv(tmp_path_factory.mktemp("data") / "reviews.csv", synthetic_rows(400))

@@ -1,5 +1,46 @@
-"""loratune: LoRA fine-tuning of pretrained transformers and LoRA hyperparameter search on Ray Tune."""
+"""loratune: LoRA fine-tuning of pretrained transformers and LoRA hyperparameter search on Ray Tune.
+
+The library functions behind the CLI commands::
+
+    loratune.train(rank=4, epochs=1, out="runs/x")        # loratune train
+    loratune.evaluate(adapter_dir, split="test")          # loratune eval
+    loratune.predict(adapter_dir, ["a fine film"])        # loratune predict
+    loratune.merge(adapter_dir, out_dir)                  # loratune merge
+    loratune.info("minilm-l6", targets="qv", rank=8)      # loratune info
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
 __version__ = "0.1.0"
+
+_LAZY = {
+    "train": ("trainer", "train"),
+    "TrainConfig": ("config", "TrainConfig"),
+    "InputError": ("errors", "InputError"),
+    "evaluate": ("inference", "evaluate_adapter"),
+    "predict": ("inference", "predict"),
+    "merge": ("inference", "merge_export"),
+    "info": ("inference", "info"),
+    "LoraLinear": ("lora", "LoraLinear"),
+    "LoraSpec": ("inject", "LoraSpec"),
+    "inject": ("inject", "inject"),
+    "load_adapter": ("adapters", "load_adapter"),
+    "save_adapter": ("adapters", "save_adapter"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Import on first use: ``import loratune`` stays fast (no torch until needed)."""
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        value = getattr(importlib.import_module(f".{module}", __name__), attr)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'loratune' has no attribute {name!r}")
+
+
+__all__ = list(_LAZY)

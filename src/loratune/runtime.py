@@ -1,0 +1,77 @@
+"""Device, precision and threads: the few facts about the machine a run depends on."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import sys
+from functools import lru_cache
+from typing import Any, ContextManager
+
+import torch
+
+from .errors import InputError
+
+
+def available_cpus() -> int:
+    """CPUs this process may use (its affinity mask, which Ray and taskset set), not the machine's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:                                     # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def set_threads(threads: int | None) -> int:
+    """torch threads = the CPUs given: more threads than cores runs ~5x slower here."""
+    n = threads or available_cpus()
+    torch.set_num_threads(n)
+    return n
+
+
+@lru_cache(maxsize=1)
+def cpu_has_bf16() -> bool:
+    """True where the CPU computes bf16 natively (AVX512-BF16 or AMX), so bf16 autocast pays."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+        return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
+    except OSError:
+        return platform.machine() == "arm64" and sys.platform == "darwin"
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device: cuda was asked for, but torch sees no CUDA device")
+    return torch.device(device)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """auto -> bf16 where native (these CPUs; CUDA with bf16), fp16 on older GPUs, else fp32."""
+    if precision != "auto":
+        if precision == "fp16" and device.type == "cpu":
+            raise InputError("--precision: fp16 is for CUDA devices; use bf16 or fp32 on a CPU")
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cpu_has_bf16() else "fp32"
+
+
+def autocast(device: torch.device, precision: str) -> ContextManager[Any]:
+    """Mixed precision for forward passes; weights stay fp32 (the optimizer updates fp32 masters)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def versions() -> dict[str, str]:
+    """Versions recorded in every run's config.yaml."""
+    import transformers
+
+    from . import __version__
+
+    return {"loratune": __version__, "torch": str(torch.__version__), "transformers": str(transformers.__version__),
+            "python": platform.python_version()}

@@ -1,0 +1,139 @@
+"""The training loop end to end on a tiny local model: files, learning, resume after SIGKILL, API."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import loratune
+from loratune.errors import InputError
+from loratune.trainer import _schedule
+
+from conftest import synthetic_rows, write_csv
+
+CLI = [sys.executable, "-m", "loratune"]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def _opts(model: str, data: str, **kw) -> dict:
+    return {"model": model, "data": data, "epochs": 2, "batch_size": 8, "lr": 3e-3, "max_length": 32, "rank": 4,
+            "alpha": 8, "log_every": 5, "threads": 1, **kw}
+
+
+def _flags(opts: dict) -> list[str]:
+    return [x for k, v in opts.items() for x in (f"--{k.replace('_', '-')}", str(v))]
+
+
+def test_train_writes_the_contract_files_and_learns(tmp_path, tiny_model_dir, tiny_data) -> None:
+    r = loratune.train(out=tmp_path / "run", **_opts(tiny_model_dir, tiny_data, epochs=4))
+    run = tmp_path / "run"
+    assert {"config.yaml", "adapter", "metrics.jsonl", "results.json", "tb", "checkpoints"} <= {p.name for p in run.iterdir()}
+    res = json.loads((run / "results.json").read_text())
+    for split in ("validation", "test"):
+        assert set(res[split]) == {"loss", "accuracy", "f1", "f1_macro", "precision", "recall", "roc_auc"}
+    assert res["validation"]["accuracy"] >= 0.9, res        # the sentiment word decides the label
+    assert res["best_epoch"] == r.best_epoch and 1 <= r.best_epoch <= 4
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [x["epoch"] for x in lines if x["type"] == "eval"] == [1, 2, 3, 4]
+    assert sum(x["type"] == "train" for x in lines) == 4 * 40 // 5  # 320 rows / 8 = 40 steps an epoch
+    assert res["train"]["tokens_per_s"] > 0 and res["train"]["trainable_params"] > 0
+    assert json.loads((run / "adapter" / "loratune.json").read_text())["id2label"] == ["neg", "pos"]
+    # the best epoch's validation metrics are the ones kept
+    best = next(x for x in lines if x["type"] == "eval" and x["epoch"] == r.best_epoch)
+    assert best["loss"] == pytest.approx(res["validation"]["loss"]) == min(x["loss"] for x in lines if x["type"] == "eval")
+
+
+def test_schedule_is_linear_warmup_then_decay() -> None:
+    f = _schedule(total=100, warmup=10)
+    assert [f(0), f(5), f(10), f(55), f(100)] == [0.0, 0.5, 1.0, 0.5, 0.0]
+
+
+def test_same_seed_same_adapter_and_early_stop(tmp_path, tiny_model_dir, tiny_data) -> None:
+    a = loratune.train(out=tmp_path / "a", **_opts(tiny_model_dir, tiny_data, epochs=1))
+    b = loratune.train(out=tmp_path / "b", **_opts(tiny_model_dir, tiny_data, epochs=1))
+    wa, wb = (load_file(str(r.run_dir / "adapter" / "adapter_model.safetensors")) for r in (a, b))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    c = loratune.train(out=tmp_path / "c", **_opts(tiny_model_dir, tiny_data, epochs=5, max_steps=50))
+    assert c.train["steps"] == 50 and c.train["epochs_run"] == 2
+
+
+def test_grad_accum_and_balanced_weights_run(tmp_path, tiny_model_dir) -> None:
+    data = write_csv(tmp_path / "skewed.csv", synthetic_rows(300)[:200] + [r for r in synthetic_rows(300)[200:] if r[1] == "pos"])
+    r = loratune.train(out=tmp_path / "r", **_opts(tiny_model_dir, data, epochs=1, grad_accum=3,
+                                                  class_weights="balanced", bucket=False, precision="fp32"))
+    # 250 rows -> 200 train; 25 batches of 8 -> 9 optimizer steps of up to 3 batches
+    assert r.train["steps"] == 9 and r.validation["accuracy"] > 0
+
+
+def _kill_after_checkpoint(cmd: list[str], run: Path, min_step: int) -> None:
+    """Start ``cmd``, SIGKILL it as soon as a checkpoint at or past ``min_step`` exists."""
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None:
+        steps = [int(p.stem[5:]) for p in (run / "checkpoints").glob("step-*.pt")] if (run / "checkpoints").is_dir() else []
+        if steps and max(steps) >= min_step:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run / "results.json").exists(), "the run finished before it could be killed"
+
+
+def test_resume_after_sigkill_gives_the_same_adapter(tmp_path, tiny_model_dir) -> None:
+    data = write_csv(tmp_path / "more.csv", synthetic_rows(1500, seed=3))      # 1,200 train rows: 150 steps/epoch
+    opts = _opts(tiny_model_dir, data, epochs=3, checkpoint_every=20, dropout=0.1)
+    ref = loratune.train(out=tmp_path / "ref", **opts)
+    w_ref = load_file(str(ref.run_dir / "adapter" / "adapter_model.safetensors"))
+    for n, kill_at in enumerate((40, 200)):                 # mid-epoch 1; mid-epoch 2 (after an evaluation)
+        run = tmp_path / f"killed-{n}"
+        _kill_after_checkpoint(CLI + ["train", "--out", str(run), *_flags(opts)], run, kill_at)
+        out = subprocess.run(CLI + ["train", "--out", str(run), "--resume"], env=ENV, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        w_res = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+        assert w_ref.keys() == w_res.keys()
+        for k in w_ref:
+            assert (w_ref[k] - w_res[k]).abs().max().item() <= 1e-6, k
+        res_ref = json.loads((ref.run_dir / "results.json").read_text())
+        res = json.loads((run / "results.json").read_text())
+        assert res["validation"] == pytest.approx(res_ref["validation"], abs=1e-6)
+        assert res["best_epoch"] == res_ref["best_epoch"]
+        ref_lines = (ref.run_dir / "metrics.jsonl").read_text().splitlines()
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+        assert [json.loads(x)["step"] for x in lines] == [json.loads(x)["step"] for x in ref_lines]  # none twice
+    again = subprocess.run(CLI + ["train", "--out", str(run), "--resume"], env=ENV, capture_output=True, text=True)
+    assert again.returncode == 0 and "already finished" in again.stdout
+
+
+def test_sigint_checkpoints_exits_130_and_resumes(tmp_path, tiny_model_dir, tiny_data) -> None:
+    run = tmp_path / "run"
+    proc = subprocess.Popen(CLI + ["train", "--out", str(run), *_flags(_opts(tiny_model_dir, tiny_data, epochs=3))],
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run / "metrics.jsonl").exists():
+        time.sleep(0.05)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "continue with --resume" in err and "Traceback" not in err
+    assert list((run / "checkpoints").glob("step-*.pt"))
+    out = subprocess.run(CLI + ["train", "--out", str(run), "--resume"], env=ENV, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert (run / "results.json").exists()
+
+
+def test_library_rejects_bad_options(tmp_path, tiny_model_dir, tiny_data) -> None:
+    with pytest.raises(InputError, match="--lr"):
+        loratune.train(out=tmp_path / "x", **_opts(tiny_model_dir, tiny_data, lr=0))
+    with pytest.raises(InputError, match="unknown training option 'rnak'"):
+        loratune.train(out=tmp_path / "x", rnak=3)
+    assert not (tmp_path / "x").exists()
