@@ -76,6 +76,7 @@ def evaluate_adapter(adapter: str | os.PathLike, *, data: str | None = None, spl
     if split not in ("validation", "test", "train"):
         raise InputError(f"--split: expected validation or test, got {split!r}")
     set_threads(threads)
+    read_adapter_config(adapter)                      # a bad folder is reported before anything else
     run_cfg = _run_config(adapter)
     opts: dict[str, Any] = run_cfg.to_dict() if run_cfg else {}
     for key, value in (("data", data), ("text_column", text_column), ("label_column", label_column)):

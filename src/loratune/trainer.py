@@ -149,7 +149,8 @@ def train(config: TrainConfig | None = None, *, out: str | Path | None = None, r
     """
     emit = progress or (lambda event: None)
     out = Path(out) if out is not None else rundir.default_out("train")
-    rundir.check_out(out, resume=resume, overwrite=overwrite)
+    if resume_from is None:                  # a trial restored by the search reuses its own folder
+        rundir.check_out(out, resume=resume, overwrite=overwrite)
     if resume:
         cfg, _ = rundir.read_config(out)
         if (out / "results.json").is_file():
@@ -164,7 +165,7 @@ def train(config: TrainConfig | None = None, *, out: str | Path | None = None, r
     data = prepared or prepare_data(cfg)
     model, spec, targets = build_model(cfg, data.label_names)
     model.to(device)
-    rundir.start(out, overwrite=overwrite)
+    rundir.start(out, overwrite=overwrite and resume_from is None)
     if not resume:
         rundir.write_config(out, cfg, label_names=data.label_names)
     state = load_checkpoint(Path(resume_from)) if resume_from else (load_latest(out / "checkpoints") if resume else None)

@@ -1,0 +1,165 @@
+"""The CLI as a user drives it: bad input exits 2 with one line; eval, predict, merge, info work."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from loratune.cli import main
+
+from conftest import synthetic_rows, write_csv
+
+FAST = ["--epochs", "1", "--batch-size", "8", "--max-length", "32", "--rank", "4", "--threads", "1", "--lr", "3e-3"]
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code: int, err: str, fragment: str) -> None:
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_model_dir, tiny_data) -> Path:
+    """One finished run of the tiny model (adapter in run/adapter)."""
+    out = tmp_path_factory.mktemp("cli") / "run"
+    assert main(["train", "--model", tiny_model_dir, "--data", tiny_data, "--out", str(out), *FAST]) == 0
+    return out
+
+
+BAD_CASES = ["missing file", "missing column", "empty file", "single class", "not utf-8", "unseen validation label",
+             "empty text", "lr <= 0", "epochs <= 0", "batch size <= 0", "unknown model", "model folder without config",
+             "rank too large", "unknown target", "bad config file"]
+
+
+def _bad_files(tmp: Path) -> dict[str, tuple[list[str], str]]:
+    """case -> (extra argv, expected message fragment)."""
+    rows = synthetic_rows(60)
+    (tmp / "empty.csv").write_text("")
+    write_csv(tmp / "nocol.csv", rows, header=("review", "label"))
+    write_csv(tmp / "one.csv", [(t, "pos") for t, _ in rows])
+    (tmp / "latin1.csv").write_bytes("text,label\nfine film,pos\ncaf\xe9 noir,neg\n".encode("latin-1") * 1)
+    write_csv(tmp / "val_new.csv", [("a good film", "meh")] * 5)
+    write_csv(tmp / "blank.csv", rows[:30] + [("  ", "pos")] + rows[30:])
+    return {
+        "missing file": (["--data", str(tmp / "nope.csv")], "nope.csv"),
+        "missing column": (["--data", str(tmp / "nocol.csv")], "review"),
+        "empty file": (["--data", str(tmp / "empty.csv")], "empty"),
+        "single class": (["--data", str(tmp / "one.csv")], "single class"),
+        "not utf-8": (["--data", str(tmp / "latin1.csv")], "UTF-8"),
+        "unseen validation label": (["--validation-file", str(tmp / "val_new.csv")], "meh"),
+        "empty text": (["--data", str(tmp / "blank.csv")], "empty"),
+        "lr <= 0": (["--lr", "0"], "--lr"),
+        "epochs <= 0": (["--epochs", "0"], "--epochs"),
+        "batch size <= 0": (["--batch-size", "-1"], "--batch-size"),
+        "unknown model": (["--model", "no-such-model-xyz"], "no-such-model-xyz"),
+        "model folder without config": (["--model", str(tmp)], "config.json"),
+        "rank too large": (["--rank", "33"], "--rank"),
+        "unknown target": (["--targets", "q_proj"], "q_proj"),
+        "bad config file": (["--config", str(tmp / "empty.csv") + ".yaml"], "--config"),
+    }
+
+
+@pytest.mark.parametrize("case", BAD_CASES)
+def test_bad_train_input_exits_2_with_one_line(case, tmp_path, capsys, tiny_model_dir, tiny_data) -> None:
+    argv, fragment = _bad_files(tmp_path)[case]
+    out = tmp_path / "run"
+    base = ["train", "--model", tiny_model_dir, "--data", tiny_data, "--out", str(out), *FAST]
+    # later flags win in argparse, so the case's flags override the good defaults above
+    code, _, err = run(capsys, *base, *argv)
+    assert_one_line_error(code, err, fragment)
+    assert not (out / "results.json").exists() and not (out / "adapter").exists()
+
+
+def test_existing_out_is_refused(tmp_path, capsys, tiny_model_dir, tiny_data) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "something").write_text("x")
+    code, _, err = run(capsys, "train", "--model", tiny_model_dir, "--data", tiny_data, "--out", str(out), *FAST)
+    assert_one_line_error(code, err, "--resume")
+    assert sorted(p.name for p in out.iterdir()) == ["something"]
+
+
+def test_eval_predict_json_and_merge(trained, tmp_path, capsys) -> None:
+    adapter = trained / "adapter"
+    code, out, _ = run(capsys, "eval", "--adapter", str(adapter), "--json")
+    assert code == 0
+    m = json.loads(out)
+    results = json.loads((trained / "results.json").read_text())
+    assert m["split"] == "test" and m["accuracy"] == pytest.approx(results["test"]["accuracy"])
+    code, out, _ = run(capsys, "eval", "--adapter", str(adapter), "--split", "validation", "--json")
+    assert json.loads(out)["loss"] == pytest.approx(results["validation"]["loss"], rel=1e-4)
+
+    texts = ["the film was great", "a dull and boring plot", "the cast is superb"]
+    code, out, _ = run(capsys, "predict", "--adapter", str(adapter), "--json", *texts)
+    rows = [json.loads(x) for x in out.splitlines()]
+    assert code == 0 and [r["text"] for r in rows] == texts
+    assert [r["label"] for r in rows] == ["pos", "neg", "pos"]
+    for r in rows:
+        assert set(r) == {"text", "label", "score", "probabilities"}
+        assert r["score"] == max(r["probabilities"].values()) and sum(r["probabilities"].values()) == pytest.approx(1)
+
+    merged = tmp_path / "merged"
+    code, _, err = run(capsys, "merge", "--adapter", str(adapter), "--out", str(merged))
+    assert code == 0, err
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(str(merged)).eval()
+    tok = AutoTokenizer.from_pretrained(str(merged))
+    assert model.config.id2label == {0: "neg", 1: "pos"}
+    assert not any("lora" in n for n, _ in model.named_parameters())
+    with torch.no_grad():
+        p = torch.softmax(model(**tok(texts, padding=True, return_tensors="pt")).logits, -1)
+    capsys.readouterr()
+    code, out, _ = run(capsys, "predict", "--adapter", str(adapter), "--json", "--precision", "fp32", *texts)
+    for r, q in zip([json.loads(x) for x in out.splitlines()], p):
+        assert r["probabilities"]["pos"] == pytest.approx(q[1].item(), abs=1e-5)
+    capsys.readouterr()
+    code, _, err = run(capsys, "merge", "--adapter", str(adapter), "--out", str(merged))
+    assert_one_line_error(code, err, "--overwrite")
+
+
+def test_predict_file_reports_bad_lines_and_goes_on(trained, tmp_path, capsys) -> None:
+    f = tmp_path / "in.txt"
+    f.write_bytes(b"a great film\n\xff\xfe broken\n\na dull plot\n")
+    code, out, err = run(capsys, "predict", "--adapter", str(trained / "adapter"), "--file", str(f))
+    assert code == 0
+    assert [x.split("\t")[0] for x in out.splitlines()] == ["pos", "neg"]
+    assert "line 2: not UTF-8" in err and "line 3: empty" in err
+
+
+def test_bad_adapter_and_predict_input(tmp_path, capsys, trained) -> None:
+    code, _, err = run(capsys, "eval", "--adapter", str(tmp_path / "none"))
+    assert_one_line_error(code, err, "does not exist")
+    code, _, err = run(capsys, "predict", "--adapter", str(trained / "adapter"), "--file", str(tmp_path))
+    assert_one_line_error(code, err, "is a folder")
+    code, _, err = run(capsys, "merge", "--adapter", str(trained), "--out", str(tmp_path / "m"))
+    assert_one_line_error(code, err, "adapter_config.json")
+
+
+def test_info_prints_the_peft_line(capsys, tiny_model_dir) -> None:
+    code, out, _ = run(capsys, "info", "--model", tiny_model_dir, "--targets", "q,v", "--rank", "2")
+    assert code == 0 and out.startswith("trainable params: ")
+    code, _, err = run(capsys, "info", "--model", tiny_model_dir, "--targets", "q_lin")
+    assert_one_line_error(code, err, "target 'q_lin' matches no linear layer of BertForSequenceClassification")
+
+
+def test_config_file_and_flags_override(tmp_path, capsys, tiny_model_dir, tiny_data) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"model: {tiny_model_dir}\ndata: {tiny_data}\nrank: 2\nepochs: 1\nbatch_size: 8\nmax_length: 32\n")
+    out = tmp_path / "run"
+    code, _, err = run(capsys, "train", "--config", str(cfg), "--rank", "3", "--out", str(out), "--threads", "1")
+    assert code == 0, err
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["r"] == 3
+    cfg.write_text("rnak: 2\n")
+    code, _, err = run(capsys, "train", "--config", str(cfg), "--out", str(tmp_path / "x"))
+    assert_one_line_error(code, err, "unknown training option 'rnak'")
