@@ -1,0 +1,543 @@
+"""Hyperparameter search on Ray Tune: the one module that imports Ray.
+
+``tune()`` validates the space (:mod:`loratune.space`) and prepares the data before Ray starts,
+then runs one :func:`loratune.trainer.train` per trial with ASHA early stopping:
+
+- The untuned config (the fixed options, every default) is always the first trial, so the search
+  can only improve on it. Random search: ``BasicVariantGenerator(points_to_evaluate=[default])``,
+  where the default replaces one sample and grid values multiply the others; Optuna's TPE: a
+  define-by-run space whose trial number 0 is the default.
+- Tokenized data goes to the object store once (``tune.with_parameters``). A trial gets
+  ``cpus_per_trial`` CPUs and as many torch threads (plus a GPU share when trials run on CUDA).
+- Each epoch a trial reports its validation metrics with its checkpoint file (``ray.tune.report``);
+  a restarted or resumed trial continues from it (``ray.tune.get_checkpoint``). A trial whose loss
+  turns non-finite reports ``diverged=1`` without the metric (ASHA and the searchers skip it) and ends.
+- Each trial writes its own run directory ``OUT/trials/<trial id>``; the best one by the validation
+  metric alone is copied to ``OUT/best`` and evaluated on the test split once.
+
+A local search keeps Ray on 127.0.0.1, in a short temp folder (Unix socket paths have 107 bytes),
+with a per-process auth token in the environment (nothing in the home directory); Ray's results go
+to the run directory (or ``storage``), its logs to files. ``resume=DIR`` continues a search whose
+driver died: unfinished trials go on from their checkpoints, finished ones are not run again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import logging
+import math
+import os
+import secrets
+import shutil
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import ray
+import yaml
+from ray import tune as rt
+from ray.tune import Callback
+
+from . import rundir
+from .config import TrainConfig
+from .errors import InputError
+from .runtime import available_cpus
+from .space import DEFAULT_SPACE, Space, columns, validate
+from .trainer import Diverged, Interrupted, Prepared, prepare_data, train
+
+log = logging.getLogger(__name__)
+Progress = Callable[[dict[str, Any]], None]
+
+METRICS = ("val_loss", "val_accuracy", "val_f1", "val_f1_macro", "val_precision", "val_recall", "val_roc_auc")
+ALGORITHMS = ("random", "optuna")
+OK_STATUSES = ("completed", "stopped_early")
+_TOKEN = secrets.token_hex(32)        # this process's Ray auth token for local clusters (never on disk)
+_LIVE: dict[str, Any] = {}            # the running search's progress sink and view (Ray restores callbacks by pickle)
+
+
+@dataclass
+class SearchResult:
+    """What a search leaves: the table, the best and the default trial (config, validation, test)."""
+
+    out: Path
+    columns: list[str]
+    rows: list[dict[str, Any]]
+    best: dict[str, Any] | None
+    default: dict[str, Any] | None
+    metric: str
+    mode: str
+    seconds: float = 0.0
+    already_done: bool = False
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def tune(config: TrainConfig | None = None, *, space: dict[str, Any] | None = None, samples: int = 8,
+         max_epochs: int = 3, cpus_per_trial: int = 1, max_concurrent: int | None = None, search_alg: str = "random",
+         metric: str = "val_loss", mode: str = "min", max_failures: int = 2, address: str | None = None,
+         storage: str | os.PathLike | None = None, out: str | os.PathLike | None = None,
+         resume: str | os.PathLike | None = None, overwrite: bool = False, progress: Progress | None = None,
+         **options: Any) -> SearchResult:
+    """Search LoRA hyperparameters; ``options`` (or ``config``) fix training options for every trial.
+
+    ``space`` is the contract's ``search:`` mapping (default: :data:`loratune.space.DEFAULT_SPACE`).
+    ``samples`` counts the default trial; grid values multiply the others. Each trial's schedule
+    is ``max_epochs`` long; ASHA (grace 1, reduction 2) may stop it earlier on ``metric``/``mode``.
+    ``resume=DIR`` continues the search in DIR with the options it was started with.
+    """
+    t0 = time.monotonic()
+    emit = progress or (lambda event: None)
+    if resume is not None:
+        out = Path(resume)
+        doc = _read_search_yaml(out)
+        if (out / "search.json").is_file():
+            emit({"kind": "already_done", "out": str(out)})
+            return _load_result(out, doc)
+        address = address or doc.get("address")
+    else:
+        doc = _new_search(config, options, space, samples, max_epochs, cpus_per_trial, max_concurrent, search_alg,
+                          metric, mode, max_failures, address, storage)
+        out = Path(out) if out is not None else rundir.default_out("tune")
+        rundir.check_out(out, resume=False, overwrite=overwrite)
+        storage_dir = Path(doc["storage"]) if doc["storage"] else out.resolve()
+        doc["experiment"] = str(storage_dir / ("ray" if not doc["storage"] else f"{out.name}-{secrets.token_hex(3)}"))
+    base = TrainConfig.from_dict(doc["options"])
+    parsed = validate(doc["search"], base, search_alg=doc["search_alg"], load_model=resume is None)
+    prepared = prepare_data(base)
+    if resume is None:
+        rundir.start(out, overwrite=overwrite)
+        (out / "search.yaml").write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
+    emit({"kind": "search_start", "out": str(out), "trials": _trial_total(parsed, doc), "resumed": resume is not None,
+          "keys": parsed.keys, "max_epochs": doc["max_epochs"]})
+    with _ray_session(address, out / "ray.log") as cluster:
+        grid = _fit(doc, parsed, base, prepared, out, cluster, emit, resume is not None)
+    rows, trials = _collect(grid, parsed, out)
+    unfinished = [t for t in trials if t["status"] is None]
+    if unfinished or len(trials) < _trial_total(parsed, doc):
+        raise Interrupted(f"search interrupted; its state is saved in {out}")
+    return _finish(out, doc, parsed, base, prepared, rows, trials, time.monotonic() - t0, emit)
+
+
+def _new_search(config: TrainConfig | None, options: dict[str, Any], space: dict[str, Any] | None, samples: int,
+                max_epochs: int, cpus_per_trial: int, max_concurrent: int | None, search_alg: str, metric: str,
+                mode: str, max_failures: int, address: str | None, storage: Any) -> dict[str, Any]:
+    """Check the search's own options; the document saved as search.yaml (all a resume needs)."""
+    for name, value, lo in (("samples", samples, 1), ("max_epochs", max_epochs, 1), ("cpus_per_trial", cpus_per_trial, 1),
+                            ("max_failures", max_failures, 0), ("max_concurrent", max_concurrent, 1)):
+        if value is None and name == "max_concurrent":
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+            raise InputError(f"--{name.replace('_', '-')}: expected an integer >= {lo}, got {value!r}")
+    for name, value, allowed in (("search_alg", search_alg, ALGORITHMS), ("metric", metric, METRICS),
+                                 ("mode", mode, ("min", "max"))):
+        if value not in allowed:
+            raise InputError(f"--{name.replace('_', '-')}: expected one of {', '.join(allowed)}, got {value!r}")
+    if search_alg == "optuna":
+        try:
+            import optuna  # noqa: F401
+        except ImportError:
+            raise InputError("--search-alg optuna: optuna is not installed (pip install 'loratune[optuna]')") from None
+    base = config.replace(**options) if config is not None else TrainConfig.from_dict(options)
+    base = _absolute_paths(base)
+    raw = DEFAULT_SPACE if space is None else space
+    if storage is not None and Path(storage).expanduser().resolve() == Path.home().resolve():
+        raise InputError(f"--storage: {storage} is the home directory; give a folder for the search's results")
+    return {"options": base.to_dict(), "search": raw, "samples": samples, "max_epochs": max_epochs,
+            "cpus_per_trial": cpus_per_trial, "max_concurrent": max_concurrent, "search_alg": search_alg,
+            "metric": metric, "mode": mode, "max_failures": max_failures, "address": address,
+            "storage": str(Path(storage).expanduser().resolve()) if storage is not None else None}
+
+
+def _absolute_paths(cfg: TrainConfig) -> TrainConfig:
+    """Trials run in other working directories (and on other nodes): local paths become absolute."""
+    changes = {}
+    for name in ("model", "data", "validation_file", "test_file"):
+        value = getattr(cfg, name)
+        if value and Path(value).expanduser().exists():
+            changes[name] = str(Path(value).expanduser().resolve())
+    return cfg.replace(**changes)
+
+
+def _read_search_yaml(out: Path) -> dict[str, Any]:
+    path = out / "search.yaml"
+    if not path.is_file():
+        raise InputError(f"--resume: {out} holds no search (no search.yaml)")
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: cannot read ({e})") from None
+    if not isinstance(doc, dict) or "experiment" not in doc:
+        raise InputError(f"{path}: not a loratune search file")
+    return doc
+
+
+def _trial_total(space: Space, doc: dict[str, Any]) -> int:
+    return doc["samples"] if doc["search_alg"] == "optuna" else space.trial_count(doc["samples"])
+
+
+# --- Ray -------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _env(values: dict[str, str]) -> Iterator[None]:
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextlib.contextmanager
+def _ray_session(address: str | None, logfile: Path) -> Iterator[dict[str, float]]:
+    """Start (or join) Ray quietly; yield the cluster's resources; always shut it down."""
+    env = {"RAY_DEDUP_LOGS": "0", "RAY_USAGE_STATS_ENABLED": "0", "TUNE_DISABLE_STRICT_METRIC_CHECKING": "1",
+           "TUNE_GLOBAL_CHECKPOINT_S": "0", "RAY_AIR_NEW_OUTPUT": "0", "TUNE_MAX_PENDING_TRIALS_PG": "1"}
+    if address is None:
+        env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"           # loopback only (read when ray is imported)
+        if not any(k in os.environ for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")):
+            env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=_TOKEN)  # else Ray writes ~/.ray/auth_token
+    temp = tempfile.mkdtemp(prefix="lt-ray-", dir="/tmp" if os.path.isdir("/tmp") else None)
+    with _env(env):
+        from ray._private import ray_constants
+
+        cluster_flag = ray_constants.ENABLE_RAY_CLUSTER
+        if address is None:
+            ray_constants.ENABLE_RAY_CLUSTER = False              # if ray was imported before the env was set
+            ray._raylet.Config.initialize("")                     # re-read RAY_AUTH_* likewise
+        handler = logging.FileHandler(logfile, encoding="utf-8")
+        ray_log = logging.getLogger("ray")
+        saved = (list(ray_log.handlers), ray_log.propagate)
+        failed = True
+        try:
+            kw: dict[str, Any] = dict(log_to_driver=False, configure_logging=True, logging_level=logging.WARNING)
+            if address is None:
+                ray.init(num_cpus=available_cpus(), include_dashboard=False, _temp_dir=temp, **kw)
+            else:
+                ray.init(address=address, **kw)
+            ray_log.handlers[:] = [handler]                        # Ray's own messages go to OUT/ray.log
+            ray_log.propagate = False
+            yield {k: float(v) for k, v in ray.cluster_resources().items()} | {
+                "max_node_cpus": max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=0)}
+            failed = False
+        finally:
+            ray.shutdown()
+            ray_log.handlers[:], ray_log.propagate = saved
+            handler.close()
+            ray_constants.ENABLE_RAY_CLUSTER = cluster_flag
+            if failed:
+                log.warning("Ray's logs are in %s", temp)
+            else:
+                shutil.rmtree(temp, ignore_errors=True)
+
+
+def _fit(doc: dict[str, Any], space: Space, base: TrainConfig, prepared: Prepared, out: Path,
+         cluster: dict[str, float], emit: Progress, resumed: bool) -> Any:
+    """Build (or restore) the Tuner and run it; returns Ray's ResultGrid."""
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
+
+    cpus = doc["cpus_per_trial"]
+    if cpus > cluster["max_node_cpus"]:
+        raise InputError(f"--cpus-per-trial: {cpus} is more than the {cluster['max_node_cpus']:g} CPUs of the "
+                         f"largest Ray node")
+    concurrent = doc["max_concurrent"] or max(1, int(cluster.get("CPU", 1) // cpus))
+    gpus = cluster.get("GPU", 0.0)
+    if base.device == "cuda" and not gpus:
+        raise InputError("--device: cuda was asked for, but the Ray cluster has no GPU")
+    use_gpu = base.device == "cuda" or (base.device == "auto" and gpus > 0)
+    resources = {"cpu": cpus, "gpu": min(1.0, gpus / concurrent)} if use_gpu else {"cpu": cpus}
+    setup = {"options": {**base.to_dict(), "epochs": doc["max_epochs"], "max_steps": None, "threads": cpus,
+                         "device": "cuda" if use_gpu else "cpu"},
+             "trials_dir": str((out / "trials").resolve()), "space": space}
+    trainable = rt.with_resources(rt.with_parameters(_trial, prepared=prepared, setup=setup), resources)
+    default = space.default_point(base)
+    if doc["search_alg"] == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        fixed = {d.key: default[d.key] for d in space.sampled if d.contains(default[d.key])}
+        searcher: Any = ConcurrencyLimiter(
+            OptunaSearch(space=OptunaSpace(space, default, base), metric=doc["metric"], mode=doc["mode"],
+                         points_to_evaluate=[fixed] if fixed else None, seed=base.seed), max_concurrent=concurrent)
+        param_space: dict[str, Any] = {}
+    else:
+        searcher = BasicVariantGenerator(points_to_evaluate=[default], random_state=base.seed,
+                                         max_concurrent=concurrent)
+        param_space = ray_space(space, base)
+    _LIVE.update(sink=emit, space=space)
+    exp = Path(doc["experiment"])
+    if resumed and rt.Tuner.can_restore(str(exp)):
+        tuner = rt.Tuner.restore(str(exp), trainable=trainable, param_space=param_space, resume_unfinished=True,
+                                 resume_errored=False, restart_errored=False)
+    else:
+        scheduler = ASHAScheduler(time_attr="training_iteration", metric=doc["metric"], mode=doc["mode"],
+                                  max_t=doc["max_epochs"], grace_period=1, reduction_factor=2)
+        run = rt.RunConfig(name=exp.name, storage_path=str(exp.parent), verbose=0, callbacks=[LiveView()],
+                           failure_config=rt.FailureConfig(max_failures=doc["max_failures"]),
+                           checkpoint_config=rt.CheckpointConfig(num_to_keep=2), log_to_file=True)
+        tuner = rt.Tuner(trainable, param_space=param_space, run_config=run,
+                         tune_config=rt.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=doc["samples"]))
+    try:
+        return tuner.fit()
+    finally:
+        _LIVE.pop("sink", None)
+
+
+def ray_space(space: Space, base: TrainConfig) -> dict[str, Any]:
+    """Ray Tune domains; randint's upper bound is exclusive in Ray and inclusive in our YAML."""
+    make = {"choice": lambda v: rt.choice(list(v)), "grid": lambda v: rt.grid_search(list(v)),
+            "uniform": lambda v: rt.uniform(*v), "loguniform": lambda v: rt.loguniform(*v),
+            "randint": lambda v: rt.randint(v[0], v[1] + 1)}
+    out: dict[str, Any] = {}
+    for d in space.dims:
+        if d.kind != "tie":
+            out[d.key] = make[d.kind](d.values)
+        elif d.values[0] in space.keys:
+            out[d.key] = "=" + d.values[0]         # resolved by Space.resolve (Ray can't preset a sample_from)
+        else:
+            out[d.key] = space.resolve_ties({}, base)[d.key]
+    return out
+
+
+class OptunaSpace:
+    """Define-by-run space for OptunaSearch: trial 0 is the untuned default; ties copy their source."""
+
+    def __init__(self, space: Space, default: dict[str, Any], base: TrainConfig) -> None:
+        self.space, self.default, self.base = space, default, base
+
+    def __call__(self, trial: Any) -> dict[str, Any]:
+        is_default = trial.number == 0                     # the first asked trial is the enqueued default point
+        values: dict[str, Any] = {}
+        for d in self.space.sampled:
+            if is_default and not d.contains(self.default[d.key]):
+                continue                                   # not representable: set below, unknown to TPE
+            if d.kind == "choice":
+                values[d.key] = trial.suggest_categorical(d.key, list(d.values))
+            elif d.kind == "randint":
+                values[d.key] = trial.suggest_int(d.key, d.values[0], d.values[1])
+            else:
+                values[d.key] = trial.suggest_float(d.key, d.values[0], d.values[1], log=d.kind == "loguniform")
+        return dict(self.default) if is_default else {t.key: v for t, v in
+                                                      zip(self.space.ties, _tie_values(self.space, values, self.base))}
+
+
+def _tie_values(space: Space, values: dict[str, Any], base: TrainConfig) -> list[Any]:
+    resolved = space.resolve_ties(values, base)
+    return [resolved[t.key] for t in space.ties]
+
+
+class LiveView(Callback):
+    """Ray Tune callback -> our progress events; remembers how each trial ended (saved with the experiment).
+
+    Ray pickles callbacks into the experiment and restores them on resume, so the progress sink is
+    looked up in a module global rather than held.
+    """
+
+    def __init__(self) -> None:
+        self.ended: dict[str, str] = {}
+
+    def get_state(self) -> dict[str, Any]:
+        return {"ended": dict(self.ended)}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self.ended = dict(state.get("ended", {}))
+
+    def setup(self, **info: Any) -> None:
+        _LIVE["view"] = self
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        _emit({"kind": "trial", "event": "start", "trial": trial.trial_id, "config": _searched(trial.config)})
+
+    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        _emit({"kind": "trial", "event": "retry", "trial": trial.trial_id, "config": _searched(trial.config)})
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        _emit({"kind": "trial", "event": "diverged" if result.get("diverged") else "epoch", "trial": trial.trial_id,
+               "epoch": result.get("epoch"), "epochs": result.get("epochs_planned"), "node": result.get("node_ip"),
+               "metrics": {k: result[k] for k in METRICS if k in result}, "config": _searched(trial.config)})
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.ended[trial.trial_id] = status_of(trial.last_result, error=False)
+        _emit({"kind": "trial", "event": "end", "trial": trial.trial_id, "status": self.ended[trial.trial_id],
+               "config": _searched(trial.config)})
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.ended[trial.trial_id] = "failed"
+        _emit({"kind": "trial", "event": "end", "trial": trial.trial_id, "status": "failed",
+               "config": _searched(trial.config), "error": str(getattr(trial, "error_file", "") or "")})
+
+
+def _searched(config: dict[str, Any]) -> dict[str, Any]:
+    space = _LIVE.get("space")
+    return {k: v for k, v in space.resolve(config).items() if k in space.keys} if space else dict(config)
+
+
+def _emit(event: dict[str, Any]) -> None:
+    sink = _LIVE.get("sink")
+    if sink is not None:
+        try:
+            sink(event)
+        except Exception:  # noqa: BLE001 - a broken view must not stop the search
+            log.exception("progress callback failed")
+
+
+def status_of(last: dict[str, Any], *, error: bool) -> str:
+    """completed (ran its planned epochs), stopped_early (ASHA or --early-stop), diverged, failed."""
+    if error:
+        return "failed"
+    if last.get("diverged"):
+        return "diverged"
+    return "completed" if last.get("epoch", 0) >= last.get("epochs_planned", math.inf) else "stopped_early"
+
+
+# --- one trial (runs in a Ray worker) ---------------------------------------------------------------
+
+def _trial(config: dict[str, Any], prepared: Prepared, setup: dict[str, Any]) -> None:
+    """Train one config; report each epoch with the checkpoint; continue from Ray's checkpoint if any."""
+    from .checkpoint import load_checkpoint
+
+    out = Path(setup["trials_dir"]) / rt.get_context().get_trial_id()
+    cfg = TrainConfig.from_dict({**setup["options"], **setup["space"].resolve(config)})
+    node = ray.util.get_node_ip_address()
+    state = {"epoch": 0, "planned": cfg.epochs}
+
+    def on_event(event: dict[str, Any]) -> None:
+        if event["kind"] == "start":
+            state["planned"] = event["epochs"]
+
+    def on_epoch(epoch: int, val: dict[str, float], ckpt: Path) -> None:
+        state["epoch"] = epoch
+        metrics = {**{f"val_{k}": float(v) for k, v in val.items()}, "epoch": epoch, "epochs_planned": state["planned"],
+                   "diverged": 0, "node_ip": node}
+        with tempfile.TemporaryDirectory(prefix="lt-ckpt-") as d:
+            shutil.copy2(ckpt, Path(d) / ckpt.name)
+            rt.report(metrics, checkpoint=rt.Checkpoint.from_directory(d))
+
+    restored = rt.get_checkpoint()
+    with tempfile.TemporaryDirectory(prefix="lt-resume-") as tmp:
+        resume_from = None
+        if restored is not None:
+            restored.to_directory(tmp)
+            resume_from = next(Path(tmp).glob("*.pt"))
+            state["epoch"] = int(load_checkpoint(resume_from)["epoch"])
+        try:
+            train(cfg, out=out, overwrite=resume_from is None, prepared=prepared, resume_from=resume_from,
+                  on_epoch=on_epoch, evaluate_test=False, progress=on_event)
+        except Diverged as e:                    # no metric in this report: ASHA and the searcher skip it
+            rt.report({"diverged": 1, "epoch": state["epoch"], "epochs_planned": state["planned"],
+                       "diverged_step": e.step, "node_ip": node})
+
+
+# --- results ---------------------------------------------------------------------------------------
+
+def _collect(grid: Any, space: Space, out: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """One row per trial (contract columns) and the fuller per-trial record behind it, in creation order."""
+    ended = getattr(_LIVE.pop("view", None), "ended", {})
+    rows, trials = [], []
+    for result in grid:
+        tid = result.metrics["trial_id"]
+        status = "failed" if result.error is not None else ended.get(tid)
+        history = _history(out / "trials" / tid)
+        best = min(history, key=lambda h: h["loss"]) if history else {}   # the trainer keeps this epoch's adapter
+        config = {k: v for k, v in space.resolve(result.config).items() if k in space.keys}
+        rows.append({"trial": tid, "status": status, "epochs_run": len(history), **config,
+                     "val_loss": best.get("loss"), "val_accuracy": best.get("accuracy"), "val_f1": best.get("f1")})
+        trials.append({"trial": tid, "status": status, "config": config, "best": best, "history": history,
+                       "run_dir": out / "trials" / tid})
+    return rows, trials
+
+
+def _history(run: Path) -> list[dict[str, Any]]:
+    path = run / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    lines = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+    return [{k: v for k, v in x.items() if k not in ("type", "split", "step")} for x in lines if x.get("type") == "eval"]
+
+
+def _score(trial: dict[str, Any], metric: str) -> float | None:
+    value = trial["best"].get(metric.removeprefix("val_"))
+    return float(value) if value is not None and math.isfinite(value) else None
+
+
+def _finish(out: Path, doc: dict[str, Any], space: Space, base: TrainConfig, prepared: Prepared,
+            rows: list[dict[str, Any]], trials: list[dict[str, Any]], seconds: float, emit: Progress) -> SearchResult:
+    """Write trials.csv/json, copy and test the best trial, test the default one, write search.json."""
+    cols = columns(space)
+    with open(out / "trials.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=cols)
+        writer.writeheader()
+        writer.writerows(rows)
+    rundir.write_json(out / "trials.json", rows)
+    sign = 1.0 if doc["mode"] == "min" else -1.0
+    eligible = [t for t in trials if t["status"] in OK_STATUSES and _score(t, doc["metric"]) is not None]
+    best = min(eligible, key=lambda t: sign * _score(t, doc["metric"])) if eligible else None
+    summary: dict[str, Any] = {"metric": doc["metric"], "mode": doc["mode"], "trials": len(trials),
+                               "statuses": dict(Counter(t["status"] for t in trials)), "seconds": seconds,
+                               "experiment": doc["experiment"], "best": None, "default": None}
+    if best is not None:
+        emit({"kind": "message", "text": f"evaluating the best trial {best['trial']} on the test split"})
+        dest = out / "best"
+        shutil.rmtree(dest, ignore_errors=True)
+        shutil.copytree(best["run_dir"], dest)
+        test = test_metrics(dest / "adapter", prepared, base)
+        old = rundir_results(dest)
+        rundir.write_json(dest / "results.json", {
+            "validation": _metrics_only(best["best"]), "test": test, "best_epoch": best["best"]["epoch"],
+            "train": old.get("train", {}), "history": best["history"], "trial": best["trial"], "config": best["config"]})
+        summary["best"] = _brief(best, test, dest)
+    first = trials[0] if trials else None
+    if first is not None:
+        if best is not None and first["trial"] == best["trial"]:
+            summary["default"] = dict(summary["best"])
+        elif first["best"] and (first["run_dir"] / "adapter").is_dir():
+            summary["default"] = _brief(first, test_metrics(first["run_dir"] / "adapter", prepared, base), first["run_dir"])
+        else:
+            summary["default"] = _brief(first, None, first["run_dir"])
+    rundir.write_json(out / "search.json", summary)
+    return SearchResult(out, cols, rows, summary["best"], summary["default"], doc["metric"], doc["mode"], seconds,
+                        summary=summary)
+
+
+def _metrics_only(best: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in best.items() if k != "epoch"}
+
+
+def _brief(trial: dict[str, Any], test: dict[str, Any] | None, run_dir: Path) -> dict[str, Any]:
+    return {"trial": trial["trial"], "status": trial["status"], "config": trial["config"],
+            "validation": _metrics_only(trial["best"]) if trial["best"] else None,
+            "best_epoch": trial["best"].get("epoch"), "test": test, "run_dir": str(run_dir)}
+
+
+def rundir_results(run: Path) -> dict[str, Any]:
+    path = run / "results.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def test_metrics(adapter: Path, prepared: Prepared, base: TrainConfig) -> dict[str, float]:
+    """The adapter on the prepared test split (the same split and tokens the trials had)."""
+    from .inference import load
+    from .runtime import resolve_precision, set_threads
+    from .trainer import evaluate
+
+    set_threads(None)
+    loaded = load(adapter, device=base.device)
+    device = next(loaded.model.parameters()).device
+    metrics, _ = evaluate(loaded.model, prepared.test, device, resolve_precision(base.precision, device), prepared.pad_id)
+    return metrics
+
+
+def _load_result(out: Path, doc: dict[str, Any]) -> SearchResult:
+    """A finished search, read back (``--resume`` of a search that is done)."""
+    summary = json.loads((out / "search.json").read_text(encoding="utf-8"))
+    rows = json.loads((out / "trials.json").read_text(encoding="utf-8"))
+    cols = list(rows[0]) if rows else []
+    return SearchResult(out, cols, rows, summary.get("best"), summary.get("default"), doc["metric"], doc["mode"],
+                        summary.get("seconds", 0.0), already_done=True, summary=summary)

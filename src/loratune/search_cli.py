@@ -1,0 +1,156 @@
+"""``loratune tune``: the search command (flags -> :func:`loratune.search.tune`, events -> lines).
+
+cli.py calls :func:`register` through its ``_extra_commands`` hook; importing this module does nothing.
+Every training flag fixes that option for all trials; ``--config`` is a YAML file with training
+options and the search's own keys (``search:``, ``samples:``, ``max_epochs:``, ...). Flags override it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+from typing import Any
+
+from .cli import add_train_options, read_yaml, train_options
+from .config import DEFAULTS
+from .errors import InputError
+from .progress import Renderer
+
+# Keys of the --config YAML that belong to the search, not to training (CLI flag = key with dashes).
+SEARCH_KEYS = {"search": None, "samples": 8, "max_epochs": 3, "cpus_per_trial": 1, "max_concurrent": None,
+               "search_alg": "random", "metric": "val_loss", "mode": "min", "max_failures": 2, "address": None,
+               "storage": None}
+
+
+def register(sub: Any, common: argparse.ArgumentParser) -> None:
+    """Add the ``tune`` subcommand to cli.py's subparsers."""
+    s = sub.add_parser("tune", parents=[common], help="search LoRA hyperparameters on Ray Tune (ASHA)",
+                       description="Search LoRA hyperparameters on Ray Tune with ASHA early stopping. Training flags "
+                                   "fix an option for every trial; the space is the YAML key `search:` of --config.")
+    add_train_options(s)
+    g = s.add_argument_group("search options (also YAML keys of --config)")
+    kw = {"default": argparse.SUPPRESS}
+    g.add_argument("--samples", type=int, help="trials to sample, the default config included; grid values "
+                                               "multiply the others (default: 8)", **kw)
+    g.add_argument("--max-epochs", type=int, help="epochs per trial, ASHA's max_t (default: 3)", **kw)
+    g.add_argument("--cpus-per-trial", type=int, help="CPUs (and torch threads) per trial (default: 1)", **kw)
+    g.add_argument("--max-concurrent", type=int, help="trials at a time (default: CPUs / CPUs per trial)", **kw)
+    g.add_argument("--search-alg", choices=["random", "optuna"], help="random or optuna (TPE) (default: random)", **kw)
+    g.add_argument("--metric", help="validation metric that picks the best trial (default: val_loss)", **kw)
+    g.add_argument("--mode", choices=["min", "max"], help="min or max (default: min)", **kw)
+    g.add_argument("--max-failures", type=int, help="retries of a failed trial (default: 2)", **kw)
+    g.add_argument("--address", help="join a running Ray cluster (default: a local one on 127.0.0.1)", **kw)
+    g.add_argument("--storage", help="shared folder for Ray's results (default: the run directory)", **kw)
+    s.add_argument("--out", type=Path, help="search directory (default: runs/tune-<timestamp>)")
+    s.add_argument("--resume", type=Path, metavar="DIR", help="continue the search in DIR (with its own options)")
+    s.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    s.set_defaults(func=cmd_tune)
+
+
+def search_options(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(training options, search options) from --config, then flags on top."""
+    doc = read_yaml(args.config) if getattr(args, "config", None) else {}
+    search = {k: doc[k] for k in SEARCH_KEYS if k in doc}
+    training = {k: v for k, v in doc.items() if k not in SEARCH_KEYS}
+    flags = argparse.Namespace(**{**vars(args), "config": None})
+    training.update(train_options(flags))
+    search.update({k: v for k, v in vars(args).items() if k in SEARCH_KEYS})
+    if "search" in search and not isinstance(search["search"], dict):
+        raise InputError(f"--config: {args.config}: `search:` must map training options to distributions")
+    return training, search
+
+
+def cmd_tune(args: argparse.Namespace, ui: Renderer) -> int:
+    from .search import tune
+
+    view = TrialLines(ui)
+    if args.resume is not None:
+        given = [k for k in vars(args) if k in DEFAULTS or k in SEARCH_KEYS and k != "address"]
+        if given or args.config or args.out:
+            name = "--config" if args.config else ("--out" if args.out else "--" + given[0].replace("_", "-"))
+            raise InputError(f"--resume: a search continues with the options it was started with; drop {name}")
+        result = tune(resume=args.resume, address=getattr(args, "address", None), progress=view.event)
+    else:
+        training, search = search_options(args)
+        space = search.pop("search", None)
+        result = tune(space=space, out=args.out, overwrite=args.overwrite, progress=view.event, **search, **training)
+    if result.already_done:
+        ui.line(f"search {result.out} already finished; nothing to resume")
+    print_results(ui, result)
+    return 0
+
+
+class TrialLines:
+    """One line per trial event: start (its config), each epoch's metrics, how it ended."""
+
+    def __init__(self, ui: Renderer) -> None:
+        self.ui = ui
+
+    def event(self, ev: dict[str, Any]) -> None:
+        kind = ev["kind"]
+        if kind == "search_start":
+            what = "resuming the search" if ev["resumed"] else "searching"
+            self.ui.event({"kind": "message", "text": f"{what}: {ev['trials']} trials of up to {ev['max_epochs']} "
+                                                      f"epochs; results in {ev['out']}"})
+        elif kind == "trial":
+            self.ui.event({"kind": "message", "text": self.line(ev)})
+        elif kind == "message":
+            self.ui.event(ev)
+
+    @staticmethod
+    def line(ev: dict[str, Any]) -> str:
+        head = f"trial {ev['trial']}"
+        config = describe(ev.get("config") or {})
+        what = ev["event"]
+        if what == "start":
+            return f"{head} started: {config}"
+        if what == "retry":
+            return f"{head} failed; retrying from its last checkpoint"
+        if what == "diverged":
+            return f"{head} diverged (non-finite loss) after {ev.get('epoch') or 0} epochs"
+        if what == "epoch":
+            m = ev["metrics"]
+            return (f"{head} epoch {ev['epoch']}/{ev['epochs']}: val_loss {_num(m.get('val_loss'))} "
+                    f"val_accuracy {_num(m.get('val_accuracy'))}" + (f" [{ev['node']}]" if ev.get("node") else ""))
+        return f"{head} {ev.get('status', what).replace('_', ' ')}: {config}"
+
+
+def describe(config: dict[str, Any]) -> str:
+    return " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in config.items())
+
+
+def _num(v: Any) -> str:
+    return f"{v:.4f}" if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else "-"
+
+
+def table(columns: list[str], rows: list[dict[str, Any]]) -> list[str]:
+    """Aligned text table."""
+    def cell(v: Any) -> str:
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return f"{v:.4f}" if abs(v) >= 1e-2 or v == 0 else f"{v:.2e}"
+        return str(v)
+
+    cells = [columns] + [[cell(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+    return ["  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in cells]
+
+
+def print_results(ui: Renderer, result: Any) -> None:
+    for line in table(result.columns, result.rows):
+        ui.out(line)
+    best, default = result.best, result.default
+    if best is None:
+        ui.line("no trial finished with a finite validation metric; nothing to choose")
+        return
+    metric = result.metric.removeprefix("val_")
+    ui.line(f"best trial {best['trial']} by {result.metric} ({result.mode}): {describe(best['config'])}")
+    for name, t in (("best", best), ("default (untuned)", default)):
+        if not t:
+            continue
+        v, test = t.get("validation") or {}, t.get("test") or {}
+        ui.line(f"{name:>17}: validation {metric} {_num(v.get(metric))}, loss {_num(v.get('loss'))}, "
+                f"accuracy {_num(v.get('accuracy'))}; test accuracy {_num(test.get('accuracy'))}  [trial {t['trial']}]")
+    ui.line(f"best adapter: {result.out / 'best' / 'adapter'}; table: {result.out / 'trials.csv'}")

@@ -1,0 +1,335 @@
+"""The search space: the contract's YAML ``search:`` mapping, parsed and checked before Ray starts.
+
+Each key is a training option; each value is one distribution::
+
+    lr:      {loguniform: [1.0e-4, 1.0e-1]}   # log-uniform on [a, b], 0 < a <= b
+    dropout: {uniform: [0.1, 0.5]}            # uniform on [a, b], a <= b
+    rank:    {choice: [2, 4, 8]}              # one of the values, sampled
+    batch_size: {grid: [16, 32]}              # every value: the trial count multiplies (as in Ray Tune)
+    seed:    {randint: [0, 9]}                # an integer in [a, b], both ends included
+    alpha:   "=rank"                          # tied: the same value as another option in each trial
+
+Everything a trial could reject is rejected here instead, as an :class:`InputError` that names the
+key (``search.rank: ...``): unknown options and distributions, empty choices, lower > upper,
+loguniform bounds <= 0, continuous ranges on integer options, values ``TrainConfig`` refuses, and
+(:func:`check_model`, which loads the model once) a rank larger than a targeted matrix.
+
+Values travel to Ray as scalars: a targets list ``[q, v]`` becomes ``"q,v"`` (presets such as ``qv``
+are spelled out, so the default ``qv`` equals the choice ``[q, v]``) and a layers list ``"0,1"``;
+``TrainConfig`` parses both spellings. This module never imports Ray.
+"""
+
+from __future__ import annotations
+
+import difflib
+import itertools
+import math
+from dataclasses import dataclass, fields
+from typing import Any, Iterable, Mapping
+
+from .config import TrainConfig, parse_layers, parse_targets
+from .errors import InputError
+
+DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
+DEFAULT_SPACE: dict[str, Any] = {
+    "lr": {"loguniform": [1e-4, 1e-1]},
+    "rank": {"choice": [2, 4, 6, 8, 10, 16]},
+    "targets": {"choice": [["q"], ["v"], ["q", "v"]]},
+    "dropout": {"uniform": [0.1, 0.5]},
+    "alpha": "=rank",
+}
+"""The seed project's space: lr, r, target modules, dropout; alpha tied to r."""
+
+# Options a search cannot vary, and why (the message tells the user what to do instead).
+FIXED_ONLY = {
+    "model": "all trials share one model; fix it with --model",
+    "data": "the data is prepared once for all trials; fix it with --data",
+    "text_column": "the data is prepared once for all trials",
+    "label_column": "the data is prepared once for all trials",
+    "validation_file": "the data is prepared once for all trials",
+    "test_file": "the data is prepared once for all trials",
+    "sample_pct": "the data is prepared once for all trials; fix it with --sample-pct",
+    "max_length": "the data is tokenized once for all trials; fix it with --max-length",
+    "epochs": "every trial trains --max-epochs epochs (ASHA's budget); set --max-epochs",
+    "max_steps": "every trial trains --max-epochs epochs (ASHA's budget)",
+    "threads": "a trial's threads equal its CPUs; set --cpus-per-trial",
+    "device": "the device is chosen for the whole search; fix it with --device",
+}
+
+
+@dataclass(frozen=True)
+class Dim:
+    """One searched option: ``kind`` is a distribution name or ``"tie"``.
+
+    ``values``: the encoded candidates (choice, grid), the bounds ``(a, b)`` (uniform, loguniform,
+    randint: both ends included), or ``(other,)`` for a tie.
+    """
+
+    key: str
+    kind: str
+    values: tuple[Any, ...]
+
+    def contains(self, value: Any) -> bool:
+        """Whether ``value`` (encoded) is a possible sample of this dimension."""
+        if self.kind in ("choice", "grid"):
+            return any(value == v and isinstance(value, bool) == isinstance(v, bool) for v in self.values)
+        if self.kind in ("uniform", "loguniform", "randint"):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                return False
+            return self.values[0] <= value <= self.values[1] and (self.kind != "randint" or float(value).is_integer())
+        return False
+
+
+@dataclass(frozen=True)
+class Space:
+    """A validated space: sampled dimensions first, then ties in an order where each follows its source."""
+
+    dims: tuple[Dim, ...]
+
+    @property
+    def keys(self) -> list[str]:
+        return [d.key for d in self.dims]
+
+    @property
+    def sampled(self) -> list[Dim]:
+        return [d for d in self.dims if d.kind != "tie"]
+
+    @property
+    def ties(self) -> list[Dim]:
+        return [d for d in self.dims if d.kind == "tie"]
+
+    @property
+    def grid_size(self) -> int:
+        return math.prod(len(d.values) for d in self.dims if d.kind == "grid")
+
+    def trial_count(self, samples: int) -> int:
+        """Trials a random search runs: the default config replaces one sample; grids multiply the rest."""
+        return 1 + (samples - 1) * self.grid_size
+
+    def default_point(self, base: TrainConfig) -> dict[str, Any]:
+        """The untuned config's value of every key (ties included: the default trial is not tied)."""
+        return {d.key: encode(d.key, getattr(base, d.key)) for d in self.dims}
+
+    def resolve(self, config: Mapping[str, Any]) -> dict[str, Any]:
+        """A trial's config with ties to sampled keys (carried as ``"=other"``) replaced by their values."""
+        out = dict(config)
+        for d in self.ties:
+            other = d.values[0]
+            if out.get(d.key) == "=" + other and other in out:
+                out[d.key] = out[other]
+        return out
+
+    def resolve_ties(self, values: Mapping[str, Any], base: TrainConfig) -> dict[str, Any]:
+        """``values`` of the sampled keys plus each tie's value (its source's, or the fixed option's)."""
+        out = dict(values)
+        for d in self.ties:
+            other = d.values[0]
+            out[d.key] = out[other] if other in out else encode(other, getattr(base, other))
+        return out
+
+
+def encode(key: str, value: Any) -> Any:
+    """A value as Ray carries it: targets and layers as comma strings, presets spelled out."""
+    if key == "targets":
+        if isinstance(value, str) and value.startswith("re:"):
+            return value
+        from .inject import PRESETS
+
+        names = parse_targets(value)
+        if len(names) == 1 and names[0].startswith("re:"):
+            return names[0]
+        return ",".join(dict.fromkeys(n for t in names for n in PRESETS.get(t, (t,))))
+    if key == "layers":
+        layers = parse_layers(value)
+        return None if layers is None else ",".join(map(str, layers))
+    return value
+
+
+def option_kind(key: str) -> str:
+    """``int``, ``float``, ``bool`` or ``other``: which distributions suit the option."""
+    text = str(TrainConfig.__dataclass_fields__[key].type)
+    for kind in ("bool", "int", "float"):
+        if text.startswith(kind):
+            return kind
+    return "other"
+
+
+def parse_space(raw: Any, base: TrainConfig) -> Space:
+    """Validate the ``search:`` mapping against ``base`` (the fixed options); see the module docstring."""
+    if not isinstance(raw, Mapping) or not raw:
+        raise InputError("search: expected a mapping of training option: distribution, e.g. "
+                         "{lr: {loguniform: [1.0e-4, 1.0e-1]}, rank: {choice: [4, 8]}}")
+    known = [f.name for f in fields(TrainConfig)]
+    dims: dict[str, Dim] = {}
+    for key, spec in raw.items():
+        where = f"search.{key}"
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            raise InputError(f"{where}: unknown training option"
+                             + (f" (did you mean {close[0]}?)" if close else f"; known options: {', '.join(known)}"))
+        if key in FIXED_ONLY:
+            raise InputError(f"{where}: cannot be searched: {FIXED_ONLY[key]}")
+        dims[key] = _parse_dim(key, spec, where)
+    ordered = _order_ties(dims)
+    space = Space(tuple(ordered))
+    _check_values(space, base)
+    return space
+
+
+def _parse_dim(key: str, spec: Any, where: str) -> Dim:
+    if isinstance(spec, str) and spec.startswith("="):
+        other = spec[1:].strip()
+        if other not in TrainConfig.__dataclass_fields__:
+            raise InputError(f"{where}: {spec!r} ties to {other!r}, which is not a training option")
+        if other == key:
+            raise InputError(f"{where}: {spec!r} ties the option to itself")
+        return Dim(key, "tie", (other,))
+    if not isinstance(spec, Mapping) or len(spec) != 1:
+        raise InputError(f"{where}: expected one distribution ({', '.join('{' + d + ': ...}' for d in DISTRIBUTIONS)}) "
+                         f"or '=other_option', got {spec!r}")
+    (dist, arg), = spec.items()
+    if dist not in DISTRIBUTIONS:
+        close = difflib.get_close_matches(str(dist), DISTRIBUTIONS, n=1)
+        raise InputError(f"{where}: unknown distribution {dist!r}"
+                         + (f" (did you mean {close[0]}?)" if close else f"; use one of {', '.join(DISTRIBUTIONS)}"))
+    kind = option_kind(key)
+    if dist in ("choice", "grid"):
+        if not isinstance(arg, (list, tuple)) or not arg:
+            raise InputError(f"{where}: {dist} needs a non-empty list of values, got {arg!r}")
+        try:
+            values = tuple(encode(key, v) for v in arg)
+        except InputError as e:
+            raise InputError(f"{where}: {e}") from None
+        if len(set(map(repr, values))) != len(values):
+            raise InputError(f"{where}: {dist} lists a value twice: {list(arg)!r}")
+        return Dim(key, dist, values)
+    if not isinstance(arg, (list, tuple)) or len(arg) != 2 or not all(_is_number(v) for v in arg):
+        raise InputError(f"{where}: {dist} needs [lower, upper] (two numbers), got {arg!r}")
+    lo, hi = arg
+    if lo > hi:
+        raise InputError(f"{where}: {dist} lower bound {lo} is greater than the upper bound {hi}")
+    if dist == "loguniform" and lo <= 0:
+        raise InputError(f"{where}: loguniform needs 0 < lower <= upper, got [{lo}, {hi}]")
+    if dist == "randint":
+        if not all(float(v).is_integer() for v in arg):
+            raise InputError(f"{where}: randint needs integer bounds, got {list(arg)!r}")
+        if kind not in ("int", "float"):
+            raise InputError(f"{where}: randint draws numbers, but {key} is not numeric; use choice")
+        return Dim(key, dist, (int(lo), int(hi)))
+    if kind != "float":
+        what = {"int": "an integer option; use randint or choice",
+                "bool": "true or false; use choice"}.get(kind, "not a number; use choice")
+        raise InputError(f"{where}: {dist} draws real numbers, but {key} is {what}")
+    return Dim(key, dist, (float(lo), float(hi)))
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _order_ties(dims: dict[str, Dim]) -> list[Dim]:
+    """Sampled dims in the given order, then ties so that each comes after the tie it copies (no cycles)."""
+    ordered = [d for d in dims.values() if d.kind != "tie"]
+    pending = {k: d for k, d in dims.items() if d.kind == "tie"}
+    done = {d.key for d in ordered}
+    while pending:
+        ready = [d for k, d in pending.items() if d.values[0] not in pending]
+        if not ready:
+            key = next(iter(pending))
+            raise InputError(f"search.{key}: ties form a cycle ({' -> '.join(pending)}); one option must be sampled")
+        for d in ready:
+            ordered.append(d)
+            done.add(d.key)
+            del pending[d.key]
+    return ordered
+
+
+def candidates(space: Space, key: str, base: TrainConfig) -> list[Any]:
+    """Values of ``key`` worth checking: every choice, both bounds of a range, a tie's source's; else fixed."""
+    dim = next((d for d in space.dims if d.key == key), None)
+    if dim is None:
+        return [encode(key, getattr(base, key))]
+    if dim.kind == "tie":
+        return candidates(space, dim.values[0], base)
+    return list(dim.values)
+
+
+def _check_values(space: Space, base: TrainConfig) -> None:
+    """Every candidate value must make a valid TrainConfig; a tie must copy a compatible option."""
+    for d in space.dims:
+        where = f"search.{d.key}"
+        if d.kind == "tie":
+            if _root(space, d).kind in ("uniform", "loguniform") and option_kind(d.key) != "float":
+                raise InputError(f"{where}: '={d.values[0]}' copies real numbers into {d.key}, which is "
+                                 f"{option_kind(d.key)}-valued")
+        for value in candidates(space, d.key, base):
+            try:
+                base.replace(**{d.key: value})
+            except InputError as e:
+                raise InputError(f"{where}: value {value!r} is not valid: {e}") from None
+            except TypeError as e:
+                raise InputError(f"{where}: value {value!r} is not valid ({e})") from None
+
+
+def _root(space: Space, dim: Dim) -> Dim:
+    """The sampled dimension a chain of ties copies (the last tie when the chain ends at a fixed option)."""
+    by_key = {d.key: d for d in space.dims}
+    while dim.kind == "tie" and dim.values[0] in by_key:
+        dim = by_key[dim.values[0]]
+    return dim
+
+
+def check_model(space: Space, base: TrainConfig) -> None:
+    """Load the model once: every (targets, layers) candidate must match, every rank must fit its matrices.
+
+    A LoRA pair B (d x r), A (r x k) only makes sense for r <= min(d, k) of the adapted matrix.
+    """
+    from .inject import resolve_targets
+    from .lora import linear_shape
+    from .models import load_model
+
+    model = load_model(base.model, ["0", "1"])
+    rank_where = "search.rank" if "rank" in space.keys else "--rank"
+    max_rank = max(int(r) for r in candidates(space, "rank", base))
+    for targets, layers in itertools.product(candidates(space, "targets", base), candidates(space, "layers", base)):
+        where = "search.targets" if "targets" in space.keys else ("search.layers" if "layers" in space.keys else "--targets")
+        try:
+            names = resolve_targets(model, parse_targets(targets), parse_layers(layers))
+        except InputError as e:
+            raise InputError(f"{where}: {targets!r}" + (f" (layers {layers})" if layers else "") + f": {e}") from None
+        for name in names:
+            d, k = linear_shape(_unwrapped(model.get_submodule(name)))
+            if max_rank > min(d, k):
+                raise InputError(f"{rank_where}: rank {max_rank} is larger than min(d, k) = {min(d, k)} of {name} "
+                                 f"({d}x{k}), targeted by targets {targets!r}")
+
+
+def _unwrapped(layer: Any) -> Any:
+    return getattr(layer, "base_layer", layer)
+
+
+def validate(raw: Any, base: TrainConfig, *, search_alg: str = "random", load_model: bool = True) -> Space:
+    """:func:`parse_space`, the search algorithm's limits, and (``load_model``) :func:`check_model`."""
+    space = parse_space(raw, base)
+    if search_alg == "optuna":
+        grid = [d.key for d in space.dims if d.kind == "grid"]
+        if grid:
+            raise InputError(f"search.{grid[0]}: grid is not available with --search-alg optuna "
+                             "(TPE samples; use choice, or --search-alg random)")
+    if load_model:
+        check_model(space, base)
+    return space
+
+
+def columns(space: Space) -> list[str]:
+    """trials.csv's columns (the contract's order)."""
+    return ["trial", "status", "epochs_run", *space.keys, "val_loss", "val_accuracy", "val_f1"]
+
+
+def describe(config: Mapping[str, Any], keys: Iterable[str]) -> str:
+    """``rank=8 targets=q,v lr=3.2e-04``: a trial's searched values, compact."""
+    parts = []
+    for k in keys:
+        v = config.get(k)
+        parts.append(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}")
+    return " ".join(parts)
