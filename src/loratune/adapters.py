@@ -26,7 +26,6 @@ from torch import nn
 from . import __version__
 from .errors import InputError
 from .inject import LoraSpec, head_names, inject, lora_layers, mark_trainable
-from .lora import LoraLinear
 
 log = logging.getLogger(__name__)
 
@@ -103,12 +102,23 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, spec: LoraSpec, t
 
 # --- loading ------------------------------------------------------------------------------------
 
+def _inside(adapter_dir: str | os.PathLike, name: str) -> Path:
+    """``adapter_dir/name`` as a regular file that really lies in the folder (no link out of it)."""
+    d = Path(adapter_dir)
+    path = d / name
+    if path.is_symlink() and path.resolve().parent != d.resolve():
+        raise InputError(f"{path}: a link that leads out of the adapter folder; refusing to read it")
+    if path.exists() and not path.is_file():
+        raise InputError(f"{path}: not a file")
+    return path
+
+
 def read_adapter_config(adapter_dir: str | os.PathLike) -> tuple[LoraSpec, dict[str, Any]]:
     """Validate ``adapter_config.json`` field by field; return the spec and the raw dict."""
     d = Path(adapter_dir)
     if not d.is_dir():
         raise InputError(f"--adapter: {d} is not a folder" if d.exists() else f"--adapter: {d} does not exist")
-    path = d / CONFIG_NAME
+    path = _inside(d, CONFIG_NAME)
     if not path.is_file():
         raise InputError(f"{path}: missing (an adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME})")
     try:
@@ -171,7 +181,7 @@ def read_adapter_config(adapter_dir: str | os.PathLike) -> tuple[LoraSpec, dict[
 
 def read_meta(adapter_dir: str | os.PathLike) -> dict[str, Any]:
     """loratune's side file (label names, base model); ``{}`` for an adapter peft wrote."""
-    path = Path(adapter_dir) / META_NAME
+    path = _inside(adapter_dir, META_NAME)
     if not path.is_file():
         return {}
     try:
@@ -181,14 +191,20 @@ def read_meta(adapter_dir: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(meta, dict):
         raise InputError(f"{path}: expected a JSON object")
     labels = meta.get("id2label")
-    if labels is not None and (not isinstance(labels, list) or not all(isinstance(x, str) for x in labels)):
-        raise InputError(f"{path}: field 'id2label' must be a list of label names")
+    if labels is not None and (not isinstance(labels, list) or len(labels) < 2
+                               or not all(isinstance(x, str) and x for x in labels) or len(set(labels)) != len(labels)):
+        raise InputError(f"{path}: field 'id2label' must be a list of two or more distinct label names")
+    for key, kind in (("model", str), ("max_length", int)):
+        if key in meta and (not isinstance(meta[key], kind) or isinstance(meta[key], bool)):
+            raise InputError(f"{path}: field {key!r} has the wrong type: {meta[key]!r}")
+    if "max_length" in meta and not 2 <= meta["max_length"] <= 1_000_000:
+        raise InputError(f"{path}: field 'max_length' out of range: {meta['max_length']}")
     return meta
 
 
 def read_weights(adapter_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The safetensors file, loaded without pickle; a corrupt or missing file is an InputError."""
-    path = Path(adapter_dir) / WEIGHTS_NAME
+    path = _inside(adapter_dir, WEIGHTS_NAME)
     if not path.is_file():
         if (Path(adapter_dir) / "adapter_model.bin").exists():
             raise InputError(f"{path}: missing; adapter_model.bin (pickle) is never loaded, convert it to safetensors")
@@ -264,7 +280,3 @@ def adapter_targets(adapter_dir: str | os.PathLike) -> list[str]:
 def file_size(adapter_dir: str | os.PathLike) -> int:
     """Bytes of the adapter's tensors file."""
     return (Path(adapter_dir) / WEIGHTS_NAME).stat().st_size
-
-
-def is_lora_layer(module: nn.Module) -> bool:
-    return isinstance(module, LoraLinear)

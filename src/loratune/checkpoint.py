@@ -33,10 +33,9 @@ def save_checkpoint(folder: Path, step: int, state: dict[str, Any]) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
+    except OSError:                                   # disk full: the previous checkpoint stays as it was
         tmp.unlink(missing_ok=True)
-        raise InputError(f"{path}: cannot write the checkpoint ({e.strerror or e}); "
-                         "the previous checkpoint is kept") from None
+        raise
     for old in list_checkpoints(folder)[:-KEEP]:
         old.unlink(missing_ok=True)
     return path

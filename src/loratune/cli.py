@@ -7,6 +7,7 @@ Exit codes: 0 success; 2 bad input (one line on stderr naming the field or file,
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -244,6 +245,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.close()
         return 0
     except Exception as e:  # noqa: BLE001 - the last line of defence: no traceback unless asked
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            ui.err(f"loratune {args.command}: error: disk full while writing {e.filename or 'a file'} ({e.strerror});"
+                   " files are written atomically, so the last good checkpoint is kept: free space, then --resume")
+            return 1
         if debug:
             traceback.print_exc()
         ui.err(f"loratune {args.command}: internal error: {type(e).__name__}: {e}"

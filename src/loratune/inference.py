@@ -50,17 +50,18 @@ def load(adapter: str | os.PathLike, *, base: str | None = None, device: str = "
     """Load ``adapter`` onto its base model (``base`` overrides the one the adapter names)."""
     spec, raw = read_adapter_config(adapter)
     meta = read_meta(adapter)
+    download = base is not None                       # only a base the user names may be fetched
     base = base or meta.get("model") or raw.get("base_model_name_or_path")
-    if not base:
+    if not isinstance(base, str) or not base:
         raise InputError(f"{Path(adapter) / 'adapter_config.json'}: names no base model; give --base MODEL")
     labels = meta.get("id2label")
     if labels is None:
         n = num_labels_of(read_weights(adapter)) or 2
         labels = [f"LABEL_{i}" for i in range(n)]
-    model = load_model(str(base), labels)
+    model = load_model(base, labels, download=download)
     load_adapter(model, adapter)
     model.to(resolve_device(device)).eval()
-    tok = load_tokenizer(str(base))
+    tok = load_tokenizer(base, download=download)
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     return Loaded(model, tok, list(labels), spec, str(base), int(meta.get("max_length", 128)), int(pad))
 

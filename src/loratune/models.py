@@ -53,8 +53,8 @@ def _check_local(spec: str) -> None:
         raise InputError(f"--model: {spec} does not exist")
 
 
-def _from_pretrained(loader: Any, spec: str, what: str, **kwargs: Any) -> Any:
-    """Try the local folder / cache, then (if allowed) the hub; map failures to InputError."""
+def _from_pretrained(loader: Any, spec: str, what: str, *, download: bool = True, **kwargs: Any) -> Any:
+    """Try the local folder / cache, then (if ``download`` and not offline) the hub; failures -> InputError."""
     _check_local(spec)
     local = Path(spec).is_dir()
     kwargs = {"trust_remote_code": False, **kwargs}
@@ -63,6 +63,10 @@ def _from_pretrained(loader: Any, spec: str, what: str, **kwargs: Any) -> Any:
     except (OSError, ValueError) as e:
         if local or os.environ.get("HF_HUB_OFFLINE") == "1":
             raise InputError(f"--model: cannot load the {what} from {spec!r}: {_first_line(e)}") from None
+        if not download:
+            raise InputError(f"base model {spec!r} (named by the adapter) is not a local folder, a built-in or "
+                             f"in the Hugging Face cache; loratune never downloads what a file names: give "
+                             f"--base MODEL") from None
     try:
         return loader.from_pretrained(spec, **kwargs)
     except (OSError, ValueError) as e:
@@ -74,20 +78,23 @@ def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
-def load_tokenizer(spec: str) -> Any:
+def load_tokenizer(spec: str, *, download: bool = True) -> Any:
     from transformers import AutoTokenizer
 
-    return _from_pretrained(AutoTokenizer, resolve_model_path(spec), "tokenizer", use_fast=True)
+    return _from_pretrained(AutoTokenizer, resolve_model_path(spec), "tokenizer", download=download, use_fast=True)
 
 
-def load_model(spec: str, label_names: Sequence[str], *, seed: int = 0) -> nn.Module:
-    """A sequence classifier with ``len(label_names)`` classes; a fresh head is seeded by ``seed``."""
+def load_model(spec: str, label_names: Sequence[str], *, seed: int = 0, download: bool = True) -> nn.Module:
+    """A sequence classifier with ``len(label_names)`` classes; a fresh head is seeded by ``seed``.
+
+    ``download=False`` for a name read from a file (an adapter's base model): local or cached only.
+    """
     import transformers
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     path = resolve_model_path(spec)
     id2label = {i: str(n) for i, n in enumerate(label_names)}
-    config = _from_pretrained(AutoConfig, path, "config", num_labels=len(label_names), id2label=id2label,
+    config = _from_pretrained(AutoConfig, path, "config", download=download, num_labels=len(label_names), id2label=id2label,
                               label2id={n: i for i, n in id2label.items()})
     if getattr(config, "pad_token_id", None) is None and getattr(config, "eos_token_id", None) is not None:
         config.pad_token_id = config.eos_token_id if isinstance(config.eos_token_id, int) else config.eos_token_id[0]
@@ -96,7 +103,7 @@ def load_model(spec: str, label_names: Sequence[str], *, seed: int = 0) -> nn.Mo
     transformers.logging.set_verbosity_error()               # "newly initialized: classifier" is expected
     transformers.logging.disable_progress_bar()              # the CLI shows progress, not the loader
     try:
-        model = _from_pretrained(AutoModelForSequenceClassification, path, "model", config=config)
+        model = _from_pretrained(AutoModelForSequenceClassification, path, "model", download=download, config=config)
     finally:
         transformers.logging.set_verbosity(verbosity)
         transformers.logging.enable_progress_bar()
