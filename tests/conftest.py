@@ -122,3 +122,15 @@ def tiny_model_dir(tmp_path_factory) -> str:
 def tiny_data(tmp_path_factory) -> str:
     """400 learnable rows as a CSV (split 320/40/40 by loratune)."""
     return write_csv(tmp_path_factory.mktemp("data") / "reviews.csv", synthetic_rows(400))
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory, tiny_model_dir, tiny_data):
+    """One finished tiny training run (its adapter in ``run/adapter``), shared by tests that only read it."""
+    from loratune.cli import main
+
+    out = tmp_path_factory.mktemp("finished") / "run"
+    argv = ["train", "--model", tiny_model_dir, "--data", tiny_data, "--out", str(out), "--epochs", "1",
+            "--batch-size", "8", "--max-length", "32", "--rank", "4", "--threads", "1"]
+    assert main(argv) == 0
+    return out

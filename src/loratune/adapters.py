@@ -33,6 +33,19 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 META_NAME = "loratune.json"
 PREFIX = "base_model.model."
+# adapter_config.json fields we read, and peft's other fields with the values that leave plain LoRA
+# unchanged (peft 0.21 defaults). Any other value of these is refused, not silently dropped; a field
+# we have never heard of is accepted only at an empty value (a newer peft's default).
+_READ = {"peft_type", "r", "lora_alpha", "lora_dropout", "bias", "target_modules", "layers_to_transform",
+         "init_lora_weights", "use_rslora", "use_dora", "lora_bias", "rank_pattern", "alpha_pattern",
+         "base_model_name_or_path", "modules_to_save", "fan_in_fan_out"}
+_FREE = {"auto_mapping", "inference_mode", "peft_version", "revision", "task_type", "megatron_core", "qalora_group_size"}
+_NEUTRAL: dict[str, Any] = {
+    "alora_invocation_tokens": None, "arrow_config": None, "corda_config": None, "ensure_weight_tying": False,
+    "eva_config": None, "exclude_modules": None, "kasa_config": None, "layer_replication": None,
+    "layers_pattern": None, "loftq_config": {}, "lora_ga_config": None, "megatron_config": None,
+    "monteclora_config": None, "target_parameters": None, "trainable_token_indices": None, "use_bdlora": None,
+    "use_qalora": False, "velora_config": None}
 
 
 def peft_config(spec: LoraSpec, targets: list[str], *, base_model: str | None, fan_in_fan_out: bool,
@@ -138,6 +151,13 @@ def read_adapter_config(adapter_dir: str | os.PathLike) -> tuple[LoraSpec, dict[
             raise InputError(f"{path}: field {key!r} has the wrong type: {v!r}")
         return v
 
+    for key, value in raw.items():
+        if key in _READ or key in _FREE:
+            continue
+        if key in _NEUTRAL and value != _NEUTRAL[key] and value not in (None, False, {}, []):
+            raise InputError(f"{path}: field {key!r} = {json.dumps(value)[:60]} is not supported by loratune")
+        if key not in _NEUTRAL and value not in (None, False, {}, [], ""):
+            raise InputError(f"{path}: unknown field {key!r} = {json.dumps(value)[:60]}")
     peft_type = field("peft_type", str, required=True)
     if peft_type != "LORA":
         raise InputError(f"{path}: peft_type {peft_type!r} is not supported (only LORA)")

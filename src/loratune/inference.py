@@ -77,7 +77,7 @@ def evaluate_adapter(adapter: str | os.PathLike, *, data: str | None = None, spl
     if split not in ("validation", "test", "train"):
         raise InputError(f"--split: expected validation or test, got {split!r}")
     set_threads(threads)
-    read_adapter_config(adapter)                      # a bad folder is reported before anything else
+    loaded = load(adapter, base=base, device=device)  # a bad adapter is reported before anything else
     run_cfg = _run_config(adapter)
     opts: dict[str, Any] = run_cfg.to_dict() if run_cfg else {}
     for key, value in (("data", data), ("text_column", text_column), ("label_column", label_column)):
@@ -88,7 +88,6 @@ def evaluate_adapter(adapter: str | os.PathLike, *, data: str | None = None, spl
     if "data" not in opts:
         raise InputError("--data: this adapter is not inside a run directory; say which data to evaluate on")
     cfg = TrainConfig.from_dict(opts)
-    loaded = load(adapter, base=base, device=device)
     splits = load_splits(cfg, label_names=loaded.label_names)
     enc = tokenize(getattr(splits, split), loaded.tokenizer, loaded.max_length)
     dev = next(loaded.model.parameters()).device

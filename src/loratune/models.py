@@ -60,7 +60,7 @@ def _from_pretrained(loader: Any, spec: str, what: str, *, download: bool = True
     kwargs = {"trust_remote_code": False, **kwargs}
     try:
         return loader.from_pretrained(spec, local_files_only=True, **kwargs)
-    except (OSError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 - OSError, ValueError, SafetensorError, ...: the folder is unusable
         if local or os.environ.get("HF_HUB_OFFLINE") == "1":
             raise InputError(f"--model: cannot load the {what} from {spec!r}: {_first_line(e)}") from None
         if not download:
@@ -69,7 +69,7 @@ def _from_pretrained(loader: Any, spec: str, what: str, *, download: bool = True
                              f"--base MODEL") from None
     try:
         return loader.from_pretrained(spec, **kwargs)
-    except (OSError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 - any failure to fetch or read means "not usable as a model"
         raise InputError(f"--model: {spec!r} is not a built-in name ({', '.join(BUILTIN_MODELS)}), not a local "
                          f"folder, and not in the Hugging Face cache (offline?): {_first_line(e)}") from None
 
