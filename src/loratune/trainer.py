@@ -217,8 +217,8 @@ def _loop(cfg: TrainConfig, model: nn.Module, spec: LoraSpec, targets: list[str]
             with open(metrics_path, "r+b") as f:
                 f.truncate(state["metrics_bytes"])
         log.info("resuming at step %d (epoch %d, batch %d)", step, epoch + 1, next_batch)
-    tb = SummaryWriter(str(out / "tb"), purge_step=step if state is not None else None)
-    mlog = open(metrics_path, "a", encoding="utf-8")
+    tb = SummaryWriter(str(out / "tb"), purge_step=step)       # drops events a killed run logged past it
+    mlog = open(metrics_path, "a" if state is not None else "w", encoding="utf-8")   # a fresh start: fresh log
 
     def record(obj: dict[str, Any]) -> None:
         mlog.write(json.dumps(rundir._clean(obj)) + "\n")
