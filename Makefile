@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.loratune-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup data demo test test-fast bench clean
+.PHONY: setup data browser demo test test-fast bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,7 +26,12 @@ data: setup                     ## the built-in data (Rotten Tomatoes, 4,000 sni
 demo: data                      ## train LoRA on the built-in model and data with every default
 	$(BIN)/loratune train --out runs/demo --overwrite
 
-test: data                      ## the whole suite, slow real-data tests included
+browser:                        ## Debian's chromium for the report's browser test (root only, as in CI)
+	@if [ "$$(id -u)" = 0 ] && ! command -v chromium >/dev/null 2>&1; then \
+	  echo "installing chromium (apt-get) for the report's browser test"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; fi
+
+test: data browser              ## the whole suite, slow real-data tests included
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-fast: data                 ## everything but the slow real-data tests

@@ -94,6 +94,8 @@ def cmd_train(args: argparse.Namespace, ui: Renderer) -> int:
             f"{s.get('trainable_params', 0):,} trainable parameters; adapter {s.get('adapter_bytes', 0) / 1e6:.2f} MB "
             f"vs model {s.get('model_bytes', 0) / 1e6:.1f} MB")
     ui.line(f"run directory: {result.run_dir} (adapter in {result.run_dir / 'adapter'})")
+    if not (result.run_dir / "report.html").exists() or not result.already_done:
+        write_report_safely(result.run_dir, ui)
     return 0
 
 
@@ -204,12 +206,31 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(func=cmd_merge)
 
-    for extra in _extra_commands:
-        extra(sub, common)
+    from .report_cli import register as report_commands
+    from .search_cli import register as tune_command
+
+    done: set[Callable[..., None]] = set()
+    for register in (tune_command, report_commands, *_extra_commands):
+        if register not in done:
+            register(sub, common)
+            done.add(register)
     return p
 
 
 _extra_commands: list[Callable[[Any, argparse.ArgumentParser], None]] = []
+"""More subcommands, each added as ``register(subparsers, common_parent)``."""
+
+
+def write_report_safely(run_dir: Path, ui: Renderer) -> None:
+    """The report at the end of a run; a failure to draw it never fails the finished run."""
+    try:
+        from .report import write_report
+
+        ui.line(f"report: {write_report(run_dir)}")
+    except Exception as e:  # noqa: BLE001 - the run's own results are already safe on disk
+        log.warning("could not write the report: %s", e)
+        ui.err(f"loratune: the report could not be written ({type(e).__name__}: {e}); "
+               f"try `loratune report {run_dir}`")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,309 @@
+"""What an adapter learned: the spectrum of ΔW, its effective rank, amplification, subspace similarity.
+
+For every adapted matrix (LoRA paper, Hu et al. 2021, §7):
+
+    ΔW = s·B·A                    B: (d, r)  A: (r, k)  s = α/r (α/√r with rsLoRA); reported as (d, k)
+
+- **Singular values** of ΔW, exactly and cheaply, without forming the d×k product: with thin QR
+  factorisations B = Q_B·R_B and Aᵀ = Q_A·R_A (Q orthonormal columns, R r×r),
+  ΔW = Q_B·(s·R_B·R_Aᵀ)·Q_Aᵀ, so the SVD of the small core s·R_B·R_Aᵀ = U_c·Σ·V_cᵀ gives
+  ΔW = (Q_B·U_c)·Σ·(Q_A·V_c)ᵀ: the same singular values, and U = Q_B·U_c, V = Q_A·V_c.
+- **Effective rank**: the fewest n with σ_1² + … + σ_n² ≥ 0.9·‖ΔW‖²_F (0 for ΔW = 0).
+- **Amplification** (Table 7): ‖ΔW‖_F / ‖Uᵀ·W0·V‖_F with U (d, r), V (k, r) ΔW's singular vectors:
+  how much ΔW amplifies directions that W0 (the frozen weight, as (d, k)) barely uses. Needs the
+  base model; ``None`` when it cannot be loaded (a log line says why).
+- **Subspace similarity** (Figure 3) of two adapters' A matrices, with V_1 (k, r1), V_2 (k, r2) their
+  right-singular vectors in order: φ(A1, A2, i, j) = ‖V_1[:, :i]ᵀ·V_2[:, :j]‖²_F / min(i, j) ∈ [0, 1].
+
+GPT-2's ``Conv1D`` stores W0 as (k, d) (``fan_in_fan_out``); A and B are stored as for a Linear, so
+ΔW is (d, k) either way and W0 is transposed before use.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .adapters import PREFIX, num_labels_of, read_adapter_config, read_meta, read_weights
+from .errors import InputError
+
+log = logging.getLogger(__name__)
+
+ENERGY = 0.9
+"""Share of ‖ΔW‖²_F the effective rank has to hold."""
+
+
+@dataclass
+class LoraPair:
+    """One adapted matrix's factors (float64, CPU): A (r, k), B (d, r), and the scaling s."""
+
+    name: str
+    A: torch.Tensor
+    B: torch.Tensor
+    scaling: float
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return int(self.B.shape[0]), int(self.A.shape[1])
+
+    def delta(self) -> torch.Tensor:
+        """The explicit ΔW = s·B·A, (d, k). For tests and small matrices; the analysis never forms it."""
+        return self.scaling * (self.B @ self.A)
+
+
+@dataclass
+class MatrixStats:
+    """The analysis of one matrix; ``to_json`` gives the contract's object."""
+
+    name: str
+    shape: tuple[int, int]
+    rank: int
+    singular_values: list[float]
+    effective_rank: int
+    frobenius_norm: float
+    amplification: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "shape": list(self.shape), "rank": self.rank,
+                "singular_values": self.singular_values, "effective_rank": self.effective_rank,
+                "frobenius_norm": self.frobenius_norm, "amplification": self.amplification}
+
+
+@dataclass
+class Analysis:
+    """An adapter's analysis (and optionally the comparison with a second one)."""
+
+    adapter: str
+    matrices: list[MatrixStats]
+    compare: str | None = None
+    phi: dict[str, np.ndarray] = field(default_factory=dict)
+    base: str | None = None
+    note: str | None = None
+    """Why amplification is missing, when it is."""
+
+    def to_json(self) -> dict[str, Any]:
+        """The contract's ``analyze --json`` object."""
+        cmp = None
+        if self.compare is not None:
+            cmp = {"adapter": self.compare,
+                   "matrices": [{"name": n, "phi": [[float(v) for v in row] for row in m]} for n, m in self.phi.items()]}
+        return {"adapter": self.adapter, "matrices": [m.to_json() for m in self.matrices], "compare": cmp}
+
+
+# --- reading an adapter ------------------------------------------------------------------------
+
+def lora_pairs(adapter: str | os.PathLike) -> dict[str, LoraPair]:
+    """The (A, B, s) of every adapted matrix in the folder, by module name (file order)."""
+    spec, _ = read_adapter_config(adapter)
+    weights = read_weights(adapter)
+    scaling = spec.alpha / (math.sqrt(spec.rank) if spec.rslora else spec.rank)
+    path = Path(adapter) / "adapter_model.safetensors"
+    out: dict[str, LoraPair] = {}
+    for key, a in weights.items():
+        if not key.endswith(".lora_A.weight"):
+            continue
+        name = key.removeprefix(PREFIX).removesuffix(".lora_A.weight")
+        b = weights.get(key.replace(".lora_A.weight", ".lora_B.weight"))
+        if b is None:
+            raise InputError(f"{path}: {key} has no matching lora_B tensor")
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+            raise InputError(f"{path}: {name}: lora_A {list(a.shape)} and lora_B {list(b.shape)} do not fit "
+                             "(expected (r, k) and (d, r))")
+        A, B = a.to(torch.float64), b.to(torch.float64)
+        if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
+            raise InputError(f"{path}: {name} holds NaN or infinite values")
+        out[name] = LoraPair(name, A, B, scaling)
+    if not out:
+        raise InputError(f"{path}: holds no LoRA tensors (*.lora_A.weight)")
+    return out
+
+
+# --- the math ----------------------------------------------------------------------------------
+
+def svd_lowrank_product(pair: LoraPair) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD of ΔW = s·B·A via QR of B and Aᵀ: (U (d, q), σ (q,), V (k, q)), σ descending, q = min(r, d, k)."""
+    qb, rb = torch.linalg.qr(pair.B)                 # (d, q), (q, r)
+    qa, ra = torch.linalg.qr(pair.A.T)               # (k, q'), (q', r)
+    uc, s, vch = torch.linalg.svd(pair.scaling * (rb @ ra.T), full_matrices=False)   # the small core
+    return qb @ uc, s, qa @ vch.T
+
+
+def effective_rank(singular_values: torch.Tensor | np.ndarray | list[float], energy: float = ENERGY) -> int:
+    """Fewest n with Σ_{i≤n} σ_i² ≥ energy·Σ σ_i² (σ sorted descending); 0 when every σ is 0."""
+    s2 = np.sort(np.asarray(singular_values, dtype=np.float64) ** 2)[::-1]
+    total = s2.sum()
+    if not total > 0:
+        return 0
+    cum = np.cumsum(s2)
+    return int(np.searchsorted(cum, energy * total * (1 - 1e-12)) + 1)
+
+
+def amplification(u: torch.Tensor, v: torch.Tensor, w0: torch.Tensor, delta_norm: float) -> float | None:
+    """‖ΔW‖_F / ‖Uᵀ·W0·V‖_F (U (d, q), V (k, q), W0 (d, k)); None when the projection is 0."""
+    proj = torch.linalg.matrix_norm(u.T @ w0.to(torch.float64) @ v).item()   # (q, q): W0 seen by ΔW's subspace
+    return delta_norm / proj if proj > 0 else None
+
+
+def right_singular_vectors(a: torch.Tensor) -> torch.Tensor:
+    """V (k, r) of A (r, k) = U_A·Σ·Vᵀ, columns ordered by singular value."""
+    return torch.linalg.svd(a.to(torch.float64), full_matrices=False)[2].T
+
+
+def subspace_similarity(a1: torch.Tensor, a2: torch.Tensor) -> np.ndarray:
+    """φ[i-1, j-1] = ‖V1[:, :i]ᵀ·V2[:, :j]‖²_F / min(i, j) for i ≤ r1, j ≤ r2 (A1 (r1, k), A2 (r2, k))."""
+    if a1.shape[1] != a2.shape[1]:
+        raise ValueError(f"A matrices of different widths: {tuple(a1.shape)} and {tuple(a2.shape)}")
+    g2 = (right_singular_vectors(a1).T @ right_singular_vectors(a2)).numpy() ** 2   # (r1, r2) squared overlaps
+    cum = g2.cumsum(axis=0).cumsum(axis=1)                                           # Σ_{a≤i, b≤j}
+    i = np.arange(1, g2.shape[0] + 1)[:, None]
+    j = np.arange(1, g2.shape[1] + 1)[None, :]
+    return np.clip(cum / np.minimum(i, j), 0.0, 1.0)
+
+
+# --- the base weights --------------------------------------------------------------------------
+
+def base_weights(adapter: str | os.PathLike, names: list[str], base: str | None = None
+                 ) -> tuple[dict[str, torch.Tensor], str | None, str | None]:
+    """W0 as (d, k) for each module in ``names``, the base model spec, and why not (when not).
+
+    The base is ``base`` or the one the adapter names (its ``loratune.json``, else
+    ``base_model_name_or_path``). An explicit ``base`` that cannot be loaded is an InputError; the
+    adapter's own base that cannot be loaded (moved, not cached offline) gives ``({}, spec, reason)``.
+    """
+    from .lora import is_conv1d
+    from .models import load_model
+
+    _, raw = read_adapter_config(adapter)
+    meta = read_meta(adapter)
+    spec = base or meta.get("model") or raw.get("base_model_name_or_path")
+    if not spec:
+        return {}, None, "the adapter names no base model (give --base MODEL)"
+    labels = meta.get("id2label") or [f"LABEL_{i}" for i in range(num_labels_of(read_weights(adapter)) or 2)]
+    try:
+        model = load_model(str(spec), labels)
+    except (InputError, OSError, ValueError) as e:
+        if base is not None:
+            raise InputError(f"--base: cannot load {base!r}: {e}") from None
+        return {}, str(spec), f"the base model {spec!r} could not be loaded ({e})"
+    modules = dict(model.named_modules())
+    out: dict[str, torch.Tensor] = {}
+    for name in names:
+        m = modules.get(name)
+        w = getattr(m, "weight", None)
+        if isinstance(w, torch.Tensor) and w.ndim == 2:
+            out[name] = (w.T if is_conv1d(m) else w).detach().to(torch.float64)
+    return out, str(spec), None
+
+
+# --- the whole adapter -------------------------------------------------------------------------
+
+def analyze_adapter(adapter: str | os.PathLike, compare: str | os.PathLike | None = None,
+                    base: str | None = None, *, with_base: bool = True) -> Analysis:
+    """Analyse every adapted matrix of ``adapter``; φ per matrix shared with ``compare``.
+
+    ``with_base=False`` skips loading the base model (amplification ``None``).
+    """
+    pairs = lora_pairs(adapter)
+    weights: dict[str, torch.Tensor] = {}
+    spec = note = None
+    if with_base:
+        weights, spec, note = base_weights(adapter, list(pairs), base)
+        if note:
+            log.warning("amplification not computed: %s", note)
+    stats = []
+    for name, pair in pairs.items():
+        u, s, v = svd_lowrank_product(pair)
+        norm = float(torch.linalg.vector_norm(s).item())          # ‖ΔW‖_F = ‖σ‖₂
+        amp = None
+        w0 = weights.get(name)
+        if w0 is not None and tuple(w0.shape) == pair.shape:
+            amp = amplification(u, v, w0, norm)
+        elif w0 is not None:
+            log.warning("amplification of %s not computed: the base weight is %s, ΔW is %s",
+                        name, list(w0.shape), list(pair.shape))
+        elif with_base and not note:
+            log.warning("amplification of %s not computed: the base model has no such matrix", name)
+        stats.append(MatrixStats(name, pair.shape, int(pair.A.shape[0]), [float(x) for x in s],
+                                 effective_rank(s), norm, amp))
+    result = Analysis(str(adapter), stats, base=spec, note=note)
+    if compare is not None:
+        result.compare = str(compare)
+        result.phi = compare_adapters(pairs, lora_pairs(compare))
+    return result
+
+
+def compare_adapters(first: dict[str, LoraPair], second: dict[str, LoraPair]) -> dict[str, np.ndarray]:
+    """φ matrices (r1, r2) for the modules in both adapters (first's order); others are logged and skipped."""
+    out: dict[str, np.ndarray] = {}
+    skipped = [n for n in first if n not in second] + [n for n in second if n not in first]
+    for name, p1 in first.items():
+        p2 = second.get(name)
+        if p2 is None:
+            continue
+        if p1.A.shape[1] != p2.A.shape[1]:
+            log.warning("φ of %s not computed: A is %s in one adapter and %s in the other",
+                        name, list(p1.A.shape), list(p2.A.shape))
+            continue
+        out[name] = subspace_similarity(p1.A, p2.A)
+    if skipped:
+        log.info("φ skips %d matrices adapted in only one of the adapters", len(skipped))
+    if not out:
+        log.warning("the two adapters share no adapted matrix: nothing to compare")
+    return out
+
+
+def analyze(adapter: str | os.PathLike, compare: str | os.PathLike | None = None,
+            base: str | None = None) -> dict[str, Any]:
+    """``loratune analyze``: the contract's JSON object (see :meth:`Analysis.to_json`)."""
+    return analyze_adapter(adapter, compare, base).to_json()
+
+
+# --- text --------------------------------------------------------------------------------------
+
+def short_names(names: list[str]) -> list[str]:
+    """Module names without their common dotted prefix (``layer.0.attention.self.query``)."""
+    if len(names) < 2:
+        return list(names)
+    parts = [n.split(".") for n in names]
+    k = 0
+    while all(len(p) > k + 1 and p[k] == parts[0][k] for p in parts):
+        k += 1
+    if k and all(p[k].isdigit() for p in parts):        # keep "layer." before the layer index
+        k -= 1
+    return [".".join(p[k:]) for p in parts]
+
+
+def format_table(result: dict[str, Any], top: int = 4) -> list[str]:
+    """A readable table of an ``analyze`` result (and φ summaries with a comparison)."""
+    rows = result["matrices"]
+    names = short_names([m["name"] for m in rows])
+    head = ["module", "shape", "r", "eff. rank", "‖ΔW‖_F", "amplif.", f"top {top} singular values"]
+    cells = [head] + [[n, "×".join(map(str, m["shape"])), str(m["rank"]), str(m["effective_rank"]),
+                       f"{m['frobenius_norm']:.4g}",
+                       "-" if m["amplification"] is None else f"{m['amplification']:.2f}",
+                       " ".join(f"{x:.3g}" for x in m["singular_values"][:top])] for n, m in zip(names, rows)]
+    lines = _align(cells)
+    cmp = result.get("compare")
+    if cmp:
+        lines += ["", f"subspace similarity φ with {cmp['adapter']} (1 = same directions, 0 = orthogonal):"]
+        cnames = short_names([m["name"] for m in cmp["matrices"]])
+        ccells = [["module", "r1×r2", "φ(1,1)", "mean φ(i,i)", "φ(r1,r2)"]]
+        for n, m in zip(cnames, cmp["matrices"]):
+            phi = np.asarray(m["phi"])
+            diag = np.diag(phi)
+            ccells.append([n, f"{phi.shape[0]}×{phi.shape[1]}", f"{phi[0, 0]:.3f}", f"{diag.mean():.3f}",
+                           f"{phi[-1, -1]:.3f}"])
+        lines += _align(ccells) if len(ccells) > 1 else ["(no adapted matrix in common)"]
+    return lines
+
+
+def _align(cells: list[list[str]]) -> list[str]:
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
+    return ["  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in cells]

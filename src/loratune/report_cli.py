@@ -1,0 +1,54 @@
+"""``loratune report`` and ``loratune analyze``: flags -> :mod:`loratune.report` / :mod:`loratune.analysis`.
+
+cli.py calls :func:`register` through its ``_extra_commands`` hook; importing this module does nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from .progress import Renderer
+
+
+def register(sub: Any, common: argparse.ArgumentParser) -> None:
+    """Add the ``report`` and ``analyze`` subcommands to cli.py's subparsers."""
+    s = sub.add_parser("report", parents=[common], help="write RUN_DIR/report.html (a run or a search)",
+                       description="Write one self-contained HTML report (plots embedded, no network requests) "
+                                   "for a training run or a search directory.")
+    s.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run directory (loratune train) or a search "
+                                                                 "directory (loratune tune)")
+    s.set_defaults(func=cmd_report)
+
+    s = sub.add_parser("analyze", parents=[common], help="singular values, effective rank and amplification of ΔW",
+                       description="Analyse the learned ΔW = (α/r)·B·A of every adapted matrix: singular values, "
+                                   "effective rank (90%% of ‖ΔW‖²_F), ‖ΔW‖_F, amplification against the base weights; "
+                                   "with --compare, the subspace similarity φ of two adapters.")
+    s.add_argument("adapter", type=Path, metavar="ADAPTER", help="adapter folder (a run's adapter/)")
+    s.add_argument("--compare", type=Path, metavar="ADAPTER2", help="a second adapter: φ per shared matrix")
+    s.add_argument("--base", metavar="MODEL", help="base model for the amplification factor "
+                                                   "(default: the one the adapter was trained on)")
+    s.add_argument("--json", action="store_true", help="one JSON object (the contract's format)")
+    s.set_defaults(func=cmd_analyze)
+
+
+def cmd_report(args: argparse.Namespace, ui: Renderer) -> int:
+    from .report import write_report
+
+    path = write_report(args.run_dir)
+    ui.line(f"report written to {path} (open it in a browser: file://{path.resolve()})")
+    return 0
+
+
+def cmd_analyze(args: argparse.Namespace, ui: Renderer) -> int:
+    from .analysis import analyze, format_table
+
+    result = analyze(args.adapter, compare=args.compare, base=args.base)
+    if args.json:
+        ui.out(json.dumps(result))
+    else:
+        for line in format_table(result):
+            ui.out(line)
+    return 0
