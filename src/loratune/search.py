@@ -24,17 +24,14 @@ driver died: unfinished trials go on from their checkpoints, finished ones are n
 from __future__ import annotations
 
 import contextlib
-import csv
+import importlib.util
 import json
 import logging
-import math
 import os
 import secrets
 import shutil
 import tempfile
 import time
-from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -47,33 +44,17 @@ from . import rundir
 from .config import TrainConfig
 from .errors import InputError
 from .runtime import available_cpus
-from .space import DEFAULT_SPACE, Space, columns, validate
+from .space import (DEFAULT_SPACE, METRICS, SearchResult, Space, finish, load_result, status_of, trial_record,
+                    validate)
 from .trainer import Diverged, Interrupted, Prepared, prepare_data, train
 
 log = logging.getLogger(__name__)
 Progress = Callable[[dict[str, Any]], None]
 
-METRICS = ("val_loss", "val_accuracy", "val_f1", "val_f1_macro", "val_precision", "val_recall", "val_roc_auc")
 ALGORITHMS = ("random", "optuna")
-OK_STATUSES = ("completed", "stopped_early")
+STAGE = ".tune-checkpoint"           # in a trial's run directory: the file Ray copies to storage each epoch
 _TOKEN = secrets.token_hex(32)        # this process's Ray auth token for local clusters (never on disk)
 _LIVE: dict[str, Any] = {}            # the running search's progress sink and view (Ray restores callbacks by pickle)
-
-
-@dataclass
-class SearchResult:
-    """What a search leaves: the table, the best and the default trial (config, validation, test)."""
-
-    out: Path
-    columns: list[str]
-    rows: list[dict[str, Any]]
-    best: dict[str, Any] | None
-    default: dict[str, Any] | None
-    metric: str
-    mode: str
-    seconds: float = 0.0
-    already_done: bool = False
-    summary: dict[str, Any] = field(default_factory=dict)
 
 
 def tune(config: TrainConfig | None = None, *, space: dict[str, Any] | None = None, samples: int = 8,
@@ -96,7 +77,7 @@ def tune(config: TrainConfig | None = None, *, space: dict[str, Any] | None = No
         doc = _read_search_yaml(out)
         if (out / "search.json").is_file():
             emit({"kind": "already_done", "out": str(out)})
-            return _load_result(out, doc)
+            return load_result(out, doc)
         address = address or doc.get("address")
     else:
         doc = _new_search(config, options, space, samples, max_epochs, cpus_per_trial, max_concurrent, search_alg,
@@ -115,11 +96,17 @@ def tune(config: TrainConfig | None = None, *, space: dict[str, Any] | None = No
           "keys": parsed.keys, "max_epochs": doc["max_epochs"]})
     with _ray_session(address, out / "ray.log") as cluster:
         grid = _fit(doc, parsed, base, prepared, out, cluster, emit, resume is not None)
-    rows, trials = _collect(grid, parsed, out)
-    unfinished = [t for t in trials if t["status"] is None]
-    if unfinished or len(trials) < _trial_total(parsed, doc):
+    view = _LIVE.pop("view", None)
+    ended, order = (view.ended, view.order) if view is not None else ({}, {})
+    results = sorted(grid, key=lambda r: (order.get(r.metrics["trial_id"], 1 << 30), r.metrics["trial_id"]))
+    default = parsed.default_point(base)                  # the untuned trial; a duplicate of it would be equal
+    results.sort(key=lambda r: {k: r.config.get(k) for k in parsed.keys} != default)
+    trials = [trial_record(parsed, r.metrics["trial_id"], "failed" if r.error else ended.get(r.metrics["trial_id"]),
+                           r.config, out / "trials" / r.metrics["trial_id"]) for r in results]
+    if any(t["status"] is None for t in trials) or len(trials) < _trial_total(parsed, doc):
         raise Interrupted(f"search interrupted; its state is saved in {out}")
-    return _finish(out, doc, parsed, base, prepared, rows, trials, time.monotonic() - t0, emit)
+    return finish(out, doc, parsed, trials, time.monotonic() - t0, lambda adapter: test_metrics(adapter, prepared, base),
+                  emit)
 
 
 def _new_search(config: TrainConfig | None, options: dict[str, Any], space: dict[str, Any] | None, samples: int,
@@ -136,17 +123,14 @@ def _new_search(config: TrainConfig | None, options: dict[str, Any], space: dict
                                  ("mode", mode, ("min", "max"))):
         if value not in allowed:
             raise InputError(f"--{name.replace('_', '-')}: expected one of {', '.join(allowed)}, got {value!r}")
-    if search_alg == "optuna":
-        try:
-            import optuna  # noqa: F401
-        except ImportError:
-            raise InputError("--search-alg optuna: optuna is not installed (pip install 'loratune[optuna]')") from None
+    if search_alg == "optuna" and importlib.util.find_spec("optuna") is None:
+        raise InputError("--search-alg optuna: optuna is not installed (pip install 'loratune[optuna]')")
     base = config.replace(**options) if config is not None else TrainConfig.from_dict(options)
     base = _absolute_paths(base)
     raw = DEFAULT_SPACE if space is None else space
     if storage is not None and Path(storage).expanduser().resolve() == Path.home().resolve():
         raise InputError(f"--storage: {storage} is the home directory; give a folder for the search's results")
-    return {"options": base.to_dict(), "search": raw, "samples": samples, "max_epochs": max_epochs,
+    return {"options": base.to_dict(), "search": json.loads(json.dumps(raw)), "samples": samples, "max_epochs": max_epochs,
             "cpus_per_trial": cpus_per_trial, "max_concurrent": max_concurrent, "search_alg": search_alg,
             "metric": metric, "mode": mode, "max_failures": max_failures, "address": address,
             "storage": str(Path(storage).expanduser().resolve()) if storage is not None else None}
@@ -199,12 +183,12 @@ def _env(values: dict[str, str]) -> Iterator[None]:
 def _ray_session(address: str | None, logfile: Path) -> Iterator[dict[str, float]]:
     """Start (or join) Ray quietly; yield the cluster's resources; always shut it down."""
     env = {"RAY_DEDUP_LOGS": "0", "RAY_USAGE_STATS_ENABLED": "0", "TUNE_DISABLE_STRICT_METRIC_CHECKING": "1",
-           "TUNE_GLOBAL_CHECKPOINT_S": "0", "RAY_AIR_NEW_OUTPUT": "0", "TUNE_MAX_PENDING_TRIALS_PG": "1"}
+           "TUNE_GLOBAL_CHECKPOINT_S": "0", "RAY_AIR_NEW_OUTPUT": "0"}
     if address is None:
         env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"           # loopback only (read when ray is imported)
         if not any(k in os.environ for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")):
             env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=_TOKEN)  # else Ray writes ~/.ray/auth_token
-    temp = tempfile.mkdtemp(prefix="lt-ray-", dir="/tmp" if os.path.isdir("/tmp") else None)
+    temp = tempfile.mkdtemp(prefix="lt-ray-", dir="/tmp" if os.path.isdir("/tmp") else None) if address is None else ""
     with _env(env):
         from ray._private import ray_constants
 
@@ -215,7 +199,7 @@ def _ray_session(address: str | None, logfile: Path) -> Iterator[dict[str, float
         handler = logging.FileHandler(logfile, encoding="utf-8")
         ray_log = logging.getLogger("ray")
         saved = (list(ray_log.handlers), ray_log.propagate)
-        failed = True
+        keep = False                                               # Ray's own logs, after an internal error
         try:
             kw: dict[str, Any] = dict(log_to_driver=False, configure_logging=True, logging_level=logging.WARNING)
             if address is None:
@@ -226,15 +210,17 @@ def _ray_session(address: str | None, logfile: Path) -> Iterator[dict[str, float
             ray_log.propagate = False
             yield {k: float(v) for k, v in ray.cluster_resources().items()} | {
                 "max_node_cpus": max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=0)}
-            failed = False
+        except Exception as e:
+            keep = not isinstance(e, InputError)
+            raise
         finally:
             ray.shutdown()
             ray_log.handlers[:], ray_log.propagate = saved
             handler.close()
             ray_constants.ENABLE_RAY_CLUSTER = cluster_flag
-            if failed:
+            if keep and temp:
                 log.warning("Ray's logs are in %s", temp)
-            else:
+            elif temp:
                 shutil.rmtree(temp, ignore_errors=True)
 
 
@@ -278,12 +264,14 @@ def _fit(doc: dict[str, Any], space: Space, base: TrainConfig, prepared: Prepare
                                  resume_errored=False, restart_errored=False)
     else:
         scheduler = ASHAScheduler(time_attr="training_iteration", metric=doc["metric"], mode=doc["mode"],
-                                  max_t=doc["max_epochs"], grace_period=1, reduction_factor=2)
+                                  max_t=doc["max_epochs"], grace_period=1, reduction_factor=2,
+                                  stop_last_trials=False)
         run = rt.RunConfig(name=exp.name, storage_path=str(exp.parent), verbose=0, callbacks=[LiveView()],
                            failure_config=rt.FailureConfig(max_failures=doc["max_failures"]),
-                           checkpoint_config=rt.CheckpointConfig(num_to_keep=2), log_to_file=True)
+                           checkpoint_config=rt.CheckpointConfig(num_to_keep=2))
         tuner = rt.Tuner(trainable, param_space=param_space, run_config=run,
-                         tune_config=rt.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=doc["samples"]))
+                         tune_config=rt.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=doc["samples"],
+                                                   reuse_actors=True))
     try:
         return tuner.fit()
     finally:
@@ -341,18 +329,21 @@ class LiveView(Callback):
     """
 
     def __init__(self) -> None:
-        self.ended: dict[str, str] = {}
+        self.ended: dict[str, str] = {}             # trial id -> status, once it ended
+        self.order: dict[str, int] = {}             # trial id -> creation number (Ray's experiment tag)
 
     def get_state(self) -> dict[str, Any]:
-        return {"ended": dict(self.ended)}
+        return {"ended": dict(self.ended), "order": dict(self.order)}
 
     def set_state(self, state: dict[str, Any]) -> None:
-        self.ended = dict(state.get("ended", {}))
+        self.ended, self.order = dict(state.get("ended", {})), dict(state.get("order", {}))
 
     def setup(self, **info: Any) -> None:
         _LIVE["view"] = self
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        tag = str(trial.experiment_tag).split("_", 1)[0]
+        self.order[trial.trial_id] = int(tag) if tag.isdigit() else len(self.order)
         _emit({"kind": "trial", "event": "start", "trial": trial.trial_id, "config": _searched(trial.config)})
 
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -388,15 +379,6 @@ def _emit(event: dict[str, Any]) -> None:
             log.exception("progress callback failed")
 
 
-def status_of(last: dict[str, Any], *, error: bool) -> str:
-    """completed (ran its planned epochs), stopped_early (ASHA or --early-stop), diverged, failed."""
-    if error:
-        return "failed"
-    if last.get("diverged"):
-        return "diverged"
-    return "completed" if last.get("epoch", 0) >= last.get("epochs_planned", math.inf) else "stopped_early"
-
-
 # --- one trial (runs in a Ray worker) ---------------------------------------------------------------
 
 def _trial(config: dict[str, Any], prepared: Prepared, setup: dict[str, Any]) -> None:
@@ -407,6 +389,7 @@ def _trial(config: dict[str, Any], prepared: Prepared, setup: dict[str, Any]) ->
     cfg = TrainConfig.from_dict({**setup["options"], **setup["space"].resolve(config)})
     node = ray.util.get_node_ip_address()
     state = {"epoch": 0, "planned": cfg.epochs}
+    stage = out / STAGE                           # what Ray copies to storage: a link to this epoch's checkpoint
 
     def on_event(event: dict[str, Any]) -> None:
         if event["kind"] == "start":
@@ -416,16 +399,18 @@ def _trial(config: dict[str, Any], prepared: Prepared, setup: dict[str, Any]) ->
         state["epoch"] = epoch
         metrics = {**{f"val_{k}": float(v) for k, v in val.items()}, "epoch": epoch, "epochs_planned": state["planned"],
                    "diverged": 0, "node_ip": node}
-        with tempfile.TemporaryDirectory(prefix="lt-ckpt-") as d:
-            shutil.copy2(ckpt, Path(d) / ckpt.name)
-            rt.report(metrics, checkpoint=rt.Checkpoint.from_directory(d))
+        shutil.rmtree(stage, ignore_errors=True)
+        stage.mkdir()
+        try:
+            os.link(ckpt, stage / ckpt.name)
+        except OSError:
+            shutil.copy2(ckpt, stage / ckpt.name)
+        rt.report(metrics, checkpoint=rt.Checkpoint.from_directory(str(stage)))
 
     restored = rt.get_checkpoint()
-    with tempfile.TemporaryDirectory(prefix="lt-resume-") as tmp:
-        resume_from = None
-        if restored is not None:
-            restored.to_directory(tmp)
-            resume_from = next(Path(tmp).glob("*.pt"))
+    with restored.as_directory() if restored is not None else contextlib.nullcontext(None) as where:
+        resume_from = max(Path(where).glob("*.pt")) if where else None      # local storage: no copy
+        if resume_from is not None:
             state["epoch"] = int(load_checkpoint(resume_from)["epoch"])
         try:
             train(cfg, out=out, overwrite=resume_from is None, prepared=prepared, resume_from=resume_from,
@@ -433,96 +418,12 @@ def _trial(config: dict[str, Any], prepared: Prepared, setup: dict[str, Any]) ->
         except Diverged as e:                    # no metric in this report: ASHA and the searcher skip it
             rt.report({"diverged": 1, "epoch": state["epoch"], "epochs_planned": state["planned"],
                        "diverged_step": e.step, "node_ip": node})
-
-
-# --- results ---------------------------------------------------------------------------------------
-
-def _collect(grid: Any, space: Space, out: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """One row per trial (contract columns) and the fuller per-trial record behind it, in creation order."""
-    ended = getattr(_LIVE.pop("view", None), "ended", {})
-    rows, trials = [], []
-    for result in grid:
-        tid = result.metrics["trial_id"]
-        status = "failed" if result.error is not None else ended.get(tid)
-        history = _history(out / "trials" / tid)
-        best = min(history, key=lambda h: h["loss"]) if history else {}   # the trainer keeps this epoch's adapter
-        config = {k: v for k, v in space.resolve(result.config).items() if k in space.keys}
-        rows.append({"trial": tid, "status": status, "epochs_run": len(history), **config,
-                     "val_loss": best.get("loss"), "val_accuracy": best.get("accuracy"), "val_f1": best.get("f1")})
-        trials.append({"trial": tid, "status": status, "config": config, "best": best, "history": history,
-                       "run_dir": out / "trials" / tid})
-    return rows, trials
-
-
-def _history(run: Path) -> list[dict[str, Any]]:
-    path = run / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    lines = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
-    return [{k: v for k, v in x.items() if k not in ("type", "split", "step")} for x in lines if x.get("type") == "eval"]
-
-
-def _score(trial: dict[str, Any], metric: str) -> float | None:
-    value = trial["best"].get(metric.removeprefix("val_"))
-    return float(value) if value is not None and math.isfinite(value) else None
-
-
-def _finish(out: Path, doc: dict[str, Any], space: Space, base: TrainConfig, prepared: Prepared,
-            rows: list[dict[str, Any]], trials: list[dict[str, Any]], seconds: float, emit: Progress) -> SearchResult:
-    """Write trials.csv/json, copy and test the best trial, test the default one, write search.json."""
-    cols = columns(space)
-    with open(out / "trials.csv", "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=cols)
-        writer.writeheader()
-        writer.writerows(rows)
-    rundir.write_json(out / "trials.json", rows)
-    sign = 1.0 if doc["mode"] == "min" else -1.0
-    eligible = [t for t in trials if t["status"] in OK_STATUSES and _score(t, doc["metric"]) is not None]
-    best = min(eligible, key=lambda t: sign * _score(t, doc["metric"])) if eligible else None
-    summary: dict[str, Any] = {"metric": doc["metric"], "mode": doc["mode"], "trials": len(trials),
-                               "statuses": dict(Counter(t["status"] for t in trials)), "seconds": seconds,
-                               "experiment": doc["experiment"], "best": None, "default": None}
-    if best is not None:
-        emit({"kind": "message", "text": f"evaluating the best trial {best['trial']} on the test split"})
-        dest = out / "best"
-        shutil.rmtree(dest, ignore_errors=True)
-        shutil.copytree(best["run_dir"], dest)
-        test = test_metrics(dest / "adapter", prepared, base)
-        old = rundir_results(dest)
-        rundir.write_json(dest / "results.json", {
-            "validation": _metrics_only(best["best"]), "test": test, "best_epoch": best["best"]["epoch"],
-            "train": old.get("train", {}), "history": best["history"], "trial": best["trial"], "config": best["config"]})
-        summary["best"] = _brief(best, test, dest)
-    first = trials[0] if trials else None
-    if first is not None:
-        if best is not None and first["trial"] == best["trial"]:
-            summary["default"] = dict(summary["best"])
-        elif first["best"] and (first["run_dir"] / "adapter").is_dir():
-            summary["default"] = _brief(first, test_metrics(first["run_dir"] / "adapter", prepared, base), first["run_dir"])
-        else:
-            summary["default"] = _brief(first, None, first["run_dir"])
-    rundir.write_json(out / "search.json", summary)
-    return SearchResult(out, cols, rows, summary["best"], summary["default"], doc["metric"], doc["mode"], seconds,
-                        summary=summary)
-
-
-def _metrics_only(best: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in best.items() if k != "epoch"}
-
-
-def _brief(trial: dict[str, Any], test: dict[str, Any] | None, run_dir: Path) -> dict[str, Any]:
-    return {"trial": trial["trial"], "status": trial["status"], "config": trial["config"],
-            "validation": _metrics_only(trial["best"]) if trial["best"] else None,
-            "best_epoch": trial["best"].get("epoch"), "test": test, "run_dir": str(run_dir)}
-
-
-def rundir_results(run: Path) -> dict[str, Any]:
-    path = run / "results.json"
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
 
 
 def test_metrics(adapter: Path, prepared: Prepared, base: TrainConfig) -> dict[str, float]:
-    """The adapter on the prepared test split (the same split and tokens the trials had)."""
+    """The adapter on the prepared test split (the very split and tokens the trials had)."""
     from .inference import load
     from .runtime import resolve_precision, set_threads
     from .trainer import evaluate
@@ -532,12 +433,3 @@ def test_metrics(adapter: Path, prepared: Prepared, base: TrainConfig) -> dict[s
     device = next(loaded.model.parameters()).device
     metrics, _ = evaluate(loaded.model, prepared.test, device, resolve_precision(base.precision, device), prepared.pad_id)
     return metrics
-
-
-def _load_result(out: Path, doc: dict[str, Any]) -> SearchResult:
-    """A finished search, read back (``--resume`` of a search that is done)."""
-    summary = json.loads((out / "search.json").read_text(encoding="utf-8"))
-    rows = json.loads((out / "trials.json").read_text(encoding="utf-8"))
-    cols = list(rows[0]) if rows else []
-    return SearchResult(out, cols, rows, summary.get("best"), summary.get("default"), doc["metric"], doc["mode"],
-                        summary.get("seconds", 0.0), already_done=True, summary=summary)
