@@ -23,13 +23,13 @@ setup: $(STAMP)                 ## the venv with torch, loratune, test tools and
 data: setup                     ## the built-in data (Rotten Tomatoes, 4,000 snippets), fetched once
 	$(BIN)/python -m loratune.data fetch
 
-demo: data                      ## train LoRA on the built-in model and data with every default
-	$(BIN)/loratune train --out runs/demo --overwrite
+demo: data                      ## search LoRA settings (8 trials, ASHA) on the built-in model and data
+	$(BIN)/loratune tune --out runs/demo --overwrite
 
-browser:                        ## Debian's chromium for the report's browser test (root only, as in CI)
-	@if [ "$$(id -u)" = 0 ] && ! command -v chromium >/dev/null 2>&1; then \
-	  echo "installing chromium (apt-get) for the report's browser test"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; fi
+browser:                        ## chromium (report test) and iproute2 (two-node Ray test); root only, as in CI
+	@if [ "$$(id -u)" = 0 ] && ! { command -v chromium && command -v ip; } >/dev/null 2>&1; then \
+	  echo "installing chromium and iproute2 (apt-get) for the browser and cluster tests"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium iproute2 >/dev/null; fi
 
 test: data browser              ## the whole suite, slow real-data tests included
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -3,6 +3,7 @@
 The library functions behind the CLI commands::
 
     loratune.train(rank=4, epochs=1, out="runs/x")        # loratune train
+    loratune.tune(samples=8, max_epochs=3, out="runs/s")  # loratune tune (Ray Tune, ASHA)
     loratune.evaluate(adapter_dir, split="test")          # loratune eval
     loratune.predict(adapter_dir, ["a fine film"])        # loratune predict
     loratune.merge(adapter_dir, out_dir)                  # loratune merge
@@ -17,6 +18,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "train": ("trainer", "train"),
+    "tune": ("search", "tune"),
     "TrainConfig": ("config", "TrainConfig"),
     "InputError": ("errors", "InputError"),
     "evaluate": ("inference", "evaluate_adapter"),

@@ -155,7 +155,7 @@ class TrainConfig:
         _int(self, "batch_size", lo=1)
         _int(self, "grad_accum", lo=1)
         _int(self, "log_every", lo=1)
-        _int(self, "seed", lo=0)
+        _int(self, "seed", lo=0, hi=2**32 - 1)
         _int(self, "max_steps", lo=1, optional=True)
         _int(self, "early_stop", lo=1, optional=True)
         _int(self, "checkpoint_every", lo=1, optional=True)
@@ -203,7 +203,7 @@ def option_names() -> list[str]:
     return [f.name for f in fields(TrainConfig)]
 
 
-def _int(cfg: TrainConfig, name: str, *, lo: int, optional: bool = False) -> None:
+def _int(cfg: TrainConfig, name: str, *, lo: int, hi: int | None = None, optional: bool = False) -> None:
     v = getattr(cfg, name)
     if v is None and optional:
         return
@@ -214,6 +214,8 @@ def _int(cfg: TrainConfig, name: str, *, lo: int, optional: bool = False) -> Non
         raise InputError(f"{flag(name)}: expected an integer, got {v!r}")
     if v < lo:
         raise InputError(f"{flag(name)}: must be >= {lo}, got {v}")
+    if hi is not None and v > hi:
+        raise InputError(f"{flag(name)}: must be <= {hi}, got {v}")
 
 
 def _num(cfg: TrainConfig, name: str, *, lo: float | None = None, hi: float | None = None,

@@ -44,8 +44,8 @@ from . import rundir
 from .config import TrainConfig
 from .errors import InputError
 from .runtime import available_cpus
-from .space import (DEFAULT_SPACE, METRICS, SearchResult, Space, finish, load_result, status_of, trial_record,
-                    validate)
+from .space import (DEFAULT_SPACE, METRICS, SearchResult, Space, check_device, finish, load_result, status_of,
+                    trial_record, validate)
 from .trainer import Diverged, Interrupted, Prepared, prepare_data, train
 
 log = logging.getLogger(__name__)
@@ -105,16 +105,17 @@ def tune(config: TrainConfig | None = None, *, space: dict[str, Any] | None = No
                            r.config, out / "trials" / r.metrics["trial_id"]) for r in results]
     if any(t["status"] is None for t in trials) or len(trials) < _trial_total(parsed, doc):
         raise Interrupted(f"search interrupted; its state is saved in {out}")
-    return finish(out, doc, parsed, trials, time.monotonic() - t0, lambda adapter: test_metrics(adapter, prepared, base),
-                  emit)
+    return finish(out, doc, parsed, trials, time.monotonic() - t0,
+                  lambda adapter: test_metrics(adapter, prepared, base), emit)
 
 
 def _new_search(config: TrainConfig | None, options: dict[str, Any], space: dict[str, Any] | None, samples: int,
                 max_epochs: int, cpus_per_trial: int, max_concurrent: int | None, search_alg: str, metric: str,
                 mode: str, max_failures: int, address: str | None, storage: Any) -> dict[str, Any]:
     """Check the search's own options; the document saved as search.yaml (all a resume needs)."""
-    for name, value, lo in (("samples", samples, 1), ("max_epochs", max_epochs, 1), ("cpus_per_trial", cpus_per_trial, 1),
-                            ("max_failures", max_failures, 0), ("max_concurrent", max_concurrent, 1)):
+    for name, value, lo in (("samples", samples, 1), ("max_epochs", max_epochs, 1),
+                            ("cpus_per_trial", cpus_per_trial, 1), ("max_failures", max_failures, 0),
+                            ("max_concurrent", max_concurrent, 1)):
         if value is None and name == "max_concurrent":
             continue
         if isinstance(value, bool) or not isinstance(value, int) or value < lo:
@@ -125,12 +126,19 @@ def _new_search(config: TrainConfig | None, options: dict[str, Any], space: dict
             raise InputError(f"--{name.replace('_', '-')}: expected one of {', '.join(allowed)}, got {value!r}")
     if search_alg == "optuna" and importlib.util.find_spec("optuna") is None:
         raise InputError("--search-alg optuna: optuna is not installed (pip install 'loratune[optuna]')")
+    if "epochs" in options:
+        raise InputError("--epochs: every trial trains --max-epochs epochs (ASHA's budget); set --max-epochs")
     base = config.replace(**options) if config is not None else TrainConfig.from_dict(options)
+    if base.threads not in (None, cpus_per_trial):
+        raise InputError(f"--threads: a trial's torch threads equal its CPUs; set --cpus-per-trial {base.threads}")
     base = _absolute_paths(base)
-    raw = DEFAULT_SPACE if space is None else space
+    try:
+        raw = json.loads(json.dumps(DEFAULT_SPACE if space is None else space))     # plain values, as in YAML
+    except (TypeError, ValueError) as e:
+        raise InputError(f"search: expected plain YAML values (numbers, strings, lists, mappings): {e}") from None
     if storage is not None and Path(storage).expanduser().resolve() == Path.home().resolve():
         raise InputError(f"--storage: {storage} is the home directory; give a folder for the search's results")
-    return {"options": base.to_dict(), "search": json.loads(json.dumps(raw)), "samples": samples, "max_epochs": max_epochs,
+    return {"options": base.to_dict(), "search": raw, "samples": samples, "max_epochs": max_epochs,
             "cpus_per_trial": cpus_per_trial, "max_concurrent": max_concurrent, "search_alg": search_alg,
             "metric": metric, "mode": mode, "max_failures": max_failures, "address": address,
             "storage": str(Path(storage).expanduser().resolve()) if storage is not None else None}
@@ -189,39 +197,43 @@ def _ray_session(address: str | None, logfile: Path) -> Iterator[dict[str, float
         if not any(k in os.environ for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")):
             env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=_TOKEN)  # else Ray writes ~/.ray/auth_token
     temp = tempfile.mkdtemp(prefix="lt-ray-", dir="/tmp" if os.path.isdir("/tmp") else None) if address is None else ""
-    with _env(env):
-        from ray._private import ray_constants
+    try:
+        with _env(env):
+            from ray._private import ray_constants
 
-        cluster_flag = ray_constants.ENABLE_RAY_CLUSTER
-        if address is None:
-            ray_constants.ENABLE_RAY_CLUSTER = False              # if ray was imported before the env was set
-            ray._raylet.Config.initialize("")                     # re-read RAY_AUTH_* likewise
-        handler = logging.FileHandler(logfile, encoding="utf-8")
-        ray_log = logging.getLogger("ray")
-        saved = (list(ray_log.handlers), ray_log.propagate)
-        keep = False                                               # Ray's own logs, after an internal error
-        try:
-            kw: dict[str, Any] = dict(log_to_driver=False, configure_logging=True, logging_level=logging.WARNING)
+            cluster_flag = ray_constants.ENABLE_RAY_CLUSTER
             if address is None:
-                ray.init(num_cpus=available_cpus(), include_dashboard=False, _temp_dir=temp, **kw)
-            else:
-                ray.init(address=address, **kw)
-            ray_log.handlers[:] = [handler]                        # Ray's own messages go to OUT/ray.log
-            ray_log.propagate = False
-            yield {k: float(v) for k, v in ray.cluster_resources().items()} | {
-                "max_node_cpus": max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=0)}
-        except Exception as e:
-            keep = not isinstance(e, InputError)
-            raise
-        finally:
-            ray.shutdown()
-            ray_log.handlers[:], ray_log.propagate = saved
-            handler.close()
-            ray_constants.ENABLE_RAY_CLUSTER = cluster_flag
-            if keep and temp:
-                log.warning("Ray's logs are in %s", temp)
-            elif temp:
-                shutil.rmtree(temp, ignore_errors=True)
+                ray_constants.ENABLE_RAY_CLUSTER = False              # if ray was imported before the env was set
+                ray._raylet.Config.initialize("")                     # re-read RAY_AUTH_* likewise
+            handler = logging.FileHandler(logfile, encoding="utf-8")
+            ray_log = logging.getLogger("ray")
+            saved = (list(ray_log.handlers), ray_log.propagate)
+            keep = False                                               # Ray's own logs, after an internal error
+            try:
+                kw: dict[str, Any] = dict(log_to_driver=False, configure_logging=True, logging_level=logging.WARNING)
+                if address is None:
+                    ray.init(num_cpus=available_cpus(), include_dashboard=False, _temp_dir=temp, **kw)
+                else:
+                    ray.init(address=address, **kw)
+                ray_log.handlers[:] = [handler]                        # Ray's own messages go to OUT/ray.log
+                ray_log.propagate = False
+                yield {k: float(v) for k, v in ray.cluster_resources().items()} | {
+                    "max_node_cpus": max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=0)}
+            except Exception as e:
+                keep = not isinstance(e, InputError)
+                raise
+            finally:
+                ray.shutdown()
+                ray_log.handlers[:], ray_log.propagate = saved
+                handler.close()
+                ray_constants.ENABLE_RAY_CLUSTER = cluster_flag
+                if keep and temp:
+                    log.warning("Ray's logs are in %s", temp)
+                elif temp:
+                    shutil.rmtree(temp, ignore_errors=True)
+    finally:
+        if address is None:
+            ray._raylet.Config.initialize("")                     # back to the caller's RAY_AUTH_* settings
 
 
 def _fit(doc: dict[str, Any], space: Space, base: TrainConfig, prepared: Prepared, out: Path,
@@ -240,7 +252,8 @@ def _fit(doc: dict[str, Any], space: Space, base: TrainConfig, prepared: Prepare
         raise InputError("--device: cuda was asked for, but the Ray cluster has no GPU")
     use_gpu = base.device == "cuda" or (base.device == "auto" and gpus > 0)
     resources = {"cpu": cpus, "gpu": min(1.0, gpus / concurrent)} if use_gpu else {"cpu": cpus}
-    setup = {"options": {**base.to_dict(), "epochs": doc["max_epochs"], "max_steps": None, "threads": cpus,
+    check_device(space, base, "cuda" if use_gpu else "cpu")
+    setup = {"options": {**base.to_dict(), "epochs": doc["max_epochs"], "threads": cpus,
                          "device": "cuda" if use_gpu else "cpu"},
              "trials_dir": str((out / "trials").resolve()), "space": space}
     trainable = rt.with_resources(rt.with_parameters(_trial, prepared=prepared, setup=setup), resources)
@@ -312,13 +325,10 @@ class OptunaSpace:
                 values[d.key] = trial.suggest_int(d.key, d.values[0], d.values[1])
             else:
                 values[d.key] = trial.suggest_float(d.key, d.values[0], d.values[1], log=d.kind == "loguniform")
-        return dict(self.default) if is_default else {t.key: v for t, v in
-                                                      zip(self.space.ties, _tie_values(self.space, values, self.base))}
-
-
-def _tie_values(space: Space, values: dict[str, Any], base: TrainConfig) -> list[Any]:
-    resolved = space.resolve_ties(values, base)
-    return [resolved[t.key] for t in space.ties]
+        if is_default:
+            return dict(self.default)
+        resolved = self.space.resolve_ties(values, self.base)
+        return {t.key: resolved[t.key] for t in self.space.ties}
 
 
 class LiveView(Callback):
@@ -344,7 +354,9 @@ class LiveView(Callback):
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         tag = str(trial.experiment_tag).split("_", 1)[0]
         self.order[trial.trial_id] = int(tag) if tag.isdigit() else len(self.order)
-        _emit({"kind": "trial", "event": "start", "trial": trial.trial_id, "config": _searched(trial.config)})
+        resumed = trial.checkpoint is not None
+        _emit({"kind": "trial", "event": "resume" if resumed else "start", "trial": trial.trial_id,
+               "epoch": trial.last_result.get("epoch") if resumed else None, "config": _searched(trial.config)})
 
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         _emit({"kind": "trial", "event": "retry", "trial": trial.trial_id, "config": _searched(trial.config)})
@@ -362,7 +374,7 @@ class LiveView(Callback):
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.ended[trial.trial_id] = "failed"
         _emit({"kind": "trial", "event": "end", "trial": trial.trial_id, "status": "failed",
-               "config": _searched(trial.config), "error": str(getattr(trial, "error_file", "") or "")})
+               "config": _searched(trial.config), "error": os.path.join(trial.path or "", "error.txt")})
 
 
 def _searched(config: dict[str, Any]) -> dict[str, Any]:
@@ -431,5 +443,5 @@ def test_metrics(adapter: Path, prepared: Prepared, base: TrainConfig) -> dict[s
     set_threads(None)
     loaded = load(adapter, device=base.device)
     device = next(loaded.model.parameters()).device
-    metrics, _ = evaluate(loaded.model, prepared.test, device, resolve_precision(base.precision, device), prepared.pad_id)
-    return metrics
+    precision = resolve_precision(base.precision, device)
+    return evaluate(loaded.model, prepared.test, device, precision, prepared.pad_id)[0]

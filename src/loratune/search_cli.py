@@ -1,6 +1,6 @@
 """``loratune tune``: the search command (flags -> :func:`loratune.search.tune`, events -> lines).
 
-cli.py calls :func:`register` through its ``_extra_commands`` hook; importing this module does nothing.
+cli.py's build_parser calls :func:`register`; importing this module does nothing (no Ray, no torch).
 Every training flag fixes that option for all trials; ``--config`` is a YAML file with training
 options and the search's own keys (``search:``, ``samples:``, ``max_epochs:``, ...). Flags override it.
 """
@@ -78,6 +78,10 @@ def cmd_tune(args: argparse.Namespace, ui: Renderer) -> int:
     if result.already_done:
         ui.line(f"search {result.out} already finished; nothing to resume")
     print_results(ui, result)
+    if not result.already_done or not (result.out / "report.html").exists():
+        from .cli import write_report_safely
+
+        write_report_safely(result.out, ui)
     return 0
 
 
@@ -105,6 +109,8 @@ class TrialLines:
         what = ev["event"]
         if what == "start":
             return f"{head} started: {config}"
+        if what == "resume":
+            return f"{head} resumed after epoch {ev.get('epoch') or 0}: {config}"
         if what == "retry":
             return f"{head} failed; retrying from its last checkpoint"
         if what == "diverged":
@@ -113,7 +119,8 @@ class TrialLines:
             m = ev["metrics"]
             return (f"{head} epoch {ev['epoch']}/{ev['epochs']}: val_loss {_num(m.get('val_loss'))} "
                     f"val_accuracy {_num(m.get('val_accuracy'))}" + (f" [{ev['node']}]" if ev.get("node") else ""))
-        return f"{head} {ev.get('status', what).replace('_', ' ')}: {config}"
+        status = ev.get("status", what)
+        return f"{head} {status.replace('_', ' ')}: {config}" + (f" (see {ev['error']})" if ev.get("error") else "")
 
 
 def describe(config: dict[str, Any]) -> str:
@@ -147,10 +154,11 @@ def print_results(ui: Renderer, result: Any) -> None:
         return
     metric = result.metric.removeprefix("val_")
     ui.line(f"best trial {best['trial']} by {result.metric} ({result.mode}): {describe(best['config'])}")
-    for name, t in (("best", best), ("default (untuned)", default)):
+    for name, t in (("best", best), ("untuned default", default)):
         if not t:
             continue
         v, test = t.get("validation") or {}, t.get("test") or {}
-        ui.line(f"{name:>17}: validation {metric} {_num(v.get(metric))}, loss {_num(v.get('loss'))}, "
-                f"accuracy {_num(v.get('accuracy'))}; test accuracy {_num(test.get('accuracy'))}  [trial {t['trial']}]")
+        shown = dict.fromkeys([metric, "loss", "accuracy"])
+        ui.line(f"{name:>15} (trial {t['trial']}): validation " + ", ".join(f"{k} {_num(v.get(k))}" for k in shown)
+                + f"; test accuracy {_num(test.get('accuracy'))}")
     ui.line(f"best adapter: {result.out / 'best' / 'adapter'}; table: {result.out / 'trials.csv'}")

@@ -341,6 +341,13 @@ def validate(raw: Any, base: TrainConfig, *, search_alg: str = "random", load_mo
     return space
 
 
+def check_device(space: Space, base: TrainConfig, device: str) -> None:
+    """What only the trials' device decides (known once Ray says whether trials get GPUs)."""
+    if device == "cpu" and "fp16" in candidates(space, "precision", base):
+        where = "search.precision" if "precision" in space.keys else "--precision"
+        raise InputError(f"{where}: fp16 is for CUDA devices, and the trials run on CPUs; use bf16 or fp32")
+
+
 def columns(space: Space) -> list[str]:
     """trials.csv's columns (the contract's order)."""
     return ["trial", "status", "epochs_run", *space.keys, "val_loss", "val_accuracy", "val_f1"]
@@ -380,7 +387,8 @@ def history(run: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     lines = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
-    return [{k: v for k, v in x.items() if k not in ("type", "split", "step")} for x in lines if x.get("type") == "eval"]
+    evals = [x for x in lines if x.get("type") == "eval"]
+    return [{k: v for k, v in x.items() if k not in ("type", "split", "step")} for x in evals]
 
 
 def trial_record(space: Space, trial: str, status: str | None, config: Mapping[str, Any], run: Path) -> dict[str, Any]:
@@ -388,10 +396,17 @@ def trial_record(space: Space, trial: str, status: str | None, config: Mapping[s
     adapter the trainer kept)."""
     hist = history(run)
     best = min(hist, key=lambda h: h["loss"]) if hist else {}
-    values = {k: v for k, v in space.resolve(config).items() if k in space.keys}
+    values = {k: _typed(k, v) for k, v in space.resolve(config).items() if k in space.keys}
     row = {"trial": trial, "status": status, "epochs_run": len(hist), **values,
            "val_loss": best.get("loss"), "val_accuracy": best.get("accuracy"), "val_f1": best.get("f1")}
-    return {"row": row, "trial": trial, "status": status, "config": values, "best": best, "history": hist, "run_dir": run}
+    return {"row": row, "trial": trial, "status": status, "config": values, "best": best, "history": hist,
+            "run_dir": run}
+
+
+def _typed(key: str, value: Any) -> Any:
+    """A float option shows as a float (alpha tied to an integer rank: 8.0, as TrainConfig holds it)."""
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    return float(value) if is_int and option_kind(key) == "float" else value
 
 
 def choose_best(trials: list[dict[str, Any]], metric: str, mode: str) -> dict[str, Any] | None:
@@ -424,7 +439,8 @@ def finish(out: Path, doc: Mapping[str, Any], space: Space, trials: list[dict[st
         shutil.rmtree(dest, ignore_errors=True)
         shutil.copytree(best["run_dir"], dest, ignore=shutil.ignore_patterns(".tune-checkpoint"))
         summary["best"] = _brief(best, test(dest / "adapter"), dest)
-        old = json.loads((dest / "results.json").read_text(encoding="utf-8")) if (dest / "results.json").is_file() else {}
+        done = dest / "results.json"                                    # the trainer's, if the trial ran to its end
+        old = json.loads(done.read_text(encoding="utf-8")) if done.is_file() else {}
         rundir.write_json(dest / "results.json", {
             "validation": summary["best"]["validation"], "test": summary["best"]["test"],
             "best_epoch": best["best"]["epoch"], "train": old.get("train", {}), "history": best["history"],

@@ -1,0 +1,257 @@
+"""The search end to end on the tiny model: table and files, the default trial first, best on validation,
+divergence, lr = 0.1, Optuna, Ray on loopback only, the CLI, and resume after SIGKILL of the driver."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from loratune.search import tune
+
+from conftest import synthetic_rows, write_csv
+
+FIXED = {"batch_size": 8, "max_length": 32, "log_every": 5}
+COLUMNS = ["trial", "status", "epochs_run"]
+METRICS = ["val_loss", "val_accuracy", "val_f1"]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+# The CLI with `tune` registered (cli.py wires search_cli's register(); this works before and after).
+CLI = [sys.executable, "-c", "import sys, argparse, loratune.cli as c\n"
+       "from loratune.search_cli import register\n"
+       "p = c.build_parser()\n"
+       "sub = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction))\n"
+       "if 'tune' not in sub.choices: c._extra_commands.append(register)\n"
+       "sys.exit(c.main(sys.argv[1:]))"]
+
+
+@pytest.fixture
+def cli_main(monkeypatch):
+    """loratune.cli.main with the tune command registered (whether or not cli.py does it already)."""
+    import loratune.cli as cli
+    from loratune.search_cli import register
+
+    sub = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    if "tune" not in sub.choices:
+        monkeypatch.setattr(cli, "_extra_commands", [*cli._extra_commands, register])
+    return cli.main
+
+
+def _listening(pid: int) -> list[str]:
+    """Listening TCP addresses of ``pid``'s descendants (the Ray processes this test started)."""
+    pids = {p.pid for p in psutil.Process(pid).children(recursive=True)}
+    return [c.laddr.ip for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN and c.pid in pids]
+
+
+def _read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        return list(reader.fieldnames or []), list(reader)
+
+
+def test_search_writes_the_table_tests_the_best_and_stays_on_loopback(tmp_path, tiny_model_dir, tiny_data) -> None:
+    events, addresses = [], []
+
+    def progress(ev: dict) -> None:
+        events.append(ev)
+        if ev.get("event") == "epoch" and not addresses:          # Ray is up: who listens where?
+            addresses.extend(_listening(os.getpid()))
+
+    space = {"lr": {"loguniform": [1e-3, 1e-2]}, "rank": {"choice": [2, 4]},
+             "targets": {"choice": [["q"], ["v"], ["q", "v"]]}, "alpha": "=rank"}
+    r = tune(space=space, samples=4, max_epochs=2, out=tmp_path / "s", progress=progress, model=tiny_model_dir,
+             data=tiny_data, **FIXED)
+    out = tmp_path / "s"
+
+    assert addresses and all(a in ("127.0.0.1", "::ffff:127.0.0.1") for a in addresses), addresses
+    cols = COLUMNS + ["lr", "rank", "targets", "alpha"] + METRICS
+    header, rows = _read_csv(out / "trials.csv")
+    table = json.loads((out / "trials.json").read_text())
+    assert header == cols and r.columns == cols and [list(t) for t in table] == [cols] * 4
+    assert [t["trial"] for t in table] == [row["trial"] for row in rows] == [t["trial"] for t in r.rows]
+    first = table[0]                                                  # the untuned default config, first
+    assert (first["lr"], first["rank"], first["targets"], first["alpha"]) == (5e-4, 8, "q,v", 16.0)
+    for t in table[1:]:
+        assert 1e-3 <= t["lr"] <= 1e-2 and t["rank"] in (2, 4) and t["alpha"] == t["rank"]
+        assert t["targets"] in ("q", "v", "q,v")
+    for t in table:
+        assert t["status"] in ("completed", "stopped_early") and 1 <= t["epochs_run"] <= 2
+        assert (t["status"] == "completed") == (t["epochs_run"] == 2)
+        assert math.isfinite(t["val_loss"]) and 0 <= t["val_accuracy"] <= 1
+    best = min(table, key=lambda t: t["val_loss"])                    # chosen on validation loss alone
+    assert r.best["trial"] == best["trial"] and r.best["validation"]["loss"] == best["val_loss"]
+
+    # best/ is the best trial's run directory, tested once; its adapter is PEFT's format
+    res = json.loads((out / "best" / "results.json").read_text())
+    keys = {"loss", "accuracy", "f1", "f1_macro", "precision", "recall", "roc_auc"}
+    assert set(res["validation"]) == set(res["test"]) == keys and res["validation"]["loss"] == best["val_loss"]
+    assert res["trial"] == best["trial"] and res["config"]["rank"] == best["rank"]
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=2)
+    peft_model = PeftModel.from_pretrained(base, str(out / "best" / "adapter"))
+    assert peft_model.peft_config["default"].r == best["rank"]
+    summary = json.loads((out / "search.json").read_text())
+    assert summary["best"]["test"]["accuracy"] == res["test"]["accuracy"] == r.best["test"]["accuracy"]
+    assert summary["default"]["trial"] == first["trial"] and 0 <= summary["default"]["test"]["accuracy"] <= 1
+
+    # each trial: its own run directory, max_epochs long, threads = CPUs per trial; Ray's results in OUT/ray
+    for t in table:
+        cfg = (out / "trials" / t["trial"] / "config.yaml").read_text()
+        assert "epochs: 2\n" in cfg and "threads: 1\n" in cfg
+    assert (out / "ray" / "tuner.pkl").is_file() and (out / "search.yaml").is_file()
+    kinds = {(e["kind"], e.get("event")) for e in events}
+    assert {("search_start", None), ("trial", "start"), ("trial", "epoch"), ("trial", "end")} <= kinds
+
+
+def test_diverged_and_lr_point_one_trials_are_never_chosen(tmp_path, tiny_model_dir, tiny_data) -> None:
+    """lr 1e30 blows AdamW's weights up -> NaN loss -> diverged; lr 0.1 trains (to a worse loss), not chosen."""
+    r = tune(space={"lr": {"grid": [3e-3, 0.1, 1e30]}}, samples=2, max_epochs=2, out=tmp_path / "s",
+             model=tiny_model_dir, data=tiny_data, rank=4, **FIXED)
+    by_lr = {t["lr"]: t for t in r.rows}
+    assert sorted(by_lr) == [5e-4, 3e-3, 0.1, 1e30]                  # the default + one sample x the grid
+    assert by_lr[1e30]["status"] == "diverged" and by_lr[1e30]["epochs_run"] == 0
+    assert by_lr[1e30]["val_loss"] is None
+    assert by_lr[0.1]["status"] in ("completed", "stopped_early") and math.isfinite(by_lr[0.1]["val_loss"])
+    assert r.best["config"]["lr"] in (5e-4, 3e-3)
+    assert r.best["validation"]["loss"] < by_lr[0.1]["val_loss"]
+    summary = json.loads((tmp_path / "s" / "search.json").read_text())
+    assert summary["statuses"]["diverged"] == 1 and summary["trials"] == 4
+
+
+def test_optuna_search_starts_with_the_default(tmp_path, tiny_model_dir, tiny_data) -> None:
+    space = {"lr": {"loguniform": [1e-3, 1e-2]}, "rank": {"choice": [2, 4]}, "alpha": "=rank"}
+    r = tune(space=space, samples=3, max_epochs=1, search_alg="optuna", metric="val_accuracy", mode="max",
+             out=tmp_path / "s", model=tiny_model_dir, data=tiny_data, **FIXED)
+    assert len(r.rows) == 3
+    assert (r.rows[0]["lr"], r.rows[0]["rank"], r.rows[0]["alpha"]) == (5e-4, 8, 16.0)   # rank 8: not in the choice
+    assert all(t["alpha"] == t["rank"] in (2, 4) and 1e-3 <= t["lr"] <= 1e-2 for t in r.rows[1:])
+    assert r.best["validation"]["accuracy"] == max(t["val_accuracy"] for t in r.rows)
+
+
+def test_cli_rejects_bad_input_before_ray_starts(tmp_path, cli_main, capsys, tiny_model_dir, tiny_data) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("samples: 2\nsearch:\n  lr: {normal: [0, 1]}\n")
+    common = ["tune", "--model", tiny_model_dir, "--data", tiny_data, "--out", str(tmp_path / "o")]
+    cases = [(["--config", str(bad)], "search.lr: unknown distribution 'normal'"),
+             (["--metric", "val_acc"], "--metric: expected one of val_loss"),
+             (["--samples", "0"], "--samples: expected an integer >= 1"),
+             (["--rank", "64"], "--rank: rank 64 is larger than min(d, k) = 32")]
+    for extra, fragment in cases:
+        assert cli_main([*common, *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and fragment in err[0], err
+    assert not (tmp_path / "o").exists()                             # nothing written, Ray never started
+    assert cli_main(["tune", "--resume", str(tmp_path / "o"), "--rank", "4"]) == 2
+    assert "drop --rank" in capsys.readouterr().err
+    assert cli_main(["tune", "--resume", str(tmp_path)]) == 2
+    assert "holds no search" in capsys.readouterr().err
+
+
+# --- resume after the driver is killed --------------------------------------------------------------
+
+def _reports(experiment: Path) -> dict[str, list[int]]:
+    """trial id -> the epochs it reported, in order, from Ray's result.json files."""
+    out: dict[str, list[int]] = {}
+    for path in experiment.glob("*/result.json"):
+        for line in path.read_text().splitlines():
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:                          # a line being written
+                    continue
+                out.setdefault(row["trial_id"], []).append(row.get("epoch"))
+    return out
+
+
+def _temp_dirs(procs: list[psutil.Process]) -> set[str]:
+    """The Ray temp folders (/tmp/lt-ray-*) named on these processes' command lines."""
+    found = set()
+    for p in procs:
+        for part in _cmdline(p):
+            path = part.split("=", 1)[-1]
+            if path.startswith("/tmp/lt-ray-"):
+                found.add("/".join(path.split("/")[:3]))
+    return found
+
+
+def _end_ray_processes(procs: list[psutil.Process], temp: set[str]) -> None:
+    """The killed driver's Ray processes die with it (fate sharing); end any left, by pid; drop its temp dir."""
+    _, alive = psutil.wait_procs(procs, timeout=20)
+    for p in alive:
+        p.kill()
+    psutil.wait_procs(alive, timeout=10)
+    for d in temp:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _cmdline(p: psutil.Process) -> list[str]:
+    try:
+        return p.cmdline()
+    except psutil.Error:
+        return []
+
+
+def test_resume_after_sigkill_finishes_without_rerunning_trials(tmp_path, cli_main, capsys, tiny_model_dir) -> None:
+    data = write_csv(tmp_path / "reviews.csv", synthetic_rows(800))    # epochs of seconds: time to kill mid-search
+    config = tmp_path / "search.yaml"
+    config.write_text("samples: 4\nmax_epochs: 2\nsearch:\n  lr: {loguniform: [1.0e-3, 1.0e-2]}\n"
+                      "  rank: {choice: [2, 4]}\n")
+    out, experiment = tmp_path / "s", tmp_path / "s" / "ray"
+    argv = ["tune", "--config", str(config), "--model", tiny_model_dir, "--data", data, "--out", str(out),
+            "--batch-size", "8", "--max-length", "32"]
+    with open(tmp_path / "first.log", "w") as log:
+        proc = subprocess.Popen([*CLI, *argv], env=ENV, stdout=log, stderr=subprocess.STDOUT)
+    seen: dict[tuple[str, int], float] = {}                           # (trial, epoch) -> when we first saw it
+    try:
+        deadline = time.time() + 240
+        while not any(e == 2 for _, e in seen):                       # one trial has completed
+            assert proc.poll() is None, (tmp_path / "first.log").read_text()
+            assert time.time() < deadline, "no trial completed in time"
+            for tid, epochs in _reports(experiment).items():
+                for e in epochs:
+                    seen.setdefault((tid, e), time.time())
+            time.sleep(0.1)
+        time.sleep(1.0)                                               # its state snapshot is written by now
+        before = _reports(experiment)
+        assert proc.poll() is None, "the search ended before the kill; give the trials more data"
+        ray_procs = psutil.Process(proc.pid).children(recursive=True)
+        temp = _temp_dirs(ray_procs)
+        kill_time = time.time()
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    _end_ray_processes(ray_procs, temp)
+    assert not (out / "search.json").exists()
+    completed = {t for t, e in before.items() if 2 in e and seen.get((t, 2), kill_time) < kill_time - 0.9}
+    assert completed
+
+    done = subprocess.run([*CLI, "tune", "--resume", str(out)], env=ENV, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "resuming the search" in done.stderr
+    after = _reports(experiment)
+    for t in completed:                                               # finished trials did not run again
+        assert after[t] == before[t], (t, before[t], after[t])
+    for (t, e), when in seen.items():                                 # checkpointed trials went on, not over
+        if e == 1 and when < kill_time - 1.0:
+            assert after[t].count(1) == 1, (t, after[t])
+    table = json.loads((out / "trials.json").read_text())
+    assert len(table) == 4 and all(t["status"] in ("completed", "stopped_early") for t in table)
+    assert (out / "best" / "adapter" / "adapter_model.safetensors").is_file()
+    assert "best trial" in done.stdout and "test accuracy" in done.stdout
+
+    assert cli_main(["tune", "--resume", str(out)]) == 0                # a finished search: says so, exit 0
+    assert "already finished" in capsys.readouterr().out
