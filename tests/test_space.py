@@ -13,8 +13,8 @@ import yaml
 
 from loratune.config import TrainConfig
 from loratune.errors import InputError
-from loratune.space import (DEFAULT_SPACE, Dim, Space, check_device, choose_best, columns, encode, finish, parse_space,
-                            status_of, trial_record, validate)
+from loratune.space import DEFAULT_SPACE, Dim, Space, check_device, columns, encode, parse_space, validate
+from loratune.trials import choose_best, finish, status_of, trial_record
 
 
 @pytest.fixture

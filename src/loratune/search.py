@@ -24,8 +24,6 @@ driver died: unfinished trials go on from their checkpoints, finished ones are n
 from __future__ import annotations
 
 import contextlib
-import importlib.util
-import json
 import logging
 import os
 import secrets
@@ -44,14 +42,13 @@ from . import rundir
 from .config import TrainConfig
 from .errors import InputError
 from .runtime import available_cpus
-from .space import (DEFAULT_SPACE, METRICS, SearchResult, Space, check_device, finish, load_result, status_of,
-                    trial_record, validate)
+from .space import METRICS, Space, check_device, validate
+from .trials import SearchResult, finish, load_result, new_search, read_search_yaml, status_of, trial_record
 from .trainer import Diverged, Interrupted, Prepared, prepare_data, train
 
 log = logging.getLogger(__name__)
 Progress = Callable[[dict[str, Any]], None]
 
-ALGORITHMS = ("random", "optuna")
 STAGE = ".tune-checkpoint"           # in a trial's run directory: the file Ray copies to storage each epoch
 _TOKEN = secrets.token_hex(32)        # this process's Ray auth token for local clusters (never on disk)
 _LIVE: dict[str, Any] = {}            # the running search's progress sink and view (Ray restores callbacks by pickle)
@@ -74,13 +71,13 @@ def tune(config: TrainConfig | None = None, *, space: dict[str, Any] | None = No
     emit = progress or (lambda event: None)
     if resume is not None:
         out = Path(resume)
-        doc = _read_search_yaml(out)
+        doc = read_search_yaml(out)
         if (out / "search.json").is_file():
             emit({"kind": "already_done", "out": str(out)})
             return load_result(out, doc)
         address = address or doc.get("address")
     else:
-        doc = _new_search(config, options, space, samples, max_epochs, cpus_per_trial, max_concurrent, search_alg,
+        doc = new_search(config, options, space, samples, max_epochs, cpus_per_trial, max_concurrent, search_alg,
                           metric, mode, max_failures, address, storage)
         out = Path(out) if out is not None else rundir.default_out("tune")
         rundir.check_out(out, resume=False, overwrite=overwrite)
@@ -107,64 +104,6 @@ def tune(config: TrainConfig | None = None, *, space: dict[str, Any] | None = No
         raise Interrupted(f"search interrupted; its state is saved in {out}")
     return finish(out, doc, parsed, trials, time.monotonic() - t0,
                   lambda adapter: test_metrics(adapter, prepared, base), emit)
-
-
-def _new_search(config: TrainConfig | None, options: dict[str, Any], space: dict[str, Any] | None, samples: int,
-                max_epochs: int, cpus_per_trial: int, max_concurrent: int | None, search_alg: str, metric: str,
-                mode: str, max_failures: int, address: str | None, storage: Any) -> dict[str, Any]:
-    """Check the search's own options; the document saved as search.yaml (all a resume needs)."""
-    for name, value, lo in (("samples", samples, 1), ("max_epochs", max_epochs, 1),
-                            ("cpus_per_trial", cpus_per_trial, 1), ("max_failures", max_failures, 0),
-                            ("max_concurrent", max_concurrent, 1)):
-        if value is None and name == "max_concurrent":
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-            raise InputError(f"--{name.replace('_', '-')}: expected an integer >= {lo}, got {value!r}")
-    for name, value, allowed in (("search_alg", search_alg, ALGORITHMS), ("metric", metric, METRICS),
-                                 ("mode", mode, ("min", "max"))):
-        if value not in allowed:
-            raise InputError(f"--{name.replace('_', '-')}: expected one of {', '.join(allowed)}, got {value!r}")
-    if search_alg == "optuna" and importlib.util.find_spec("optuna") is None:
-        raise InputError("--search-alg optuna: optuna is not installed (pip install 'loratune[optuna]')")
-    if "epochs" in options:
-        raise InputError("--epochs: every trial trains --max-epochs epochs (ASHA's budget); set --max-epochs")
-    base = config.replace(**options) if config is not None else TrainConfig.from_dict(options)
-    if base.threads not in (None, cpus_per_trial):
-        raise InputError(f"--threads: a trial's torch threads equal its CPUs; set --cpus-per-trial {base.threads}")
-    base = _absolute_paths(base)
-    try:
-        raw = json.loads(json.dumps(DEFAULT_SPACE if space is None else space))     # plain values, as in YAML
-    except (TypeError, ValueError) as e:
-        raise InputError(f"search: expected plain YAML values (numbers, strings, lists, mappings): {e}") from None
-    if storage is not None and Path(storage).expanduser().resolve() == Path.home().resolve():
-        raise InputError(f"--storage: {storage} is the home directory; give a folder for the search's results")
-    return {"options": base.to_dict(), "search": raw, "samples": samples, "max_epochs": max_epochs,
-            "cpus_per_trial": cpus_per_trial, "max_concurrent": max_concurrent, "search_alg": search_alg,
-            "metric": metric, "mode": mode, "max_failures": max_failures, "address": address,
-            "storage": str(Path(storage).expanduser().resolve()) if storage is not None else None}
-
-
-def _absolute_paths(cfg: TrainConfig) -> TrainConfig:
-    """Trials run in other working directories (and on other nodes): local paths become absolute."""
-    changes = {}
-    for name in ("model", "data", "validation_file", "test_file"):
-        value = getattr(cfg, name)
-        if value and Path(value).expanduser().exists():
-            changes[name] = str(Path(value).expanduser().resolve())
-    return cfg.replace(**changes)
-
-
-def _read_search_yaml(out: Path) -> dict[str, Any]:
-    path = out / "search.yaml"
-    if not path.is_file():
-        raise InputError(f"--resume: {out} holds no search (no search.yaml)")
-    try:
-        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError, UnicodeDecodeError) as e:
-        raise InputError(f"{path}: cannot read ({e})") from None
-    if not isinstance(doc, dict) or "experiment" not in doc:
-        raise InputError(f"{path}: not a loratune search file")
-    return doc
 
 
 def _trial_total(space: Space, doc: dict[str, Any]) -> int:

@@ -1,4 +1,4 @@
-"""The search's Ray-free half: the space (YAML ``search:``), checked before Ray starts, and the trials table.
+"""The search space (YAML ``search:``), checked before Ray starts; no Ray here.
 
 Each key is a training option; each value is one distribution::
 
@@ -18,25 +18,17 @@ Values travel to Ray as scalars: a targets list ``[q, v]`` becomes ``"q,v"`` (pr
 are spelled out, so the default ``qv`` equals the choice ``[q, v]``) and a layers list ``"0,1"``;
 ``TrainConfig`` parses both spellings.
 
-After the search, :func:`finish` writes the contract's ``trials.csv`` / ``trials.json`` (from each
-trial's own ``metrics.jsonl``), picks the best trial by the validation metric alone, copies it to
-``best/`` and tests it (and the untuned default trial) once. This module never imports Ray.
+The trials table and the best trial are in :mod:`loratune.trials`. This module never imports Ray.
 """
 
 from __future__ import annotations
 
-import csv
 import difflib
 import itertools
-import json
 import math
-import shutil
-from collections import Counter
-from dataclasses import dataclass, field, fields
-from pathlib import Path
-from typing import Any, Callable, Mapping
+from dataclasses import dataclass, fields
+from typing import Any, Mapping
 
-from . import rundir
 from .config import TrainConfig, parse_layers, parse_targets
 from .errors import InputError
 
@@ -351,121 +343,3 @@ def check_device(space: Space, base: TrainConfig, device: str) -> None:
 def columns(space: Space) -> list[str]:
     """trials.csv's columns (the contract's order)."""
     return ["trial", "status", "epochs_run", *space.keys, "val_loss", "val_accuracy", "val_f1"]
-
-
-# --- the trials table and the best trial ----------------------------------------------------------
-
-@dataclass
-class SearchResult:
-    """What a search leaves: the table, the best and the default trial (config, validation, test)."""
-
-    out: Path
-    columns: list[str]
-    rows: list[dict[str, Any]]
-    best: dict[str, Any] | None
-    default: dict[str, Any] | None
-    metric: str
-    mode: str
-    seconds: float = 0.0
-    already_done: bool = False
-    summary: dict[str, Any] = field(default_factory=dict)
-
-
-def status_of(last: Mapping[str, Any], *, error: bool) -> str:
-    """From a trial's last report: completed (ran its planned epochs), stopped_early (ASHA or
-    --early-stop), diverged, failed (an error after its retries)."""
-    if error:
-        return "failed"
-    if last.get("diverged"):
-        return "diverged"
-    return "completed" if last.get("epoch", 0) >= last.get("epochs_planned", math.inf) else "stopped_early"
-
-
-def history(run: Path) -> list[dict[str, Any]]:
-    """A run directory's per-epoch validation metrics (``metrics.jsonl``, cut back to the checkpoint on resume)."""
-    path = run / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    lines = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
-    evals = [x for x in lines if x.get("type") == "eval"]
-    return [{k: v for k, v in x.items() if k not in ("type", "split", "step")} for x in evals]
-
-
-def trial_record(space: Space, trial: str, status: str | None, config: Mapping[str, Any], run: Path) -> dict[str, Any]:
-    """One trial: its contract row and what stands behind it (best epoch = lowest validation loss, whose
-    adapter the trainer kept)."""
-    hist = history(run)
-    best = min(hist, key=lambda h: h["loss"]) if hist else {}
-    values = {k: _typed(k, v) for k, v in space.resolve(config).items() if k in space.keys}
-    row = {"trial": trial, "status": status, "epochs_run": len(hist), **values,
-           "val_loss": best.get("loss"), "val_accuracy": best.get("accuracy"), "val_f1": best.get("f1")}
-    return {"row": row, "trial": trial, "status": status, "config": values, "best": best, "history": hist,
-            "run_dir": run}
-
-
-def _typed(key: str, value: Any) -> Any:
-    """A float option shows as a float (alpha tied to an integer rank: 8.0, as TrainConfig holds it)."""
-    is_int = isinstance(value, int) and not isinstance(value, bool)
-    return float(value) if is_int and option_kind(key) == "float" else value
-
-
-def choose_best(trials: list[dict[str, Any]], metric: str, mode: str) -> dict[str, Any] | None:
-    """The best finished trial by ``metric`` at its best epoch; never a diverged or failed one; ties: the earlier."""
-    def score(t: dict[str, Any]) -> float | None:
-        v = t["best"].get(metric.removeprefix("val_"))
-        return float(v) if v is not None and math.isfinite(v) else None
-
-    ok = [t for t in trials if t["status"] in OK_STATUSES and score(t) is not None]
-    return min(ok, key=lambda t: score(t) if mode == "min" else -score(t)) if ok else None  # type: ignore[operator]
-
-
-def finish(out: Path, doc: Mapping[str, Any], space: Space, trials: list[dict[str, Any]], seconds: float,
-           test: Callable[[Path], dict[str, float]], emit: Callable[[dict[str, Any]], None]) -> SearchResult:
-    """Write trials.csv/json, copy the best trial to ``best/`` and test it (``test(adapter_dir)``), test
-    the default (first) trial too, and write search.json."""
-    cols, rows = columns(space), [t["row"] for t in trials]
-    with open(out / "trials.csv", "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=cols)
-        writer.writeheader()
-        writer.writerows(rows)
-    rundir.write_json(out / "trials.json", rows)
-    best = choose_best(trials, doc["metric"], doc["mode"])
-    summary: dict[str, Any] = {"metric": doc["metric"], "mode": doc["mode"], "trials": len(trials),
-                               "statuses": dict(Counter(t["status"] for t in trials)), "seconds": seconds,
-                               "experiment": doc["experiment"], "best": None, "default": None}
-    if best is not None:
-        emit({"kind": "message", "text": f"testing the best trial {best['trial']} on the test split"})
-        dest = out / "best"
-        shutil.rmtree(dest, ignore_errors=True)
-        shutil.copytree(best["run_dir"], dest, ignore=shutil.ignore_patterns(".tune-checkpoint"))
-        summary["best"] = _brief(best, test(dest / "adapter"), dest)
-        done = dest / "results.json"                                    # the trainer's, if the trial ran to its end
-        old = json.loads(done.read_text(encoding="utf-8")) if done.is_file() else {}
-        rundir.write_json(dest / "results.json", {
-            "validation": summary["best"]["validation"], "test": summary["best"]["test"],
-            "best_epoch": best["best"]["epoch"], "train": old.get("train", {}), "history": best["history"],
-            "trial": best["trial"], "config": best["config"]})
-    if trials:
-        first = trials[0]
-        if best is not None and first["trial"] == best["trial"]:
-            summary["default"] = dict(summary["best"])
-        else:
-            tested = first["best"] and (first["run_dir"] / "adapter").is_dir()
-            summary["default"] = _brief(first, test(first["run_dir"] / "adapter") if tested else None, first["run_dir"])
-    rundir.write_json(out / "search.json", summary)
-    return SearchResult(out, cols, rows, summary["best"], summary["default"], doc["metric"], doc["mode"], seconds,
-                        summary=summary)
-
-
-def _brief(trial: dict[str, Any], test: dict[str, float] | None, run_dir: Path) -> dict[str, Any]:
-    return {"trial": trial["trial"], "status": trial["status"], "config": trial["config"],
-            "validation": {k: v for k, v in trial["best"].items() if k != "epoch"} or None,
-            "best_epoch": trial["best"].get("epoch"), "test": test, "run_dir": str(run_dir)}
-
-
-def load_result(out: Path, doc: Mapping[str, Any]) -> SearchResult:
-    """A finished search, read back (``--resume`` of a search that is done)."""
-    summary = json.loads((out / "search.json").read_text(encoding="utf-8"))
-    rows = json.loads((out / "trials.json").read_text(encoding="utf-8"))
-    return SearchResult(out, list(rows[0]) if rows else [], rows, summary.get("best"), summary.get("default"),
-                        doc["metric"], doc["mode"], summary.get("seconds", 0.0), already_done=True, summary=summary)
