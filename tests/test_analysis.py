@@ -19,7 +19,6 @@ from loratune.analysis import (LoraPair, amplification, analyze, effective_rank,
                                lora_pairs, short_names, subspace_similarity, svd_lowrank_product)
 from loratune.errors import InputError
 from loratune.inject import LoraSpec, expand_targets, inject, lora_layers
-from loratune.report_cli import register
 
 from conftest import tiny_model
 
@@ -242,7 +241,6 @@ def test_short_names() -> None:
 
 @pytest.fixture
 def loratune_cli(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setattr(cli, "_extra_commands", [*cli._extra_commands, register])
     return cli.main
 
 

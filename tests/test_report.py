@@ -22,7 +22,6 @@ import loratune
 from loratune import cli
 from loratune.errors import InputError
 from loratune.report import write_report
-from loratune.report_cli import register
 
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
 TRAIN = dict(epochs=2, batch_size=8, max_length=32, threads=1)
@@ -160,14 +159,12 @@ def test_not_a_run_directory(tmp_path: Path, capsys: pytest.CaptureFixture, monk
         write_report(tmp_path / "file.txt")
     with pytest.raises(InputError, match="not a run directory"):
         write_report(tmp_path)
-    monkeypatch.setattr(cli, "_extra_commands", [*cli._extra_commands, register])
     assert cli.main(["report", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "RUN_DIR" in err and str(tmp_path) in err and "Traceback" not in err
 
 
 def test_cli_report(run_dir: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cli, "_extra_commands", [*cli._extra_commands, register])
     (run_dir / "report.html").unlink(missing_ok=True)
     assert cli.main(["report", str(run_dir)]) == 0
     assert f"report written to {run_dir / 'report.html'}" in capsys.readouterr().out

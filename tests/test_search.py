@@ -3,7 +3,6 @@ divergence, lr = 0.1, Optuna, Ray on loopback only, the CLI, and resume after SI
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
@@ -26,24 +25,13 @@ FIXED = {"batch_size": 8, "max_length": 32, "log_every": 5}
 COLUMNS = ["trial", "status", "epochs_run"]
 METRICS = ["val_loss", "val_accuracy", "val_f1"]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-# The CLI with `tune` registered (cli.py wires search_cli's register(); this works before and after).
-CLI = [sys.executable, "-c", "import sys, argparse, loratune.cli as c\n"
-       "from loratune.search_cli import register\n"
-       "p = c.build_parser()\n"
-       "sub = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction))\n"
-       "if 'tune' not in sub.choices: c._extra_commands.append(register)\n"
-       "sys.exit(c.main(sys.argv[1:]))"]
+CLI = [sys.executable, "-m", "loratune"]
 
 
 @pytest.fixture
-def cli_main(monkeypatch):
-    """loratune.cli.main with the tune command registered (whether or not cli.py does it already)."""
+def cli_main():
     import loratune.cli as cli
-    from loratune.search_cli import register
 
-    sub = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    if "tune" not in sub.choices:
-        monkeypatch.setattr(cli, "_extra_commands", [*cli._extra_commands, register])
     return cli.main
 
 

@@ -14,7 +14,7 @@ import os
 import sys
 import traceback
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import yaml
 
@@ -209,16 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .report_cli import register as report_commands
     from .search_cli import register as tune_command
 
-    done: set[Callable[..., None]] = set()
-    for register in (tune_command, report_commands, *_extra_commands):
-        if register not in done:
-            register(sub, common)
-            done.add(register)
+    tune_command(sub, common)
+    report_commands(sub, common)
     return p
-
-
-_extra_commands: list[Callable[[Any, argparse.ArgumentParser], None]] = []
-"""More subcommands, each added as ``register(subparsers, common_parent)``."""
 
 
 def write_report_safely(run_dir: Path, ui: Renderer) -> None:

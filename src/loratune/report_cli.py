@@ -1,6 +1,6 @@
 """``loratune report`` and ``loratune analyze``: flags -> :mod:`loratune.report` / :mod:`loratune.analysis`.
 
-cli.py calls :func:`register` through its ``_extra_commands`` hook; importing this module does nothing.
+cli.py's ``build_parser`` calls :func:`register`; importing this module does nothing.
 """
 
 from __future__ import annotations
