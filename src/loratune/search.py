@@ -28,7 +28,9 @@ import logging
 import os
 import secrets
 import shutil
+import signal
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -148,6 +150,7 @@ def _ray_session(address: str | None, logfile: Path) -> Iterator[dict[str, float
             ray_log = logging.getLogger("ray")
             saved = (list(ray_log.handlers), ray_log.propagate)
             keep = False                                               # Ray's own logs, after an internal error
+            old_term = None
             try:
                 kw: dict[str, Any] = dict(log_to_driver=False, configure_logging=True, logging_level=logging.WARNING)
                 if address is None:
@@ -156,6 +159,7 @@ def _ray_session(address: str | None, logfile: Path) -> Iterator[dict[str, float
                     ray.init(address=address, **kw)
                 ray_log.handlers[:] = [handler]                        # Ray's own messages go to OUT/ray.log
                 ray_log.propagate = False
+                old_term = _sigterm_as_sigint()
                 yield {k: float(v) for k, v in ray.cluster_resources().items()} | {
                     "max_node_cpus": max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=0)}
             except Exception as e:
@@ -163,6 +167,7 @@ def _ray_session(address: str | None, logfile: Path) -> Iterator[dict[str, float
                 raise
             finally:
                 ray.shutdown()
+                _restore_sigterm(old_term)
                 ray_log.handlers[:], ray_log.propagate = saved
                 handler.close()
                 ray_constants.ENABLE_RAY_CLUSTER = cluster_flag
@@ -173,6 +178,21 @@ def _ray_session(address: str | None, logfile: Path) -> Iterator[dict[str, float
     finally:
         if address is None:
             ray._raylet.Config.initialize("")                     # back to the caller's RAY_AUTH_* settings
+
+
+def _sigterm_as_sigint() -> Any:
+    """ray.init makes SIGTERM abort the driver; we want Ctrl-C's graceful stop (state saved, exit 130).
+
+    Returns the handler it replaced (None off the main thread, where handlers can't be set).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, lambda signum, frame: os.kill(os.getpid(), signal.SIGINT))
+
+
+def _restore_sigterm(old: Any) -> None:
+    if old is not None and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, old)
 
 
 def _fit(doc: dict[str, Any], space: Space, base: TrainConfig, prepared: Prepared, out: Path,
