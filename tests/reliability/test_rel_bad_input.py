@@ -39,9 +39,18 @@ def _adapter(cmd: str, mutate: Callable[[Path], None], *extra: str) -> Callable[
         shutil.copytree(ctx["adapter"], adapter)
         mutate(adapter)
         argv = {"eval": ["eval", "--adapter", str(adapter), "--data", ctx["data"]],
+                "analyze": ["analyze", ctx["adapter"], "--compare", str(adapter)],
                 "predict": ["predict", "--adapter", str(adapter), "a fine film"],
                 "merge": ["merge", "--adapter", str(adapter), "--out", str(tmp / "merged")]}[cmd]
         return argv + [x.format(tmp=tmp, **ctx) for x in extra]
+    return build
+
+
+def _tune(space_yaml: str) -> Callable[[Path, dict], list[str]]:
+    def build(tmp: Path, ctx: dict) -> list[str]:
+        (tmp / "space.yaml").write_text(space_yaml)
+        return ["tune", "--config", str(tmp / "space.yaml"), "--model", ctx["model"], "--data", ctx["data"],
+                "--out", str(tmp / "out"), "--max-length", "32"]
     return build
 
 
@@ -164,6 +173,21 @@ CASES: list[Case] = [
     ("input", "predict --file missing", lambda tmp, ctx: ["predict", "--adapter", ctx["adapter"], "--file", str(tmp / "x.txt")], "does not exist"),
     ("input", "predict --file is a folder", lambda tmp, ctx: ["predict", "--adapter", ctx["adapter"], "--file", str(tmp)], "is a folder"),
     ("input", "texts and --file together", lambda tmp, ctx: ["predict", "--adapter", ctx["adapter"], "hi", "--file", str(tmp)], "not both"),
+    # search spaces (tune): rejected before Ray starts
+    ("space", "unknown distribution", _tune("search:\n  lr: {normal: [0, 1]}\n"), "search.lr"),
+    ("space", "lower > upper", _tune("search:\n  lr: {loguniform: [0.1, 0.001]}\n"), "search.lr"),
+    ("space", "an empty choice", _tune("search:\n  rank: {choice: []}\n"), "search.rank"),
+    ("space", "unknown hyperparameter", _tune("search:\n  rnak: {choice: [2, 4]}\n"), "search.rnak"),
+    ("space", "rank larger than a target matrix", _tune("search:\n  rank: {choice: [4, 64]}\n"), "64"),
+    ("space", "tie to an unknown option", _tune("search:\n  alpha: \"=rnak\"\n"), "search.alpha"),
+    ("range", "tune --samples 0", _tune("samples: 0\n"), "--samples"),
+    ("output", "tune --resume on a folder that holds no search", lambda tmp, ctx: ["tune", "--resume", str(tmp)], "no search"),
+    # report and analyze
+    ("output", "report on a missing folder", lambda tmp, ctx: ["report", str(tmp / "nope")], "does not exist"),
+    ("output", "report on a folder that is no run", lambda tmp, ctx: ["report", str(tmp)], "not a run directory"),
+    ("adapter", "analyze a missing adapter", lambda tmp, ctx: ["analyze", str(tmp / "nope")], "does not exist"),
+    ("adapter", "analyze --compare with a corrupt adapter", _adapter("analyze", lambda a: (a / "adapter_model.safetensors").write_bytes(b"xx")), "not a valid safetensors file"),
+    ("model", "analyze --base that does not exist", lambda tmp, ctx: ["analyze", ctx["adapter"], "--base", str(tmp / "none")], "does not exist"),
     ("input", "eval on a split that is not there", lambda tmp, ctx: ["eval", "--adapter", ctx["adapter"], "--data", str(tmp / "none.csv")], "does not exist"),
 ]
 
@@ -177,7 +201,7 @@ def test_the_matrix_is_broad(tmp_path, tiny_model_dir, tiny_data, finished_run, 
     kinds = Counter(kind for kind, *_ in CASES)
     assert len(CASES) >= 40 and len(kinds) >= 8, kinds
     assert kinds["range"] <= len(CASES) / 4, kinds
-    assert set(commands) >= {"train", "eval", "predict", "merge"}, commands
+    assert set(commands) >= {"train", "eval", "predict", "merge", "tune", "report", "analyze"}, commands
 
 
 @pytest.mark.parametrize("kind,name,builder,fragment", CASES, ids=[c[1] for c in CASES])
