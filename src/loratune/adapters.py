@@ -126,6 +126,16 @@ def _inside(adapter_dir: str | os.PathLike, name: str) -> Path:
     return path
 
 
+def _json_object(path: Path) -> dict[str, Any]:
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise InputError(f"{path}: not valid JSON ({type(e).__name__}: {str(e)[:120]})") from None
+    if not isinstance(obj, dict):
+        raise InputError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
 def read_adapter_config(adapter_dir: str | os.PathLike) -> tuple[LoraSpec, dict[str, Any]]:
     """Validate ``adapter_config.json`` field by field; return the spec and the raw dict."""
     d = Path(adapter_dir)
@@ -134,12 +144,7 @@ def read_adapter_config(adapter_dir: str | os.PathLike) -> tuple[LoraSpec, dict[
     path = _inside(d, CONFIG_NAME)
     if not path.is_file():
         raise InputError(f"{path}: missing (an adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME})")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(raw, dict):
-        raise InputError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+    raw = _json_object(path)
 
     def field(key: str, types: type | tuple[type, ...], default: Any = None, required: bool = False) -> Any:
         if key not in raw or raw[key] is None:
@@ -204,12 +209,7 @@ def read_meta(adapter_dir: str | os.PathLike) -> dict[str, Any]:
     path = _inside(adapter_dir, META_NAME)
     if not path.is_file():
         return {}
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(meta, dict):
-        raise InputError(f"{path}: expected a JSON object")
+    meta = _json_object(path)
     labels = meta.get("id2label")
     if labels is not None and (not isinstance(labels, list) or len(labels) < 2
                                or not all(isinstance(x, str) and x for x in labels) or len(set(labels)) != len(labels)):
