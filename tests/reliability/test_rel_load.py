@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import synthetic_rows
 
 RUN = ("import resource, sys; from loratune.cli import main; code = main(sys.argv[1:]); "
@@ -24,6 +26,7 @@ def _predict(adapter: Path, lines: Path, out: Path) -> tuple[int, int, str]:
     return p.returncode, peak, p.stderr
 
 
+@pytest.mark.slow
 def test_predict_100k_lines_streams_with_bounded_memory(tmp_path, finished_run) -> None:
     texts = [t for t, _ in synthetic_rows(100_000, seed=11)]
     small, big = tmp_path / "2k.txt", tmp_path / "100k.txt"
