@@ -37,5 +37,8 @@ test: data browser              ## the whole suite, slow real-data tests include
 test-fast: data                 ## everything but the slow real-data tests
 	$(BIN)/python -m pytest -m 'not slow' $(PYTEST_ARGS)
 
+bench: data                     ## benchmarks against the seed pipeline (≈40 min idle; BENCH_ARGS=--no-search | --quick)
+	$(BIN)/python -m bench $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) runs build *.egg-info src/*.egg-info

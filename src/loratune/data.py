@@ -228,12 +228,15 @@ def batch_order(lengths: np.ndarray, batch_size: int, *, bucket: bool, shuffle: 
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
-def collate(enc: Encoded, idx: np.ndarray, pad_id: int) -> dict[str, torch.Tensor]:
-    """One batch, right-padded to its longest sequence: ``input_ids``, ``attention_mask`` (B, T), ``labels`` (B,)."""
+def collate(enc: Encoded, idx: np.ndarray, pad_id: int, pad_to: int = 1) -> dict[str, torch.Tensor]:
+    """One batch, right-padded to its longest sequence: ``input_ids``, ``attention_mask`` (B, T), ``labels`` (B,).
+
+    ``pad_to`` > 1 rounds the width T up to a multiple of it (fewer distinct shapes; masked positions).
+    """
     import torch
 
     lens = enc.lengths[idx]
-    width = int(lens.max())
+    width = -(-int(lens.max()) // pad_to) * pad_to
     ids = np.full((len(idx), width), pad_id, dtype=np.int64)
     for row, i in enumerate(idx):
         ids[row, :lens[row]] = enc.input_ids[i]

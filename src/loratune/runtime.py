@@ -67,6 +67,31 @@ def autocast(device: torch.device, precision: str) -> ContextManager[Any]:
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def cast_frozen_linears(model: torch.nn.Module, precision: str) -> int:
+    """Store the frozen weights and biases of linear layers in bf16 once, for bf16 training.
+
+    Under bf16 autocast every matmul casts its fp32 weight to bf16 again at every forward pass
+    (autocast caches casts only of weights that require grad). Casting the frozen ones once gives
+    the very same bf16 values (round to nearest even either way), so the same numbers, without
+    re-reading and re-writing every frozen weight each step. Trainable tensors (adapters, the
+    head, trained biases), LayerNorms and embeddings stay fp32. Only for a training model: the
+    rounding cannot be undone, so a model to be merged or exported must not go through this.
+    Returns the number of tensors cast.
+    """
+    from .lora import is_conv1d
+
+    if precision != "bf16":
+        return 0
+    n = 0
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear) or is_conv1d(m):
+            for p in (m.weight, m.bias):
+                if p is not None and not p.requires_grad and p.dtype == torch.float32:
+                    p.data = p.data.to(torch.bfloat16)
+                    n += 1
+    return n
+
+
 def versions() -> dict[str, str]:
     """Versions recorded in every run's config.yaml."""
     import transformers

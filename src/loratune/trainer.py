@@ -34,10 +34,16 @@ from .forward import predict_probs
 from .inject import LoraSpec, count_parameters, expand_targets, inject
 from .metrics import compute_metrics
 from .models import load_model, load_tokenizer, model_hint
-from .runtime import autocast, resolve_device, resolve_precision, set_threads
+from .runtime import autocast, cast_frozen_linears, resolve_device, resolve_precision, set_threads
 
 log = logging.getLogger(__name__)
 Progress = Callable[[dict[str, Any]], None]
+
+# Speed levers of the loop (bench/ switches them off one at a time to measure each; see BENCHMARKS.md).
+FROZEN_BF16 = True
+"""bf16 training: keep frozen linear weights in bf16 once instead of autocast re-casting them each step."""
+PAD_TO = 1
+"""Round each training batch's width up to a multiple of this (8 measured slower here: more padding)."""
 
 
 class Diverged(RuntimeError):
@@ -184,6 +190,9 @@ def _loop(cfg: TrainConfig, model: nn.Module, spec: LoraSpec, targets: list[str]
     from torch.utils.tensorboard import SummaryWriter
 
     tr = data.train
+    base_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if ".adapters." not in n)
+    if FROZEN_BF16:                                        # after inject: adapters took the fp32 dtype
+        cast_frozen_linears(model, precision)
     batches_per_epoch = math.ceil(len(tr) / cfg.batch_size)
     steps_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum)
     total = cfg.max_steps or steps_per_epoch * cfg.epochs
@@ -248,14 +257,15 @@ def _loop(cfg: TrainConfig, model: nn.Module, spec: LoraSpec, targets: list[str]
                 t0 = time.perf_counter()
                 loss_sum = 0.0
                 for idx in group:
-                    b = {k: v.to(device, non_blocking=True) for k, v in collate(tr, idx, data.pad_id).items()}
+                    b = {k: v.to(device, non_blocking=True) for k, v in collate(tr, idx, data.pad_id, PAD_TO).items()}
                     with autocast(device, precision):
                         logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
                     loss = F.cross_entropy(logits.float(), b["labels"], weight=weight)
-                    if not torch.isfinite(loss):
-                        raise Diverged(step + 1, loss.item())
+                    loss_item = loss.item()                       # one host sync per micro-batch
+                    if not math.isfinite(loss_item):
+                        raise Diverged(step + 1, loss_item)
                     scaler.scale(loss * (len(idx) / sum(len(g) for g in group))).backward()
-                    loss_sum += loss.item() * len(idx)
+                    loss_sum += loss_item * len(idx)
                     tokens += int(tr.lengths[idx].sum())
                     samples += len(idx)
                 if cfg.clip:
@@ -318,7 +328,6 @@ def _loop(cfg: TrainConfig, model: nn.Module, spec: LoraSpec, targets: list[str]
         test, _ = evaluate(model, data.test, device, precision, data.pad_id)
         emit({"kind": "test", "metrics": test})
     trainable, total_params = count_parameters(model)
-    base_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if ".adapters." not in n)
     stats = {"tokens_per_s": tokens / max(seconds, 1e-9), "samples_per_s": samples / max(seconds, 1e-9),
              "seconds": seconds, "steps": step, "epochs_run": epoch, "stopped_early": stopped_early,
              "precision": precision, "threads": threads, "trainable_params": trainable, "all_params": total_params,

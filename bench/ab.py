@@ -1,0 +1,26 @@
+"""A quick interleaved A/B of the training levers on the distilbert-size model (3 rounds × 30 steps), for a
+short quiet window of the machine: ``python -m bench.ab``. Prints tokens/s per round."""
+import json, time, tempfile
+from pathlib import Path
+from bench import train as tb
+from bench.common import quiet
+from loratune import trainer
+from loratune.config import TrainConfig
+from loratune.trainer import prepare_data
+from loratune.runtime import set_threads
+quiet(); set_threads(None)
+root = Path(tempfile.mkdtemp(prefix="lt-ab-"))
+d = tb.distilbert_folder(root); p = prepare_data(TrainConfig(model=d))
+cases = [("default", {}, {}), ("frozen off", {"FROZEN_BF16": False}, {}), ("pad8", {"PAD_TO": 8}, {}), ("fp32 buckets", {}, {"precision": "fp32"})]
+got = {c[0]: [] for c in cases}
+for r in range(3):
+    for name, flags, opts in cases:
+        old = {k: getattr(trainer, k) for k in flags}
+        for k, v in flags.items(): setattr(trainer, k, v)
+        try:
+            got[name].append(tb.ours(d, p, 30, 5, root / "x", **opts)["tokens_per_s"])
+        finally:
+            for k, v in old.items(): setattr(trainer, k, v)
+        print(name, round(got[name][-1]), time.strftime("%T"), flush=True)
+
+print(json.dumps(got))

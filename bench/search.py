@@ -1,0 +1,212 @@
+"""Benchmark 2: search wall time. ``loratune tune`` (the seed's space, 8 samples, ASHA grace 1 / reduction 2,
+≤ 3 epochs, val_loss, built-in model and data, seed 0) against a faithful re-implementation of the seed's
+Ray Tune + peft search (``reference``, below). Each side runs as a child process; its whole process tree's
+RSS (Ray's processes and workers included) is sampled every 0.5 s for the peak.
+
+    python -m bench.search                 # both sides, then the table (about 30 minutes)
+    python -m bench.search --side ours     # one side only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+SAMPLES, MAX_EPOCHS, SEED = 8, 3, 0
+
+
+# --- the reference: the seed's Ray Tune + peft code ------------------------------------------------------------
+
+def _seed_trainable(config: dict[str, Any], data: dict[str, Any]) -> None:
+    """One trial as the seed wrote it: peft model, fp32, DataLoader with random batches, a torch loop, a report
+    of validation loss and accuracy after each epoch."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from ray import tune
+    from torch.utils.data import DataLoader
+    from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, get_linear_schedule_with_warmup
+
+    from loratune.models import load_tokenizer, resolve_model_path
+
+    torch.manual_seed(SEED)
+    path = resolve_model_path("minilm-l6")
+    tok = load_tokenizer("minilm-l6")
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+    model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=config["rank"], lora_alpha=config["rank"],
+                                             lora_dropout=config["dropout"], target_modules=list(config["targets"])))
+    collate = DataCollatorWithPadding(tok)
+    train = DataLoader(data["train"], batch_size=16, shuffle=True, collate_fn=collate,
+                       generator=torch.Generator().manual_seed(SEED))
+    val = DataLoader(data["validation"], batch_size=64, shuffle=False, collate_fn=collate)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config["lr"], weight_decay=0.01)
+    total = MAX_EPOCHS * len(train)
+    sched = get_linear_schedule_with_warmup(opt, int(0.06 * total), total)
+    for epoch in range(MAX_EPOCHS):
+        model.train()
+        for batch in train:
+            loss = model(**batch).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad()
+        model.eval()
+        loss_sum, correct, n = 0.0, 0, 0
+        with torch.no_grad():
+            for batch in val:
+                out = model(**batch)
+                loss_sum += out.loss.item() * len(batch["labels"])
+                correct += int((out.logits.argmax(-1) == batch["labels"]).sum())
+                n += len(batch["labels"])
+        tune.report({"val_loss": loss_sum / n, "val_accuracy": correct / n, "epoch": epoch + 1})
+
+
+def reference(out: Path) -> dict[str, Any]:
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import BasicVariantGenerator
+
+    from loratune.config import TrainConfig
+    from loratune.search import _ray_session        # only to start Ray quietly in a short temp folder
+    from loratune.trainer import prepare_data
+
+    t0 = time.monotonic()
+    prepared = prepare_data(TrainConfig())
+    rows = lambda enc: [{"input_ids": ids.tolist(), "attention_mask": [1] * len(ids), "labels": int(y)}  # noqa: E731
+                        for ids, y in zip(enc.input_ids, enc.labels)]
+    data = {"train": rows(prepared.train), "validation": rows(prepared.validation)}
+    space = {"lr": tune.loguniform(1e-4, 1e-1), "rank": tune.choice([2, 4, 6, 8, 10, 16]),
+             "targets": tune.choice([["query"], ["value"], ["query", "value"]]), "dropout": tune.uniform(0.1, 0.5)}
+    out.mkdir(parents=True, exist_ok=True)
+    with _ray_session(None, out / "ray.log"):
+        tuner = tune.Tuner(
+            tune.with_resources(tune.with_parameters(_seed_trainable, data=data), {"cpu": 2}),
+            param_space=space,
+            tune_config=tune.TuneConfig(metric="val_loss", mode="min", num_samples=SAMPLES,
+                                        search_alg=BasicVariantGenerator(random_state=SEED),
+                                        scheduler=ASHAScheduler(max_t=MAX_EPOCHS, grace_period=1, reduction_factor=2)),
+            run_config=tune.RunConfig(name="reference", storage_path=str(out.resolve()), verbose=0))
+        grid = tuner.fit()
+        best = grid.get_best_result(metric="val_loss", mode="min", scope="all")
+        df = best.metrics_dataframe
+        row = df.loc[df["val_loss"].idxmin()]
+        accs = [r.metrics_dataframe["val_accuracy"].max() for r in grid if r.metrics_dataframe is not None]
+        res = {"seconds": time.monotonic() - t0, "best_val_loss": float(row["val_loss"]),
+               "best_val_accuracy": float(row["val_accuracy"]), "max_val_accuracy": float(max(accs)),
+               "best_config": {k: best.config[k] for k in ("lr", "rank", "targets", "dropout")}, "trials": len(grid)}
+    return res
+
+
+def ours(out: Path) -> dict[str, Any]:
+    """``loratune tune`` exactly as a user runs it (the CLI, defaults, seed 0)."""
+    t0 = time.monotonic()
+    exe = Path(sys.executable).with_name("loratune")
+    cmd = [str(exe), "tune", "--samples", str(SAMPLES), "--max-epochs", str(MAX_EPOCHS), "--seed", str(SEED),
+           "--out", str(out), "--overwrite"]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    seconds = time.monotonic() - t0
+    summary = json.loads((out / "search.json").read_text())
+    trials = json.loads((out / "trials.json").read_text())
+    best = summary["best"]
+    return {"seconds": seconds, "best_val_loss": best["validation"]["loss"],
+            "best_val_accuracy": best["validation"]["accuracy"],
+            "max_val_accuracy": max(t["val_accuracy"] for t in trials if t.get("val_accuracy") is not None),
+            "best_config": best["config"], "trials": len(trials), "statuses": summary["statuses"]}
+
+
+# --- driver: each side in a child process, peak RSS of its process tree ---------------------------------------
+
+def _tree_rss(pid: int) -> int:
+    try:
+        import psutil
+    except ImportError:
+        return 0
+    try:
+        p = psutil.Process(pid)
+        procs = [p] + p.children(recursive=True)
+    except psutil.Error:
+        return 0
+    total = 0
+    for q in procs:
+        try:
+            total += q.memory_info().rss
+        except psutil.Error:
+            pass
+    return total
+
+
+def measure(side: str, root: Path) -> dict[str, Any]:
+    result = root / f"{side}.json"
+    result.unlink(missing_ok=True)
+    child = subprocess.Popen([sys.executable, "-m", "bench.search", "--side", side, "--root", str(root), "--child",
+                              "--samples", str(SAMPLES), "--max-epochs", str(MAX_EPOCHS)],
+                             cwd=Path(__file__).resolve().parent.parent, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    peak = [0]
+
+    def sample() -> None:
+        while child.poll() is None:
+            peak[0] = max(peak[0], _tree_rss(child.pid))
+            time.sleep(0.5)
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    rc = child.wait()
+    th.join()
+    if rc != 0:
+        return {"error": f"exit {rc}", "peak_rss_mib": peak[0] / 2**20}
+    return {**json.loads(result.read_text()), "peak_rss_mib": peak[0] / 2**20}
+
+
+def rows(res: dict[str, dict[str, Any]]) -> list[list[Any]]:
+    out = []
+    for side, name in (("reference", "seed reference (Ray Tune + peft, fp32, cpu 2/trial)"), ("ours", "loratune tune")):
+        r = res.get(side)
+        if r is None or "error" in r:
+            out.append([name, "not run" if r is None else r["error"], "", "", "", ""])
+        else:
+            out.append([name, r["seconds"], r["best_val_accuracy"], r["best_val_loss"], r["max_val_accuracy"],
+                        r["peak_rss_mib"]])
+    if all(s in res and "error" not in res[s] for s in ("ours", "reference")):
+        out.append(["ratio (reference / ours)", res["reference"]["seconds"] / res["ours"]["seconds"], "", "", "", ""])
+    return out
+
+
+HEADER = ["search", "wall s", "best val acc", "best val loss", "max val acc (any trial)", "peak RSS MiB"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    global SAMPLES, MAX_EPOCHS
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--side", choices=["ours", "reference", "both"], default="both")
+    ap.add_argument("--root", default="/tmp/lt-bench-search")
+    ap.add_argument("--samples", type=int, default=SAMPLES, help="trials (smoke runs: fewer)")
+    ap.add_argument("--max-epochs", type=int, default=MAX_EPOCHS, help="epochs per trial (smoke runs: 1)")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    SAMPLES, MAX_EPOCHS = a.samples, a.max_epochs
+    root = Path(a.root)
+    root.mkdir(parents=True, exist_ok=True)
+    if a.child:
+        res = (ours if a.side == "ours" else reference)(root / a.side)
+        (root / f"{a.side}.json").write_text(json.dumps(res))
+        return 0
+    from bench.common import table
+
+    res = {}
+    for side in (["reference", "ours"] if a.side == "both" else [a.side]):
+        res[side] = measure(side, root)
+        print(f"{side}: {json.dumps(res[side])}", flush=True)
+    (root / "results.json").write_text(json.dumps(res, indent=1))
+    print(table(rows(res), HEADER))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
