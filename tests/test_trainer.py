@@ -57,7 +57,7 @@ def test_schedule_is_linear_warmup_then_decay() -> None:
     assert [f(0), f(5), f(10), f(55), f(100)] == [0.0, 0.5, 1.0, 0.5, 0.0]
 
 
-def test_same_seed_same_adapter_and_early_stop(tmp_path, tiny_model_dir, tiny_data) -> None:
+def test_same_seed_same_adapter_and_max_steps(tmp_path, tiny_model_dir, tiny_data) -> None:
     a = loratune.train(out=tmp_path / "a", **_opts(tiny_model_dir, tiny_data, epochs=1))
     b = loratune.train(out=tmp_path / "b", **_opts(tiny_model_dir, tiny_data, epochs=1))
     wa, wb = (load_file(str(r.run_dir / "adapter" / "adapter_model.safetensors")) for r in (a, b))
