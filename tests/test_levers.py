@@ -1,0 +1,144 @@
+"""The training speed levers change cost, not results: the dropout mask's distribution, and the first-token
+last layer's logits and gradients, against torch's own dropout and the unmodified model."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from loratune.firsttoken import first_token_last_layer
+from loratune.inject import LoraSpec, inject, mark_trainable
+from loratune.runtime import FastDropout, fast_dropout, keep_mask, use_fast_dropout
+
+
+@pytest.mark.parametrize("p", [0.05, 0.1, 0.5, 0.9])
+def test_keep_mask_probability(p: float) -> None:
+    torch.manual_seed(0)
+    n = 2_000_000
+    m = keep_mask((n,), p)
+    assert m.dtype == torch.bool and m.shape == (n,)
+    exact = 1 - round(p * 65536) / 65536               # what the 16-bit threshold gives
+    assert abs(exact - (1 - p)) <= 0.5 / 65536
+    sigma = (exact * (1 - exact) / n) ** 0.5
+    assert abs(m.double().mean().item() - exact) < 5 * sigma
+
+
+def test_keep_mask_independent_positions() -> None:
+    """Neighbours share a 64-bit draw (four 16-bit slices): their masks must still be uncorrelated, and
+    every slice position (incl. the one holding the draw's sign bit) must keep at the same rate."""
+    torch.manual_seed(1)
+    m = keep_mask((1_000_000, 4), 0.5).double()
+    rates = m.mean(0)
+    assert torch.all((rates - 0.5).abs() < 5 * (0.25 / 1_000_000) ** 0.5), rates
+    c = torch.corrcoef(m.T)
+    off = c[~torch.eye(4, dtype=torch.bool)]
+    assert off.abs().max() < 0.01, c
+
+
+def test_keep_mask_follows_the_torch_seed() -> None:
+    torch.manual_seed(3)
+    a = keep_mask((1000,), 0.3)
+    torch.manual_seed(3)
+    b = keep_mask((1000,), 0.3)
+    c = keep_mask((1000,), 0.3)
+    assert torch.equal(a, b) and not torch.equal(b, c)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fast_dropout_values_and_gradient(dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(64, 33, 48).to(dtype).requires_grad_(True)
+    y = fast_dropout(x, 0.2)
+    kept = y != 0
+    ref = (x.detach().float() / 0.8).to(dtype)            # torch's scaling: x · 1/(1-p)
+    assert torch.allclose(y[kept].float(), ref[kept].float(), rtol=1e-2 if dtype == torch.bfloat16 else 1e-6)
+    assert 0.75 < kept.float().mean().item() < 0.85
+    y.sum().backward()
+    expect = kept.to(dtype) * (1 / 0.8)
+    assert torch.allclose(x.grad.float(), expect.float(), rtol=1e-2, atol=0)
+    assert fast_dropout(x, 0.2, training=False) is x and fast_dropout(x, 0.0) is x
+    assert torch.count_nonzero(fast_dropout(x, 1.0)) == 0
+
+
+def test_fast_dropout_mean_matches_torch() -> None:
+    """Same expectation and variance as F.dropout on a large constant input."""
+    torch.manual_seed(0)
+    x = torch.full((500_000,), 2.0)
+    ours, theirs = fast_dropout(x, 0.25), torch.nn.functional.dropout(x, 0.25)
+    for t in (ours, theirs):
+        assert abs(t.mean().item() - 2.0) < 0.01
+    assert abs(ours.std().item() - theirs.std().item()) < 0.01
+
+
+def test_use_fast_dropout_switches_every_dropout() -> None:
+    model = tiny_model("bert")
+    inject(model, LoraSpec(targets=("qv",), rank=4, alpha=8, dropout=0.1))
+    keys = set(model.state_dict())
+    n_dropouts = sum(type(m) is torch.nn.Dropout for m in model.modules())
+    assert use_fast_dropout(model) == n_dropouts > 0
+    assert not any(type(m) is torch.nn.Dropout for m in model.modules())
+    assert sum(isinstance(m, FastDropout) for m in model.modules()) == n_dropouts
+    assert set(model.state_dict()) == keys
+    ids = torch.randint(3, 120, (4, 10))
+    model.eval()
+    ref = copy.deepcopy(model)
+    for m in ref.modules():
+        if isinstance(m, FastDropout):
+            m.__class__ = torch.nn.Dropout
+    assert torch.equal(model(input_ids=ids).logits, ref(input_ids=ids).logits)
+
+
+def _batch(pad: bool) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(3, 120, (5, 12), generator=g)
+    mask = torch.ones_like(ids)
+    if pad:
+        mask[1, 7:] = 0
+        mask[3, 2:] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+@pytest.mark.parametrize("arch", ["bert", "roberta", "distilbert"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("pad", [False, True])
+def test_first_token_last_layer_same_logits_and_gradients(arch: str, attn: str, pad: bool) -> None:
+    full = tiny_model(arch)
+    full.config._attn_implementation = attn
+    inject(full, LoraSpec(targets=("all-linear",), rank=4, alpha=8))     # adapters in the last layer's FFN too
+    mark_trainable(full)
+    with torch.no_grad():                                                 # B ≠ 0, so the adapters matter
+        for n, p in full.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    cut = copy.deepcopy(full)
+    assert first_token_last_layer(cut)
+    full.eval()
+    cut.eval()
+    b = _batch(pad)
+    out_full = full(**b).logits
+    out_cut = cut(**b).logits
+    assert torch.allclose(out_full, out_cut, atol=1e-6, rtol=1e-5)
+    hidden = cut.base_model(**b).last_hidden_state
+    assert hidden.shape[1] == 1                                           # the work really was cut
+    out_full.square().sum().backward()
+    out_cut.square().sum().backward()
+    grads = {n: p.grad for n, p in full.named_parameters() if p.requires_grad}
+    for n, p in cut.named_parameters():
+        if p.requires_grad:
+            assert torch.allclose(p.grad, grads[n], atol=1e-6, rtol=1e-4), n
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_first_token_last_layer_leaves_other_heads_alone(arch: str) -> None:
+    """GPT-2 and Llama classifiers read the last real token: nothing is changed."""
+    model = tiny_model(arch)
+    ref = copy.deepcopy(model)
+    assert not first_token_last_layer(model)
+    b = _batch(True)
+    b["input_ids"][:, 0] = 1
+    model.eval()
+    ref.eval()
+    assert torch.equal(model(**b).logits, ref(**b).logits)
