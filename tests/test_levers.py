@@ -11,7 +11,7 @@ import torch
 from conftest import tiny_model
 from loratune.firsttoken import first_token_last_layer
 from loratune.inject import LoraSpec, inject, mark_trainable
-from loratune.runtime import FastDropout, fast_dropout, keep_mask, use_fast_dropout
+from loratune.fastops import FastDropout, fast_attention, fast_dropout, keep_mask, use_fast_attention, use_fast_dropout
 
 
 @pytest.mark.parametrize("p", [0.05, 0.1, 0.5, 0.9])
@@ -142,3 +142,71 @@ def test_first_token_last_layer_leaves_other_heads_alone(arch: str) -> None:
     model.eval()
     ref.eval()
     assert torch.equal(model(**b).logits, ref(**b).logits)
+
+
+def _qkv(pad: bool):
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(3, 2, 9, 8, generator=g) for _ in range(3))
+    mask = None
+    if pad:
+        keep = torch.ones(3, 9, dtype=torch.bool)
+        keep[1, 5:] = False
+        keep[2, 2:] = False
+        mask = keep[:, None, None, :].expand(3, 1, 9, 9)
+    return q, k, v, mask
+
+
+@pytest.mark.parametrize("pad", [False, True])
+def test_fast_attention_equals_sdpa(pad: bool, monkeypatch) -> None:
+    """With every element kept, the written-out attention is sdpa's output scaled by 1/(1-p); with p = 0 it is
+    transformers' sdpa function itself."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from loratune import fastops
+
+    module = torch.nn.Module()
+    module.is_causal = False
+    module.training = True
+    q, k, v, mask = _qkv(pad)
+    ref, _ = sdpa_attention_forward(module, q, k, v, mask, dropout=0.0, scaling=0.3)
+    same, _ = fast_attention(module, q, k, v, mask, dropout=0.0, scaling=0.3)
+    assert torch.equal(same, ref)
+    monkeypatch.setattr(fastops, "keep_mask", lambda shape, p, device="cpu": torch.ones(shape, dtype=torch.bool))
+    out, _ = fast_attention(module, q, k, v, mask, dropout=0.2, scaling=0.3)
+    assert out.shape == ref.shape == (3, 9, 2, 8)
+    assert torch.allclose(out, ref / 0.8, atol=1e-6, rtol=1e-5)
+
+
+def test_fast_attention_drops_probabilities() -> None:
+    """p = 0.5 on the probabilities: each output is the average of kept values ×2, so E[out] = sdpa's output."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    module = torch.nn.Module()
+    module.is_causal = False
+    q, k, v, _ = _qkv(False)
+    ref, _ = sdpa_attention_forward(module, q, k, v, None, dropout=0.0)
+    torch.manual_seed(0)
+    draws = torch.stack([fast_attention(module, q, k, v, None, dropout=0.5)[0] for _ in range(3000)])
+    stderr = draws.std(0) / 3000 ** 0.5
+    assert torch.all((draws.mean(0) - ref).abs() < 5 * stderr + 1e-5)
+    one, _ = fast_attention(module, q, k, v, None, dropout=0.5)
+    assert not torch.allclose(one, ref, atol=1e-3)
+
+
+def test_use_fast_attention_only_replaces_sdpa() -> None:
+    model = tiny_model("bert")
+    assert model.config._attn_implementation == "sdpa"
+    ids = _batch(True)
+    model.eval()
+    ref = model(**ids).logits
+    assert use_fast_attention(model)
+    assert model.config._attn_implementation == "loratune_sdpa"
+    assert torch.equal(model(**ids).logits, ref)          # evaluation: no dropout, sdpa itself
+    model.train()
+    torch.manual_seed(0)
+    a = model(**ids).logits
+    torch.manual_seed(0)
+    assert torch.equal(model(**ids).logits, a)            # training: dropout follows the torch seed
+    eager = tiny_model("bert")
+    eager.config._attn_implementation = "eager"
+    assert not use_fast_attention(eager) and eager.config._attn_implementation == "eager"

@@ -103,8 +103,10 @@ def test_search_writes_the_table_tests_the_best_and_stays_on_loopback(tmp_path, 
     assert {("search_start", None), ("trial", "start"), ("trial", "epoch"), ("trial", "end")} <= kinds
 
 
-def test_diverged_and_lr_point_one_trials_are_never_chosen(tmp_path, tiny_model_dir, tiny_data) -> None:
-    """lr 1e30 blows AdamW's weights up -> NaN loss -> diverged; lr 0.1 trains (to a worse loss), not chosen."""
+def test_diverged_trial_is_never_chosen_and_lr_point_one_is_not_diverged(tmp_path, tiny_model_dir, tiny_data) -> None:
+    """lr 1e30 blows AdamW's weights up -> NaN loss -> "diverged", never chosen; lr 0.1 is large but finite: it
+    trains to a finite loss and is judged on it like any trial (on this trivially learnable tiny task it may
+    even win; on the real data it collapses to chance, DESIGN.md). The best is the lowest finite val_loss."""
     r = tune(space={"lr": {"grid": [3e-3, 0.1, 1e30]}}, samples=2, max_epochs=2, out=tmp_path / "s",
              model=tiny_model_dir, data=tiny_data, rank=4, **FIXED)
     by_lr = {t["lr"]: t for t in r.rows}
@@ -112,8 +114,9 @@ def test_diverged_and_lr_point_one_trials_are_never_chosen(tmp_path, tiny_model_
     assert by_lr[1e30]["status"] == "diverged" and by_lr[1e30]["epochs_run"] == 0
     assert by_lr[1e30]["val_loss"] is None
     assert by_lr[0.1]["status"] in ("completed", "stopped_early") and math.isfinite(by_lr[0.1]["val_loss"])
-    assert r.best["config"]["lr"] in (5e-4, 3e-3)
-    assert r.best["validation"]["loss"] < by_lr[0.1]["val_loss"]
+    finite = {lr: t["val_loss"] for lr, t in by_lr.items() if t["val_loss"] is not None}
+    assert r.best["config"]["lr"] == min(finite, key=finite.get) != 1e30
+    assert r.best["validation"]["loss"] == pytest.approx(min(finite.values()))
     summary = json.loads((tmp_path / "s" / "search.json").read_text())
     assert summary["statuses"]["diverged"] == 1 and summary["trials"] == 4
 

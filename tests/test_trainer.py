@@ -137,3 +137,32 @@ def test_library_rejects_bad_options(tmp_path, tiny_model_dir, tiny_data) -> Non
     with pytest.raises(InputError, match="unknown training option 'rnak'"):
         loratune.train(out=tmp_path / "x", rnak=3)
     assert not (tmp_path / "x").exists()
+
+
+def test_early_stop_after_epochs_without_improvement(tmp_path, tiny_model_dir, tiny_data, monkeypatch) -> None:
+    """--early-stop 2: validation losses 0.5, 0.4, 0.45, 0.46 stop the run after epoch 4 (two epochs without a
+    new best), keep epoch 2 as the best, and leave epoch 2's adapter (not epoch 4's) in the run directory."""
+    from loratune import trainer
+
+    scripted = iter([0.5, 0.4, 0.45, 0.46, 0.3, 0.2])          # 0.3 and later: never reached by validation
+    snapshots: list[dict[str, torch.Tensor]] = []              # LoRA weights at each evaluation, in call order
+    real = trainer.evaluate
+
+    def scripted_evaluate(model, enc, *a, **kw):
+        metrics, probs = real(model, enc, *a, **kw)
+        snapshots.append({n.replace(".adapters.default", ""): p.detach().clone()
+                          for n, p in model.named_parameters() if "lora_" in n})
+        return {**metrics, "loss": next(scripted)}, probs
+
+    monkeypatch.setattr(trainer, "evaluate", scripted_evaluate)
+    r = loratune.train(out=tmp_path / "run", **_opts(tiny_model_dir, tiny_data, epochs=6, early_stop=2))
+    assert r.train["stopped_early"] is True and r.train["epochs_run"] == 4 and r.best_epoch == 2
+    assert r.validation["loss"] == pytest.approx(0.4)
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["epoch"] for x in lines if x["type"] == "eval"] == [1, 2, 3, 4]
+    saved = load_file(str(tmp_path / "run" / "adapter" / "adapter_model.safetensors"))
+    lora = {k.removeprefix("base_model.model.").removesuffix(".weight"): v for k, v in saved.items() if "lora_" in k}
+    epoch2, epoch4 = snapshots[1], snapshots[3]
+    assert lora and set(lora) == set(epoch2)
+    assert all(torch.equal(v, epoch2[k]) for k, v in lora.items())
+    assert not all(torch.equal(v, epoch4[k]) for k, v in lora.items())   # it did train on after epoch 2

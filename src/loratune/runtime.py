@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import platform
 import sys
@@ -102,50 +101,3 @@ def versions() -> dict[str, str]:
     return {"loratune": __version__, "torch": str(torch.__version__), "transformers": str(transformers.__version__),
             "python": platform.python_version()}
 
-
-# --- dropout masks from a cheaper draw ------------------------------------------------------------
-#
-# On these CPUs ``nn.Dropout`` spends ~6 ns an element in ``bernoulli_`` (one generator call and one
-# float compare per element): 15% of a bf16 distilbert training step. One 64-bit draw gives four
-# 16-bit uniforms instead, so the mask costs about a quarter as much. Keep probability is 1 - p
-# rounded to a multiple of 1/65536 (|error| ≤ 7.7e-6); outputs are scaled by 1/(1 - p) as torch's.
-# The draws come from torch's default generator, so torch.manual_seed and get/set_rng_state (the
-# trainer's checkpoints) make runs repeat exactly, as with nn.Dropout.
-
-def keep_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.device | str = "cpu") -> torch.Tensor:
-    """A bool tensor of ``shape``, each element True with probability 1 - p (to 1/65536), independently."""
-    n = math.prod(shape)
-    # random_(from, to) over the full int64 range: all 64 bits uniform (plain random_() leaves the sign bit 0).
-    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-2 ** 63, 2 ** 63 - 1)
-    return words.view(torch.int16)[:n].view(shape) >= -32768 + round(p * 65536)
-
-
-def fast_dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
-    """``F.dropout(x, p, training)`` with the mask from ``keep_mask``: same distribution, ~4x cheaper mask."""
-    if not training or p == 0.0:
-        return x
-    if p >= 1.0:
-        return x * 0.0
-    return x * keep_mask(x.shape, p, x.device) * (1.0 / (1.0 - p))
-
-
-class FastDropout(torch.nn.Dropout):
-    """``nn.Dropout`` whose mask is drawn by ``keep_mask``; same parameters, same (empty) state dict."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.inplace:
-            return super().forward(x)
-        return fast_dropout(x, self.p, self.training)
-
-
-def use_fast_dropout(model: torch.nn.Module) -> int:
-    """Turn every ``nn.Dropout`` of a training model into a ``FastDropout`` (CPU only: CUDA's bernoulli is
-    already cheap). Returns how many were switched. Evaluation is unaffected: dropout is off there."""
-    if next(model.parameters()).device.type != "cpu":
-        return 0
-    n = 0
-    for m in model.modules():
-        if type(m) is torch.nn.Dropout:
-            m.__class__ = FastDropout
-            n += 1
-    return n

@@ -1,0 +1,115 @@
+"""Training speed on CPUs: cheaper dropout masks, and attention that uses them.
+
+Both change cost, not results: the same distributions as torch's dropout and the same attention as
+transformers' "sdpa" (tests/test_levers.py pins both). The trainer applies them to a training model on
+a CPU (``use_fast_dropout``, ``use_fast_attention``); evaluation and inference never see them (dropout is
+off there, and the attention falls back to sdpa without dropout).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+# --- dropout masks from a cheaper draw ------------------------------------------------------------
+#
+# On these CPUs ``nn.Dropout`` spends ~6 ns an element in ``bernoulli_`` (one generator call and one
+# float compare per element): 15% of a bf16 distilbert training step. One 64-bit draw gives four
+# 16-bit uniforms instead, so the mask costs about a quarter as much. Keep probability is 1 - p
+# rounded to a multiple of 1/65536 (|error| ≤ 7.7e-6); outputs are scaled by 1/(1 - p) as torch's.
+# The draws come from torch's default generator, so torch.manual_seed and get/set_rng_state (the
+# trainer's checkpoints) make runs repeat exactly, as with nn.Dropout.
+
+def keep_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.device | str = "cpu") -> torch.Tensor:
+    """A bool tensor of ``shape``, each element True with probability 1 - p (to 1/65536), independently."""
+    n = math.prod(shape)
+    # random_(from, to) over the full int64 range: all 64 bits uniform (plain random_() leaves the sign bit 0).
+    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-2 ** 63, 2 ** 63 - 1)
+    return words.view(torch.int16)[:n].view(shape) >= -32768 + round(p * 65536)
+
+
+def fast_dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
+    """``F.dropout(x, p, training)`` with the mask from ``keep_mask``: same distribution, ~4x cheaper mask."""
+    if not training or p == 0.0:
+        return x
+    if p >= 1.0:
+        return x * 0.0
+    return x * keep_mask(x.shape, p, x.device) * (1.0 / (1.0 - p))
+
+
+class FastDropout(nn.Dropout):
+    """``nn.Dropout`` whose mask is drawn by ``keep_mask``; same parameters, same (empty) state dict."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.inplace:
+            return super().forward(x)
+        return fast_dropout(x, self.p, self.training)
+
+
+def use_fast_dropout(model: nn.Module) -> int:
+    """Turn every ``nn.Dropout`` of a training model into a ``FastDropout`` (CPU only: CUDA's bernoulli is
+    already cheap). Returns how many were switched. Evaluation is unaffected: dropout is off there."""
+    if next(model.parameters()).device.type != "cpu":
+        return 0
+    n = 0
+    for m in model.modules():
+        if type(m) is nn.Dropout:
+            m.__class__ = FastDropout
+            n += 1
+    return n
+
+
+# --- attention with those masks -------------------------------------------------------------------
+#
+# With dropout on the attention probabilities (training), torch's scaled_dot_product_attention cannot
+# use its fused CPU kernel and runs its generic "math" path, which draws the mask by bernoulli_. The
+# same computation written out (scores, softmax in fp32, fast_dropout, @ V) was 6-10% faster per
+# training step here (BENCHMARKS.md). Everything else (no dropout, causal or grouped-query attention,
+# CUDA) goes to transformers' own sdpa function unchanged.
+
+FAST_ATTENTION = "loratune_sdpa"
+
+
+def fast_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                   attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                   is_causal: bool | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """transformers' attention-function signature: (B, H, L, D) inputs → ((B, L, H, D) output, None)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", False)
+    plain = (dropout == 0.0 or causal or query.device.type != "cpu" or key.shape[1] != query.shape[1]
+             or kwargs.get("position_bias") is not None
+             or (attention_mask is not None and attention_mask.dtype != torch.bool))
+    if plain:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    scale = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
+    scores = torch.matmul(query, key.transpose(-2, -1)) * scale
+    if attention_mask is not None:                     # sdpa masks: True = attend; a finite fill keeps
+        scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)   # empty rows finite
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    out = torch.matmul(fast_dropout(probs, dropout), value)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def use_fast_attention(model: nn.Module) -> bool:
+    """Route a CPU training model's "sdpa" attention through ``fast_attention``; other implementations (eager,
+    flash, a user's choice) are left alone. Returns True if switched."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import sdpa_mask
+
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "_attn_implementation", None) != "sdpa":
+        return False
+    if next(model.parameters()).device.type != "cpu":
+        return False
+    AttentionInterface.register(FAST_ATTENTION, fast_attention)
+    AttentionMaskInterface.register(FAST_ATTENTION, sdpa_mask)
+    for m in model.modules():                          # sub-configs (text/vision towers) share the choice
+        c = getattr(m, "config", None)
+        if c is not None and getattr(c, "_attn_implementation", None) == "sdpa":
+            c._attn_implementation = FAST_ATTENTION
+    return True
