@@ -27,8 +27,9 @@ def variants(root: Path, model: str, prepared: Any, steps: int, warmup: int) -> 
         return apply
 
     cases: list[tuple[str, dict[str, Any], Callable[[], Any] | None]] = [
-        ("default (bf16 + buckets + frozen bf16 + fast dropout + first-token last layer)", {}, None),
+        ("default (bf16 + buckets + frozen bf16 + fast dropout + fast attention + first-token last layer)", {}, None),
         ("dropout masks by bernoulli_ (torch's nn.Dropout)", {}, switch(FAST_DROPOUT=False)),
+        ("attention by sdpa (its math path under dropout)", {}, switch(FAST_ATTENTION=False)),
         ("last layer computed for every token", {}, switch(FIRST_TOKEN=False)),
         ("frozen weights re-cast by autocast each step", {}, switch(FROZEN_BF16=False)),
         ("+ widths padded to a multiple of 8", {}, switch(PAD_TO=8)),

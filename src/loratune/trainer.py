@@ -46,7 +46,10 @@ FROZEN_BF16 = True
 """bf16 training: keep frozen linear weights in bf16 once instead of autocast re-casting them each step."""
 FAST_DROPOUT = True
 """CPU training: dropout masks from 16-bit slices of 64-bit draws (fastops.keep_mask), ~4x cheaper than bernoulli_,
-in the model's dropouts, the adapters' and the attention probabilities' (fastops.fast_attention)."""
+in the model's and the adapters' dropouts."""
+FAST_ATTENTION = True
+"""CPU training: attention written out with those masks on its probabilities (fastops.fast_attention) instead of
+sdpa's math path."""
 FIRST_TOKEN = True
 """Classifiers that read token 0 only: the last layer computes token 0 only (firsttoken.py; exact, 1/7 less work)."""
 PAD_TO = 1
@@ -200,9 +203,10 @@ def _loop(cfg: TrainConfig, model: nn.Module, spec: LoraSpec, targets: list[str]
     base_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if ".adapters." not in n)
     if FROZEN_BF16:                                        # after inject: adapters took the fp32 dtype
         cast_frozen_linears(model, precision)
-    if FAST_DROPOUT:                                       # the model's and the adapters' dropouts,
+    if FAST_DROPOUT:                                       # the model's and the adapters' dropouts
         use_fast_dropout(model)
-        use_fast_attention(model)                          # and the attention probabilities'
+    if FAST_ATTENTION:                                     # the attention probabilities' dropout
+        use_fast_attention(model)
     if FIRST_TOKEN:
         first_token_last_layer(model)
     batches_per_epoch = math.ceil(len(tr) / cfg.batch_size)
