@@ -37,7 +37,7 @@ test: data browser              ## the whole suite, slow real-data tests include
 test-fast: data                 ## everything but the slow real-data tests
 	$(BIN)/python -m pytest -m 'not slow' $(PYTEST_ARGS)
 
-bench: data                     ## benchmarks against the seed pipeline (≈40 min idle; BENCH_ARGS=--no-search | --quick)
+bench: data                     ## benchmarks against the seed pipeline (≈40–45 min; BENCH_ARGS=--no-search | --quick)
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
 clean:
