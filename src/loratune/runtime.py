@@ -100,4 +100,3 @@ def versions() -> dict[str, str]:
 
     return {"loratune": __version__, "torch": str(torch.__version__), "transformers": str(transformers.__version__),
             "python": platform.python_version()}
-

@@ -30,12 +30,12 @@ from .checkpoint import load_checkpoint, load_latest, save_checkpoint
 from .config import TrainConfig
 from .data import Encoded, batch_order, collate, load_splits, padding_fraction, tokenize
 from .errors import InputError
+from .fastops import use_fast_attention, use_fast_dropout
 from .firsttoken import first_token_last_layer
 from .forward import predict_probs
 from .inject import LoraSpec, count_parameters, expand_targets, inject
 from .metrics import compute_metrics
 from .models import load_model, load_tokenizer, model_hint
-from .fastops import use_fast_attention, use_fast_dropout
 from .runtime import autocast, cast_frozen_linears, resolve_device, resolve_precision, set_threads
 
 log = logging.getLogger(__name__)
