@@ -76,7 +76,8 @@ def _distilbert_forward(self: nn.Module, hidden_states: torch.Tensor, attention_
     return self.output_layer_norm(self.ffn(first) + first)
 
 
-def _last_layer(model: nn.Module) -> tuple[nn.Module, Callable[..., torch.Tensor]] | None:
+def _last_layer(model: nn.Module) -> tuple[nn.Module, Callable[..., torch.Tensor], nn.Module] | None:
+    """(last layer, its first-token forward, its self-attention module), or None if the layout is unknown."""
     base = getattr(model, model.base_model_prefix, None) if hasattr(model, "base_model_prefix") else None
     if base is None:
         return None
@@ -93,10 +94,10 @@ def _last_layer(model: nn.Module) -> tuple[nn.Module, Callable[..., torch.Tensor
     att = getattr(last, "attention", None)
     if all(hasattr(last, n) for n in ("intermediate", "output")) and hasattr(att, "self") and hasattr(att, "output") \
             and all(hasattr(att.self, n) for n in ("query", "key", "value", "attention_head_size", "scaling", "dropout")):
-        return last, _bert_forward
+        return last, _bert_forward, att.self
     if all(hasattr(last, n) for n in ("sa_layer_norm", "ffn", "output_layer_norm")) \
             and all(hasattr(att, n) for n in ("q_lin", "k_lin", "v_lin", "out_lin", "attention_head_size", "scaling")):
-        return last, _distilbert_forward
+        return last, _distilbert_forward, att
     return None
 
 
@@ -108,9 +109,8 @@ def first_token_last_layer(model: nn.Module) -> bool:
     if type(model).__name__ not in FIRST_TOKEN_HEADS:
         return False
     found = _last_layer(model)
-    if found is None or _attention(found[0].attention if hasattr(found[0].attention, "q_lin")
-                                   else found[0].attention.self) is None:
+    if found is None or _attention(found[2]) is None:
         return False
-    layer, fwd = found
+    layer, fwd, _ = found
     layer.forward = types.MethodType(fwd, layer)
     return True
