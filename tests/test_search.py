@@ -246,3 +246,39 @@ def test_resume_after_sigkill_finishes_without_rerunning_trials(tmp_path, cli_ma
 
     assert cli_main(["tune", "--resume", str(out)]) == 0                # a finished search: says so, exit 0
     assert "already finished" in capsys.readouterr().out
+
+
+def test_a_trial_whose_worker_died_before_its_first_report_is_a_failed_row(tmp_path) -> None:
+    """Ray's Result for such a trial has metrics {trial_id} only and ``config`` None (seen in CI when a
+    SIGKILL hit a reused worker during its reset): the row keeps the config the callback saw, status failed."""
+    from types import SimpleNamespace
+
+    from ray.tune import Result
+
+    from loratune.config import TrainConfig
+    from loratune.search import LiveView, trial_records
+    from loratune.space import parse_space
+
+    base = TrainConfig()
+    space = parse_space({"rank": {"choice": [2, 4]}, "lr": {"loguniform": [1e-4, 1e-2]}}, base)
+    default = space.default_point(base)
+    configs = {"x_00000": default, "x_00001": {"rank": 4, "lr": 0.002}, "x_00002": {"rank": 2, "lr": 0.004}}
+    view = LiveView()
+    for i, (tid, config) in enumerate(configs.items()):
+        view.on_trial_start(0, [], SimpleNamespace(trial_id=tid, experiment_tag=f"{i}_x", config=config,
+                                                   checkpoint=None, last_result={}))
+    view.on_trial_error(0, [], SimpleNamespace(trial_id="x_00002", config=configs["x_00002"], path=str(tmp_path)))
+    restored = LiveView()
+    restored.set_state(view.get_state())                  # the callback's state survives --resume
+    results = [Result(metrics={"trial_id": "x_00002"}, checkpoint=None, error=RuntimeError("actor died"),
+                      path=str(tmp_path)),
+               Result(metrics={"trial_id": "x_00001", "config": configs["x_00001"]}, checkpoint=None, error=None,
+                      path=str(tmp_path)),
+               Result(metrics={"trial_id": "x_00000", "config": default}, checkpoint=None, error=None,
+                      path=str(tmp_path))]
+    assert results[0].config is None                      # what Ray gives: the reason this test exists
+    restored.ended.update({"x_00000": "completed", "x_00001": "stopped_early"})
+    rows = [t["row"] for t in trial_records(results, restored, space, base, tmp_path)]
+    assert [(r["trial"], r["status"], r["rank"], r["lr"], r["epochs_run"]) for r in rows] == [
+        ("x_00000", "completed", default["rank"], default["lr"], 0), ("x_00001", "stopped_early", 4, 0.002, 0),
+        ("x_00002", "failed", 2, 0.004, 0)]

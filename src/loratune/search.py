@@ -33,7 +33,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import ray
 import yaml
@@ -95,17 +95,34 @@ def tune(config: TrainConfig | None = None, *, space: dict[str, Any] | None = No
           "keys": parsed.keys, "max_epochs": doc["max_epochs"]})
     with _ray_session(address, out / "ray.log") as cluster:
         grid = _fit(doc, parsed, base, prepared, out, cluster, emit, resume is not None)
-    view = _LIVE.pop("view", None)
-    ended, order = (view.ended, view.order) if view is not None else ({}, {})
-    results = sorted(grid, key=lambda r: (order.get(r.metrics["trial_id"], 1 << 30), r.metrics["trial_id"]))
-    default = parsed.default_point(base)                  # the untuned trial; a duplicate of it would be equal
-    results.sort(key=lambda r: {k: r.config.get(k) for k in parsed.keys} != default)
-    trials = [trial_record(parsed, r.metrics["trial_id"], "failed" if r.error else ended.get(r.metrics["trial_id"]),
-                           r.config, out / "trials" / r.metrics["trial_id"]) for r in results]
+    trials = trial_records(grid, _LIVE.pop("view", None), parsed, base, out)
     if any(t["status"] is None for t in trials) or len(trials) < _trial_total(parsed, doc):
         raise Interrupted(f"search interrupted; its state is saved in {out}")
     return finish(out, doc, parsed, trials, time.monotonic() - t0,
                   lambda adapter: test_metrics(adapter, prepared, base), emit)
+
+
+def trial_records(results: Iterable[Any], view: LiveView | None, space: Space, base: TrainConfig,
+                  out: Path) -> list[dict[str, Any]]:
+    """One record per Ray result, the untuned trial first, then in creation order.
+
+    A trial whose worker died before it reported anything has no config in Ray's result (``Result.config``
+    is None: Ray keeps the config in the metrics); the config the callback saw when the trial started or
+    failed stands in for it.
+    """
+    ended, order, configs = (view.ended, view.order, view.configs) if view is not None else ({}, {}, {})
+
+    def tid(r: Any) -> str:
+        return r.metrics["trial_id"]                      # Ray's last_result always carries the trial id
+
+    def config(r: Any) -> dict[str, Any]:
+        return r.config or configs.get(tid(r)) or {}
+
+    results = sorted(results, key=lambda r: (order.get(tid(r), 1 << 30), tid(r)))
+    default = space.default_point(base)                   # the untuned trial; a duplicate of it would be equal
+    results.sort(key=lambda r: {k: config(r).get(k) for k in space.keys} != default)
+    return [trial_record(space, tid(r), "failed" if r.error else ended.get(tid(r)), config(r), out / "trials" / tid(r))
+            for r in results]
 
 
 def _trial_total(space: Space, doc: dict[str, Any]) -> int:
@@ -300,12 +317,14 @@ class LiveView(Callback):
     def __init__(self) -> None:
         self.ended: dict[str, str] = {}             # trial id -> status, once it ended
         self.order: dict[str, int] = {}             # trial id -> creation number (Ray's experiment tag)
+        self.configs: dict[str, dict[str, Any]] = {}   # trial id -> its config (Ray loses it if no result came)
 
     def get_state(self) -> dict[str, Any]:
-        return {"ended": dict(self.ended), "order": dict(self.order)}
+        return {"ended": dict(self.ended), "order": dict(self.order), "configs": dict(self.configs)}
 
     def set_state(self, state: dict[str, Any]) -> None:
         self.ended, self.order = dict(state.get("ended", {})), dict(state.get("order", {}))
+        self.configs = dict(state.get("configs", {}))
 
     def setup(self, **info: Any) -> None:
         _LIVE["view"] = self
@@ -313,6 +332,7 @@ class LiveView(Callback):
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         tag = str(trial.experiment_tag).split("_", 1)[0]
         self.order[trial.trial_id] = int(tag) if tag.isdigit() else len(self.order)
+        self.configs[trial.trial_id] = dict(trial.config)
         resumed = trial.checkpoint is not None
         _emit({"kind": "trial", "event": "resume" if resumed else "start", "trial": trial.trial_id,
                "epoch": trial.last_result.get("epoch") if resumed else None, "config": _searched(trial.config)})
@@ -332,6 +352,7 @@ class LiveView(Callback):
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.ended[trial.trial_id] = "failed"
+        self.configs.setdefault(trial.trial_id, dict(trial.config))
         _emit({"kind": "trial", "event": "end", "trial": trial.trial_id, "status": "failed",
                "config": _searched(trial.config), "error": os.path.join(trial.path or "", "error.txt")})
 
