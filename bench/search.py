@@ -1,7 +1,7 @@
 """Benchmark 2: search wall time. ``loratune tune`` (the seed's space, 8 samples, ASHA grace 1 / reduction 2,
 ≤ 3 epochs, val_loss, built-in model and data, seed 0) against a faithful re-implementation of the seed's
 Ray Tune + peft search (``reference``, below). Each side runs as a child process; its whole process tree's
-RSS (Ray's processes and workers included) is sampled every 0.5 s for the peak.
+RSS and PSS (Ray's processes and workers included) are sampled every 0.5 s for the peaks.
 
     python -m bench.search                 # both sides, then the table (about 30 minutes)
     python -m bench.search --side ours     # one side only
@@ -121,25 +121,28 @@ def ours(out: Path) -> dict[str, Any]:
             "best_config": best["config"], "trials": len(trials), "statuses": summary["statuses"]}
 
 
-# --- driver: each side in a child process, peak RSS of its process tree ---------------------------------------
+# --- driver: each side in a child process, peak RSS and PSS of its process tree ---------------------------------------
 
-def _tree_rss(pid: int) -> int:
+def _tree_memory(pid: int) -> tuple[int, int]:
+    """(RSS, PSS) summed over ``pid``'s process tree. RSS counts a shared page once per process that maps it
+    (Ray's shared memory, the libraries); PSS splits it between them, so its sum is the memory really used."""
     try:
         import psutil
     except ImportError:
-        return 0
+        return 0, 0
     try:
         p = psutil.Process(pid)
         procs = [p] + p.children(recursive=True)
     except psutil.Error:
-        return 0
-    total = 0
+        return 0, 0
+    rss = pss = 0
     for q in procs:
         try:
-            total += q.memory_info().rss
+            m = q.memory_full_info()
+            rss, pss = rss + m.rss, pss + getattr(m, "pss", m.rss)
         except psutil.Error:
             pass
-    return total
+    return rss, pss
 
 
 def measure(side: str, root: Path) -> dict[str, Any]:
@@ -148,20 +151,22 @@ def measure(side: str, root: Path) -> dict[str, Any]:
     child = subprocess.Popen([sys.executable, "-m", "bench.search", "--side", side, "--root", str(root), "--child",
                               "--samples", str(SAMPLES), "--max-epochs", str(MAX_EPOCHS)],
                              cwd=Path(__file__).resolve().parent.parent, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    peak = [0]
+    peak = [0, 0]
 
     def sample() -> None:
         while child.poll() is None:
-            peak[0] = max(peak[0], _tree_rss(child.pid))
+            rss, pss = _tree_memory(child.pid)
+            peak[:] = max(peak[0], rss), max(peak[1], pss)
             time.sleep(0.5)
 
     th = threading.Thread(target=sample, daemon=True)
     th.start()
     rc = child.wait()
     th.join()
+    mem = {"peak_rss_mib": peak[0] / 2**20, "peak_pss_mib": peak[1] / 2**20}
     if rc != 0:
-        return {"error": f"exit {rc}", "peak_rss_mib": peak[0] / 2**20}
-    return {**json.loads(result.read_text()), "peak_rss_mib": peak[0] / 2**20}
+        return {"error": f"exit {rc}", **mem}
+    return {**json.loads(result.read_text()), **mem}
 
 
 def rows(res: dict[str, dict[str, Any]]) -> list[list[Any]]:
@@ -169,16 +174,18 @@ def rows(res: dict[str, dict[str, Any]]) -> list[list[Any]]:
     for side, name in (("reference", "seed reference (Ray Tune + peft, fp32, cpu 2/trial)"), ("ours", "loratune tune")):
         r = res.get(side)
         if r is None or "error" in r:
-            out.append([name, "not run" if r is None else r["error"], "", "", "", ""])
+            out.append([name, "not run" if r is None else r["error"], "", "", "", "", ""])
         else:
             out.append([name, r["seconds"], r["best_val_accuracy"], r["best_val_loss"], r["max_val_accuracy"],
-                        r["peak_rss_mib"]])
+                        r["peak_rss_mib"], r.get("peak_pss_mib", "")])
     if all(s in res and "error" not in res[s] for s in ("ours", "reference")):
-        out.append(["ratio (reference / ours)", res["reference"]["seconds"] / res["ours"]["seconds"], "", "", "", ""])
+        out.append(["ratio (reference / ours)", res["reference"]["seconds"] / res["ours"]["seconds"], "", "", "", "",
+                    ""])
     return out
 
 
-HEADER = ["search", "wall s", "best val acc", "best val loss", "max val acc (any trial)", "peak RSS MiB"]
+HEADER = ["search", "wall s", "best val acc", "best val loss", "max val acc (any trial)", "peak RSS MiB",
+          "peak PSS MiB"]
 
 
 def main(argv: list[str] | None = None) -> int:

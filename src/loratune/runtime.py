@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import gc
 import os
 import platform
 import sys
@@ -20,6 +22,29 @@ def available_cpus() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:                                     # macOS, Windows
         return os.cpu_count() or 1
+
+
+@lru_cache(maxsize=1)
+def _malloc_trim() -> Any:
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim             # glibc; musl, macOS and Windows have none
+    except (OSError, AttributeError):
+        return None
+
+
+def release_memory() -> bool:
+    """Collect garbage and hand the heap's free pages back to the OS; True if glibc's ``malloc_trim`` ran.
+
+    Training allocates activations of many shapes (length buckets, evaluation batches); glibc keeps what
+    was freed in its heap, so a process that trains again (a Ray worker reused for the next trial) grew
+    by about 0.9 GB a trial here. Called between epochs and between trials: a few milliseconds each.
+    """
+    gc.collect()
+    trim = _malloc_trim()
+    if trim is None:
+        return False
+    trim(0)
+    return True
 
 
 def set_threads(threads: int | None) -> int:

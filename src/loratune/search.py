@@ -43,7 +43,7 @@ from ray.tune import Callback
 from . import rundir
 from .config import TrainConfig
 from .errors import InputError
-from .runtime import available_cpus
+from .runtime import available_cpus, release_memory
 from .space import METRICS, Space, check_device, validate
 from .trials import SearchResult, finish, load_result, new_search, read_search_yaml, status_of, trial_record
 from .trainer import Diverged, Interrupted, Prepared, prepare_data, train
@@ -399,6 +399,7 @@ def _trial(config: dict[str, Any], prepared: Prepared, setup: dict[str, Any]) ->
             shutil.copy2(ckpt, stage / ckpt.name)
         rt.report(metrics, checkpoint=rt.Checkpoint.from_directory(str(stage)))
 
+    release_memory()                              # a reused worker: the previous trial's model and activations
     restored = rt.get_checkpoint()
     with restored.as_directory() if restored is not None else contextlib.nullcontext(None) as where:
         resume_from = max(Path(where).glob("*.pt")) if where else None      # local storage: no copy

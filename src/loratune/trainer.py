@@ -36,7 +36,7 @@ from .forward import predict_probs
 from .inject import LoraSpec, count_parameters, expand_targets, inject
 from .metrics import compute_metrics
 from .models import load_model, load_tokenizer, model_hint
-from .runtime import autocast, cast_frozen_linears, resolve_device, resolve_precision, set_threads
+from .runtime import autocast, cast_frozen_linears, release_memory, resolve_device, resolve_precision, set_threads
 
 log = logging.getLogger(__name__)
 Progress = Callable[[dict[str, Any]], None]
@@ -311,6 +311,7 @@ def _loop(cfg: TrainConfig, model: nn.Module, spec: LoraSpec, targets: list[str]
                     checkpoint()
             # --- end of an epoch: evaluate, keep the best, maybe stop early, checkpoint -------------
             val, _ = evaluate(model, data.validation, device, precision, data.pad_id)
+            release_memory()                     # the epoch's activations, freed, back to the OS
             epoch += 1
             next_batch = 0
             improved = val["loss"] < best
