@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
             res["grads_below_first_layer"] = levers.grads_below_first_layer(dpath, dprep.label_names)
             log("micro-benchmarks done")
         res["inference"] = infer.run(root / "ours-minilm" / "adapter", infer.texts_of_builtin(1 if a.quick else 2),
-                                     repeats=2 if a.quick else 3)
+                                     repeats=2 if a.quick else 7)
         log("inference done")
     if not a.quick and not a.no_search:
         res["search"] = {side: search.measure(side, Path(tempfile.mkdtemp(prefix="lt-bs-"))) for side in ("reference", "ours")}
