@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.loratune-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup data browser demo test test-fast bench clean
+.PHONY: setup data browser demo test test-fast bench bench-levers clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,8 +37,11 @@ test: data browser              ## the whole suite, slow real-data tests include
 test-fast: data                 ## everything but the slow real-data tests
 	$(BIN)/python -m pytest -m 'not slow' $(PYTEST_ARGS)
 
-bench: data                     ## benchmarks against the seed pipeline (≈40–45 min; BENCH_ARGS=--no-search | --quick)
+bench: data                     ## benchmarks against the seed pipeline (≈36 min; BENCH_ARGS=--no-search | --quick | --levers)
 	$(BIN)/python -m bench $(BENCH_ARGS)
+
+bench-levers: data              ## each training lever switched off alone, and the micro-benchmarks (≈11 min)
+	$(BIN)/python -m bench --levers-only
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info src/*.egg-info

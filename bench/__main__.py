@@ -1,7 +1,9 @@
 """``python -m bench`` (``make bench``): every benchmark in one run, one table with both sides and the ratios.
 
-    python -m bench                 # everything, the search included (about 40 minutes)
-    python -m bench --no-search     # training, levers and inference only (about 10 minutes)
+    python -m bench                 # the three benchmarks: training, inference, search (about 36 minutes)
+    python -m bench --no-search     # training and inference only (about 7 minutes)
+    python -m bench --levers-only   # each training lever switched off alone, and the micro-benchmarks (about 11 minutes)
+    python -m bench --levers        # all of it (about 47 minutes)
     python -m bench --quick         # few steps, no search, no levers: a smoke run (about 3 minutes)
 
 Results go to stdout (markdown) and to ``--out`` (default bench/results/latest.json).
@@ -28,7 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="loratune benchmarks against the seed pipeline")
     ap.add_argument("--quick", action="store_true", help="few steps; no search, no levers")
     ap.add_argument("--no-search", action="store_true", help="skip the search benchmark (~30 min)")
-    ap.add_argument("--no-levers", action="store_true", help="skip the per-lever runs")
+    ap.add_argument("--levers", action="store_true", help="also each lever switched off alone (~11 min more)")
+    ap.add_argument("--levers-only", action="store_true", help="only the levers and micro-benchmarks")
     ap.add_argument("--steps", type=int, default=None, help="timed training steps (default 100, quick 15)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 5, quick 2)")
     ap.add_argument("--out", default="bench/results/latest.json")
@@ -47,16 +50,17 @@ def main(argv: list[str] | None = None) -> int:
     log(f"peak {res['peak_gflops']}")
     with tempfile.TemporaryDirectory(prefix="lt-bench-") as tmp:
         root = Path(tmp)
-        res["train"] = tb.run(root, steps=steps, warmup=warmup, peaks=res["peak_gflops"],
-                              models=("distilbert", "minilm"))
-        log("training done")
+        if not a.levers_only:
+            res["train"] = tb.run(root, steps=steps, warmup=warmup, peaks=res["peak_gflops"],
+                                  models=("distilbert", "minilm"))
+            log("training done")
         from loratune.config import TrainConfig
         from loratune.trainer import prepare_data
 
         dpath = tb.distilbert_folder(root)
         dprep = prepare_data(TrainConfig(model=dpath))
         res["padding"] = tb.padding_stats(dprep)
-        if not a.quick and not a.no_levers:
+        if not a.quick and (a.levers or a.levers_only):
             res["levers"] = levers.variants(root, dpath, dprep, max(30, steps // 2), warmup)
             log("levers done")
             res["packing"] = {"minilm": levers.packing("minilm-l6", dprep.label_names),
@@ -64,10 +68,11 @@ def main(argv: list[str] | None = None) -> int:
             res["python_costs"] = levers.python_costs(dprep)
             res["grads_below_first_layer"] = levers.grads_below_first_layer(dpath, dprep.label_names)
             log("micro-benchmarks done")
-        res["inference"] = infer.run(root / "ours-minilm" / "adapter", infer.texts_of_builtin(1 if a.quick else 2),
-                                     repeats=2 if a.quick else 7)
-        log("inference done")
-    if not a.quick and not a.no_search:
+        if not a.levers_only:
+            res["inference"] = infer.run(root / "ours-minilm" / "adapter", infer.texts_of_builtin(1 if a.quick else 2),
+                                         repeats=2 if a.quick else 7)
+            log("inference done")
+    if not a.quick and not a.no_search and not a.levers_only:
         res["search"] = {side: search.measure(side, Path(tempfile.mkdtemp(prefix="lt-bs-"))) for side in ("reference", "ours")}
         log("search done")
     for dt, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):    # shared machine: best of start and end
@@ -89,7 +94,7 @@ def render(res: dict) -> str:
              f"bf16 {pk['bf16']:.0f} GFLOP/s (best of start and end); {res['steps']} timed steps after {res['warmup']} "
              f"warm-up; load average at start {res['loadavg_start'][0]:.1f}, at end {res['loadavg_end'][0]:.1f}.", ""]
     rows = []
-    for r in res["train"]:
+    for r in res.get("train", []):
         if r["side"].startswith("ratio"):
             label = "**ratio ours/seed**" if r["side"] == "ratio" else "ratio ours/(peft + bf16 + buckets)"
             rows.append([r["model"], label, f"{r['tokens_per_s']:.2f}x", f"{r['samples_per_s']:.2f}x",
@@ -98,7 +103,7 @@ def render(res: dict) -> str:
             rows.append([r["model"], r["side"], r["tokens_per_s"], r["samples_per_s"], r["gflops"],
                          f"{r['pct_bf16_peak']:.0f}%", f"{r['pct_fp32_peak']:.0f}%", r["gflops_executed"],
                          f"{r['pct_bf16_peak_executed']:.0f}%"])
-    parts += ["### 1. Training throughput (batch 16)", "",
+    parts += [] if not rows else ["### 1. Training throughput (batch 16)", "",
               table(rows, ["model", "side", "real tokens/s", "samples/s", "GFLOP/s", "% bf16 peak", "% fp32 peak",
                            "executed GFLOP/s", "executed % bf16 peak"]), "",
               "GFLOP/s: 4 × non-embedding weights × real tokens/s (the issue's measure). Executed: the same less the "
@@ -110,9 +115,9 @@ def render(res: dict) -> str:
     if "search" in res:
         parts += ["### 2. Search (8 samples, ASHA grace 1 / reduction 2, ≤ 3 epochs, val_loss, MiniLM)", "",
                   table(search.rows(res["search"]), search.HEADER), ""]
-    inf = res["inference"]
-    parts += ["### 3. Inference (`loratune predict`, MiniLM, texts/s)", "",
-              table(infer.rows(inf), ["model", "texts/s", "vs base", "time"]), ""]
+    if "inference" in res:
+        parts += ["### 3. Inference (`loratune predict`, MiniLM, texts/s)", "",
+                  table(infer.rows(res["inference"]), ["model", "texts/s", "vs base", "time"]), ""]
     if "levers" in res:
         base = res["levers"][0][1]
         parts += ["### Levers (distilbert-size, loratune train, one change at a time)", "",
