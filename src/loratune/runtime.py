@@ -37,7 +37,7 @@ def release_memory() -> bool:
 
     Training allocates activations of many shapes (length buckets, evaluation batches); glibc keeps what
     was freed in its heap, so a process that trains again (a Ray worker reused for the next trial) grew
-    by about 0.9 GB a trial here. Called between epochs and between trials: a few milliseconds each.
+    by about 0.9 GB a trial here. Called between epochs and between trials: ≈ 0.1 s each (mostly the gc).
     """
     gc.collect()
     trim = _malloc_trim()
