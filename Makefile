@@ -21,7 +21,7 @@ $(STAMP): $(BIN)/python pyproject.toml
 setup: $(STAMP)                 ## the venv with torch, loratune, test tools and the built-in model
 
 data: setup                     ## the built-in data (Rotten Tomatoes, 4,000 snippets), fetched once
-	$(BIN)/python -m loratune.data fetch
+	$(BIN)/python -m loratune.training.sources fetch
 
 demo: data                      ## search LoRA settings (8 trials, ASHA) on the built-in model and data
 	$(BIN)/loratune tune --out runs/demo --overwrite

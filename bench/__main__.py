@@ -54,8 +54,8 @@ def main(argv: list[str] | None = None) -> int:
             res["train"] = tb.run(root, steps=steps, warmup=warmup, peaks=res["peak_gflops"],
                                   models=("distilbert", "minilm"))
             log("training done")
-        from loratune.config import TrainConfig
-        from loratune.trainer import prepare_data
+        from loratune.training.loop import prepare_data
+        from loratune.training.options import TrainConfig
 
         dpath = tb.distilbert_folder(root)
         dprep = prepare_data(TrainConfig(model=dpath))

@@ -1,13 +1,17 @@
 """A quick interleaved A/B of the training levers on the distilbert-size model (3 rounds × 30 steps), for a
 short quiet window of the machine: ``python -m bench.ab``. Prints tokens/s per round."""
-import json, time, tempfile
+import json
+import tempfile
+import time
 from pathlib import Path
+
 from bench import train as tb
 from bench.common import quiet
-from loratune import trainer
-from loratune.config import TrainConfig
-from loratune.trainer import prepare_data
 from loratune.runtime import set_threads
+from loratune.training import loop as trainer
+from loratune.training.loop import prepare_data
+from loratune.training.options import TrainConfig
+
 quiet(); set_threads(None)
 root = Path(tempfile.mkdtemp(prefix="lt-ab-"))
 d = tb.distilbert_folder(root); p = prepare_data(TrainConfig(model=d))

@@ -13,9 +13,9 @@ def run(adapter: Path, texts: list[str], repeats: int = 3) -> dict[str, float]:
     """texts/s of :func:`loratune.inference.predict` (tokenize + classify + rows), best of ``repeats``, interleaved."""
     from dataclasses import replace
 
-    from loratune.inference import load, predict
-    from loratune.inject import merge_and_unload
-    from loratune.models import load_model
+    from loratune.core.inject import merge_and_unload
+    from loratune.infer.inference import load, predict
+    from loratune.training.models import load_model
 
     quiet()
     unmerged = load(adapter, device="cpu")
@@ -35,8 +35,8 @@ def run(adapter: Path, texts: list[str], repeats: int = 3) -> dict[str, float]:
 
 
 def texts_of_builtin(copies: int = 2) -> list[str]:
-    from loratune.config import TrainConfig
-    from loratune.data import load_splits
+    from loratune.training.data import load_splits
+    from loratune.training.options import TrainConfig
 
     s = load_splits(TrainConfig())
     return (s.validation.texts + s.test.texts) * copies

@@ -16,7 +16,7 @@ from bench import train as tb
 
 def variants(root: Path, model: str, prepared: Any, steps: int, warmup: int) -> list[tuple[str, float]]:
     """(lever, real tokens/s) of the default training and of each variant, in one process, interleaved twice."""
-    from loratune import trainer
+    from loratune.training import loop as trainer
 
     def switch(**flags: Any) -> Callable[[], Any]:
         def apply() -> Any:
@@ -58,9 +58,9 @@ def tb_threads() -> int:
 
 
 def _two_adapter_model(model: str, label_names: list[str]) -> torch.nn.Module:
-    from loratune.inject import LoraSpec, inject, mark_trainable
-    from loratune.models import load_model
+    from loratune.core.inject import LoraSpec, inject, mark_trainable
     from loratune.runtime import cast_frozen_linears
+    from loratune.training.models import load_model
 
     m = load_model(model, label_names)
     torch.manual_seed(0)
@@ -74,7 +74,7 @@ def _two_adapter_model(model: str, label_names: list[str]) -> torch.nn.Module:
 def packing(model: str, label_names: list[str], length: int = 32, iters: int = 10) -> dict[str, float]:
     """ms per forward+backward (bf16, frozen bf16): 2 adapters × batch 16 routed in one pass of 32 vs two
     passes of 16 (each its own adapter), and one adapter on a batch of 32 (the ceiling of what packing saves)."""
-    from loratune.inject import routed, set_active
+    from loratune.core.inject import routed, set_active
 
     m = _two_adapter_model(model, label_names)
     g = torch.Generator().manual_seed(0)
@@ -118,7 +118,7 @@ def packing(model: str, label_names: list[str], length: int = 32, iters: int = 1
 
 def python_costs(prepared: Any) -> dict[str, float]:
     """µs per step of the host-side work: batch order (per epoch, amortised) and collate."""
-    from loratune.data import batch_order, collate
+    from loratune.tasks.batches import batch_order, collate
 
     tr = prepared.train
     t0 = time.perf_counter()
@@ -139,9 +139,8 @@ def python_costs(prepared: Any) -> dict[str, float]:
 
 def grads_below_first_layer(model: str, label_names: list[str]) -> dict[str, Any]:
     """Does autograd compute anything below the lowest adapted layer? (embeddings output requires_grad?)"""
-    from loratune.inject import LoraSpec, inject
-
-    from loratune.models import load_model
+    from loratune.core.inject import LoraSpec, inject
+    from loratune.training.models import load_model
 
     m = load_model(model, label_names)
     inject(m, LoraSpec())

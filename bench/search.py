@@ -31,9 +31,13 @@ def _seed_trainable(config: dict[str, Any], data: dict[str, Any]) -> None:
     from peft import LoraConfig, get_peft_model
     from ray import tune
     from torch.utils.data import DataLoader
-    from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, get_linear_schedule_with_warmup
+    from transformers import (
+        AutoModelForSequenceClassification,
+        DataCollatorWithPadding,
+        get_linear_schedule_with_warmup,
+    )
 
-    from loratune.models import load_tokenizer, resolve_model_path
+    from loratune.training.models import load_tokenizer, resolve_model_path
 
     torch.manual_seed(SEED)
     path = resolve_model_path("minilm-l6")
@@ -73,9 +77,11 @@ def reference(out: Path) -> dict[str, Any]:
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import BasicVariantGenerator
 
-    from loratune.config import TrainConfig
-    from loratune.search import _ray_session        # only to start Ray quietly in a short temp folder
-    from loratune.trainer import prepare_data
+    from loratune.search.driver import (
+        _ray_session,  # only to start Ray quietly in a short temp folder
+    )
+    from loratune.training.loop import prepare_data
+    from loratune.training.options import TrainConfig
 
     t0 = time.monotonic()
     prepared = prepare_data(TrainConfig())

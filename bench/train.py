@@ -25,7 +25,7 @@ def distilbert_folder(root: Path) -> str:
     """A random-init distilbert-base classifier saved with MiniLM's tokenizer (vocab 30522 matches)."""
     from transformers import DistilBertConfig, DistilBertForSequenceClassification
 
-    from loratune.models import load_tokenizer
+    from loratune.training.models import load_tokenizer
 
     path = root / "distilbert-base-random"
     if not (path / "config.json").is_file():
@@ -39,7 +39,7 @@ def distilbert_folder(root: Path) -> str:
 def ours(model: str, prepared: Any, steps: int, warmup: int, out: Path, **options: Any) -> dict[str, float]:
     """loratune.train with its defaults (bf16 where native, buckets, batch 16, r=8 α=16 q,v + head)."""
     from loratune import train
-    from loratune.config import TrainConfig
+    from loratune.training.options import TrainConfig
 
     marks: dict[int, tuple[float, float, float]] = {}
 
@@ -57,9 +57,14 @@ def ours(model: str, prepared: Any, steps: int, warmup: int, out: Path, **option
 def seed(model_path: str, prepared: Any, steps: int, warmup: int, out: Path, family: str) -> dict[str, float]:
     """The seed recipe: peft get_peft_model + transformers Trainer, fp32, DataCollatorWithPadding, random order."""
     from peft import LoraConfig, get_peft_model
-    from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments
+    from transformers import (
+        DataCollatorWithPadding,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
 
-    from loratune.models import load_model, load_tokenizer
+    from loratune.training.models import load_model, load_tokenizer
 
     tok = load_tokenizer("minilm-l6")
     model = load_model(model_path, prepared.label_names, seed=0)
@@ -99,8 +104,8 @@ def peft_tricks(model_path: str, prepared: Any, steps: int, warmup: int, family:
     import torch.nn.functional as F
     from peft import LoraConfig, get_peft_model
 
-    from loratune.data import batch_order, collate
-    from loratune.models import load_model
+    from loratune.tasks.batches import batch_order, collate
+    from loratune.training.models import load_model
 
     torch.manual_seed(0)
     model = get_peft_model(load_model(model_path, prepared.label_names, seed=0),
@@ -130,8 +135,8 @@ def peft_tricks(model_path: str, prepared: Any, steps: int, warmup: int, family:
 def model_flops_params(model_path: str, label_names: list[str]) -> tuple[int, int]:
     """(non-embedding weights, weights of the last layer that loratune's first-token lever skips for all tokens
     but the first: its query, attention output and feed-forward matrices)."""
-    from loratune.firsttoken import FIRST_TOKEN_HEADS, _last_layer
-    from loratune.models import load_model
+    from loratune.training.firsttoken import FIRST_TOKEN_HEADS, _last_layer
+    from loratune.training.models import load_model
 
     model = load_model(model_path, label_names)
     found = _last_layer(model) if type(model).__name__ in FIRST_TOKEN_HEADS else None
@@ -145,8 +150,8 @@ def model_flops_params(model_path: str, label_names: list[str]) -> tuple[int, in
 
 
 def run(root: Path, *, steps: int, warmup: int, peaks: dict[str, float], models: tuple[str, ...]) -> list[dict[str, Any]]:
-    from loratune.config import TrainConfig
-    from loratune.trainer import prepare_data
+    from loratune.training.loop import prepare_data
+    from loratune.training.options import TrainConfig
 
     rows = []
     for family in models:
@@ -172,7 +177,7 @@ def run(root: Path, *, steps: int, warmup: int, peaks: dict[str, float], models:
 
 
 def padding_stats(prepared: Any) -> dict[str, float]:
-    from loratune.data import batch_order, padding_fraction
+    from loratune.tasks.batches import batch_order, padding_fraction
 
     lens = prepared.train.lengths
     return {"random": padding_fraction(lens, batch_order(lens, 16, bucket=False, shuffle=True, seed=0, epoch=0)),

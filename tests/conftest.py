@@ -127,7 +127,7 @@ def tiny_data(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def finished_run(tmp_path_factory, tiny_model_dir, tiny_data):
     """One finished tiny training run (its adapter in ``run/adapter``), shared by tests that only read it."""
-    from loratune.cli import main
+    from loratune.cli.main import main
 
     out = tmp_path_factory.mktemp("finished") / "run"
     argv = ["train", "--model", tiny_model_dir, "--data", tiny_data, "--out", str(out), "--epochs", "1",

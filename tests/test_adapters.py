@@ -8,14 +8,26 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ARCHS, tiny_model
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
-from loratune.adapters import (CONFIG_NAME, WEIGHTS_NAME, load_adapter, read_meta, save_adapter)
+from loratune.core.adapters import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    load_adapter,
+    read_meta,
+    save_adapter,
+)
+from loratune.core.inject import (
+    LoraSpec,
+    expand_targets,
+    head_names,
+    inject,
+    lora_layers,
+    set_active,
+)
 from loratune.errors import InputError
-from loratune.inject import LoraSpec, expand_targets, head_names, inject, lora_layers, set_active
-
-from conftest import ARCHS, tiny_model
 
 
 def _perturb(model: torch.nn.Module, seed: int = 0) -> None:

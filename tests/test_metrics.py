@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from loratune.metrics import compute_metrics, confusion, per_class, roc_auc
+from loratune.tasks.metrics import compute_metrics, confusion, per_class, roc_auc
 
 
 def _probs1(p1: list[float]) -> np.ndarray:

@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 
 import loratune
-from loratune import cli
+from loratune.cli import main as cli
 from loratune.errors import InputError
-from loratune.report import write_report
+from loratune.report.write import write_report
 
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
 TRAIN = dict(epochs=2, batch_size=8, max_length=32, threads=1)
@@ -218,7 +218,7 @@ def _png_size(uri: str) -> tuple[int, int]:
 
 def test_figures_from_plain_numbers() -> None:
     """The figure functions on inputs the tiny runs do not produce: three classes, many matrices, every status."""
-    from loratune import plots
+    from loratune.report import html, plots
 
     rng = np.random.default_rng(0)
     labels = np.repeat([0, 1, 2], 20)
@@ -239,11 +239,11 @@ def test_figures_from_plain_numbers() -> None:
     assert _png_size(plots.metric_vs_options(rows, "val_loss", ["rank", "lr"], None, "b"))[0] > 100
     assert _png_size(plots.learning_curves([], []))[0] > 100
     assert _png_size(plots.size_plot(None, None, 1000, None))[0] > 100
-    assert plots.human_bytes(999) == "999 B" and plots.human_bytes(1_234_567) == "1.2 MB"
-    assert plots.fmt(16.0, option=True) == "16" and plots.fmt(5e-4, option=True) == "0.0005"
-    assert plots.fmt(float("nan")) == "-" and plots.fmt(0.12345) == "0.1235" and plots.fmt(2e-5) == "2.00e-05"
-    html = plots.table(["name", "x"], [["<b>", 1.5]], sortable=True)
-    assert "&lt;b&gt;" in html and 'data-v="1.5"' in html and "class=sortable" in html
+    assert html.human_bytes(999) == "999 B" and html.human_bytes(1_234_567) == "1.2 MB"
+    assert html.fmt(16.0, option=True) == "16" and html.fmt(5e-4, option=True) == "0.0005"
+    assert html.fmt(float("nan")) == "-" and html.fmt(0.12345) == "0.1235" and html.fmt(2e-5) == "2.00e-05"
+    page = html.table(["name", "x"], [["<b>", 1.5]], sortable=True)
+    assert "&lt;b&gt;" in page and 'data-v="1.5"' in page and "class=sortable" in page
 
 
 # --- in a real browser ------------------------------------------------------------------------------

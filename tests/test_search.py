@@ -16,10 +16,9 @@ from pathlib import Path
 
 import psutil
 import pytest
-
-from loratune.search import tune
-
 from conftest import synthetic_rows, write_csv
+
+from loratune.search.driver import tune
 
 FIXED = {"batch_size": 8, "max_length": 32, "log_every": 5}
 COLUMNS = ["trial", "status", "epochs_run"]
@@ -30,7 +29,7 @@ CLI = [sys.executable, "-m", "loratune"]
 
 @pytest.fixture
 def cli_main():
-    import loratune.cli as cli
+    import loratune.cli.main as cli
 
     return cli.main
 
@@ -255,9 +254,9 @@ def test_a_trial_whose_worker_died_before_its_first_report_is_a_failed_row(tmp_p
 
     from ray.tune import Result
 
-    from loratune.config import TrainConfig
-    from loratune.search import LiveView, trial_records
-    from loratune.space import parse_space
+    from loratune.search.driver import LiveView, trial_records
+    from loratune.search.space import parse_space
+    from loratune.training.options import TrainConfig
 
     base = TrainConfig()
     space = parse_space({"rank": {"choice": [2, 4]}, "lr": {"loguniform": [1e-4, 1e-2]}}, base)

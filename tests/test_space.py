@@ -11,10 +11,19 @@ from pathlib import Path
 import pytest
 import yaml
 
-from loratune.config import TrainConfig
 from loratune.errors import InputError
-from loratune.space import DEFAULT_SPACE, Dim, Space, check_device, columns, encode, parse_space, validate
-from loratune.trials import choose_best, finish, status_of, trial_record
+from loratune.search.space import (
+    DEFAULT_SPACE,
+    Dim,
+    Space,
+    check_device,
+    columns,
+    encode,
+    parse_space,
+    validate,
+)
+from loratune.search.trials import choose_best, finish, status_of, trial_record
+from loratune.training.options import TrainConfig
 
 
 @pytest.fixture
@@ -64,7 +73,7 @@ def test_bad_spaces_name_the_key(base, space, fragment) -> None:
 
 
 def test_parsing_needs_no_ray() -> None:
-    code = ("import sys; from loratune.space import DEFAULT_SPACE, validate; from loratune.config import TrainConfig; "
+    code = ("import sys; from loratune.search.space import DEFAULT_SPACE, validate; from loratune.training.options import TrainConfig; "
             "validate(DEFAULT_SPACE, TrainConfig(), load_model=False); assert 'ray' not in sys.modules, 'ray imported'")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr

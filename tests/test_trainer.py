@@ -12,13 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import synthetic_rows, write_csv
 from safetensors.torch import load_file
 
 import loratune
 from loratune.errors import InputError
-from loratune.trainer import _schedule
-
-from conftest import synthetic_rows, write_csv
+from loratune.training.loop import _schedule
 
 CLI = [sys.executable, "-m", "loratune"]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -142,7 +141,7 @@ def test_library_rejects_bad_options(tmp_path, tiny_model_dir, tiny_data) -> Non
 def test_early_stop_after_epochs_without_improvement(tmp_path, tiny_model_dir, tiny_data, monkeypatch) -> None:
     """--early-stop 2: validation losses 0.5, 0.4, 0.45, 0.46 stop the run after epoch 4 (two epochs without a
     new best), keep epoch 2 as the best, and leave epoch 2's adapter (not epoch 4's) in the run directory."""
-    from loratune import trainer
+    from loratune.training import loop as trainer
 
     scripted = iter([0.5, 0.4, 0.45, 0.46, 0.3, 0.2])          # 0.3 and later: never reached by validation
     snapshots: list[dict[str, torch.Tensor]] = []              # LoRA weights at each evaluation, in call order

@@ -17,19 +17,19 @@ from typing import Any
 __version__ = "0.1.0"
 
 _LAZY = {
-    "train": ("trainer", "train"),
-    "tune": ("search", "tune"),
-    "TrainConfig": ("config", "TrainConfig"),
+    "train": ("training.loop", "train"),
+    "tune": ("search.driver", "tune"),
+    "TrainConfig": ("training.options", "TrainConfig"),
     "InputError": ("errors", "InputError"),
-    "evaluate": ("inference", "evaluate_adapter"),
-    "predict": ("inference", "predict"),
-    "merge": ("inference", "merge_export"),
-    "info": ("inference", "info"),
-    "LoraLinear": ("lora", "LoraLinear"),
-    "LoraSpec": ("inject", "LoraSpec"),
-    "inject": ("inject", "inject"),
-    "load_adapter": ("adapters", "load_adapter"),
-    "save_adapter": ("adapters", "save_adapter"),
+    "evaluate": ("infer.inference", "evaluate_adapter"),
+    "predict": ("infer.inference", "predict"),
+    "merge": ("infer.inference", "merge_export"),
+    "info": ("infer.inference", "info"),
+    "LoraLinear": ("core.lora", "LoraLinear"),
+    "LoraSpec": ("core.inject", "LoraSpec"),
+    "inject": ("core.inject", "inject"),
+    "load_adapter": ("core.adapters", "load_adapter"),
+    "save_adapter": ("core.adapters", "save_adapter"),
 }
 
 

@@ -13,7 +13,7 @@ from typing import Any, ContextManager
 
 import torch
 
-from .errors import InputError
+from loratune.errors import InputError
 
 
 def available_cpus() -> int:
@@ -103,7 +103,7 @@ def cast_frozen_linears(model: torch.nn.Module, precision: str) -> int:
     rounding cannot be undone, so a model to be merged or exported must not go through this.
     Returns the number of tensors cast.
     """
-    from .lora import is_conv1d
+    from loratune.core.lora import is_conv1d
 
     if precision != "bf16":
         return 0
@@ -121,7 +121,7 @@ def versions() -> dict[str, str]:
     """Versions recorded in every run's config.yaml."""
     import transformers
 
-    from . import __version__
+    from loratune import __version__
 
     return {"loratune": __version__, "torch": str(torch.__version__), "transformers": str(transformers.__version__),
             "python": platform.python_version()}

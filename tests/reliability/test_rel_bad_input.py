@@ -12,10 +12,9 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
-
-from loratune.cli import main
-
 from conftest import synthetic_rows, write_csv
+
+from loratune.cli.main import main
 
 FAST = ["--epochs", "1", "--batch-size", "8", "--max-length", "32", "--rank", "4", "--threads", "1"]
 Case = tuple[str, str, Callable[[Path, dict], list[str]], str]    # (kind, name, argv builder, message fragment)

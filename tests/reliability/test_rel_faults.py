@@ -15,13 +15,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import synthetic_rows, tiny_model, write_csv
 from safetensors.torch import load_file
 
 import loratune
-from loratune.adapters import load_adapter, save_adapter
-from loratune.checkpoint import list_checkpoints, load_latest
-
-from conftest import synthetic_rows, tiny_model, write_csv
+from loratune.core.adapters import load_adapter, save_adapter
+from loratune.training.checkpoint import list_checkpoints, load_latest
 
 CLI = [sys.executable, "-m", "loratune"]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -94,7 +93,7 @@ def test_full_disk_while_checkpointing(reference, tmp_path) -> None:
     run = tmp_path / "run"
     # A mid-epoch checkpoint has no best-epoch copy yet; the end-of-epoch one has: a limit between the
     # two lets the first checkpoints through and makes the adapter save and the epoch checkpoint fail.
-    from loratune import trainer
+    from loratune.training import loop as trainer
 
     sizes: dict[int, int] = {}
     real = trainer.save_checkpoint
@@ -126,8 +125,8 @@ def test_full_disk_while_checkpointing(reference, tmp_path) -> None:
 
 
 def test_an_interrupted_adapter_save_leaves_the_old_adapter(tmp_path, monkeypatch) -> None:
-    from loratune import adapters
-    from loratune.inject import LoraSpec, inject
+    from loratune.core import adapters
+    from loratune.core.inject import LoraSpec, inject
 
     model = tiny_model("bert").eval()
     spec = LoraSpec(targets=("qv",), rank=2, alpha=4)

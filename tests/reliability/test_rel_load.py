@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import synthetic_rows
 
 RUN = ("import resource, sys; from loratune.cli import main; code = main(sys.argv[1:]); "

@@ -9,14 +9,19 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import tiny_model
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from loratune import inference, models
-from loratune.adapters import CONFIG_NAME, WEIGHTS_NAME, load_adapter, read_adapter_config
+from loratune.core.adapters import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    load_adapter,
+    read_adapter_config,
+)
 from loratune.errors import InputError
-
-from conftest import tiny_model
+from loratune.infer import inference
+from loratune.training import models
 
 SRC = Path(__file__).resolve().parents[2] / "src" / "loratune"
 

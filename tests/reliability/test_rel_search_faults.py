@@ -13,7 +13,6 @@ from pathlib import Path
 
 import psutil
 import pytest
-
 from conftest import synthetic_rows, write_csv
 
 CLI = [sys.executable, "-m", "loratune"]

@@ -1,9 +1,4 @@
-"""Data: the built-in set, user files and Hugging Face datasets; splits; tokenization; batches.
-
-Sources of ``--data``: the built-in ``rotten-tomatoes-4k`` (fetched once into :func:`data_dir`), a
-CSV / TSV / JSONL / Parquet file, a ``datasets.save_to_disk`` folder, or a Hugging Face dataset name
-(``datasets`` is imported only for the last two). A file has a header (CSV) or keys (JSONL) naming
-the text and label columns; labels are strings or integers.
+"""Splits: train / validation / test of ``--data`` (read by :mod:`loratune.training.sources`), and label names.
 
 Splits: a dataset's own ``train`` / ``validation`` (``valid``, ``dev``, ``val``) / ``test`` splits and
 ``--validation-file`` / ``--test-file`` are used as given; a missing validation or test split is cut
@@ -18,21 +13,18 @@ line or row, and the problem.
 from __future__ import annotations
 
 import logging
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .errors import InputError
-from .sources import (BUILTIN_FILE, BUILTIN_NAME, _SOURCE_MEMBER, Rows, _load_data, builtin_data_path,  # noqa: F401
-                      data_dir, fetch_builtin_data, main, read_file)
+from loratune.errors import InputError
+from loratune.tasks.classification import Split
+from loratune.training.sources import _load_data, read_file
 
 if TYPE_CHECKING:
-    import torch
-
-    from .config import TrainConfig
+    from loratune.training.options import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -44,20 +36,6 @@ SPLIT_SEED = 0
 
 
 @dataclass(frozen=True, eq=False)
-class Split:
-    """One split: ``texts[i]`` has class id ``labels[i]`` (int64, an index into the label names)."""
-
-    texts: list[str]
-    labels: np.ndarray
-
-    def __post_init__(self) -> None:
-        assert self.labels.dtype == np.int64 and self.labels.shape == (len(self.texts),)
-
-    def __len__(self) -> int:
-        return len(self.texts)
-
-
-@dataclass(frozen=True, eq=False)
 class Splits:
     """Train / validation / test and the label names that class ids index (they travel with the adapter)."""
 
@@ -65,18 +43,6 @@ class Splits:
     validation: Split
     test: Split
     label_names: list[str]
-
-
-@dataclass(frozen=True, eq=False)
-class Encoded:
-    """A tokenized split, unpadded: ``input_ids[i]`` (int32) has ``lengths[i]`` tokens. Picklable."""
-
-    input_ids: list[np.ndarray]
-    lengths: np.ndarray
-    labels: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.input_ids)
 
 
 # --------------------------------------------------------------------------- splits
@@ -181,79 +147,3 @@ def _is_int(s: str) -> bool:
         return str(int(s)) == s
     except ValueError:
         return False
-
-
-# --------------------------------------------------------------------------- tokens and batches
-
-def tokenize(split: Split, tokenizer: Any, max_length: int) -> Encoded:
-    """Tokenize once, unpadded, in one batched call of a (fast) Hugging Face tokenizer.
-
-    Texts are truncated to ``max_length`` tokens (special tokens included); padding happens per
-    batch in :func:`collate`.
-    """
-    enc = tokenizer(split.texts, truncation=True, max_length=max_length, padding=False,
-                    return_attention_mask=False, return_token_type_ids=False)
-    ids = [np.asarray(x, dtype=np.int32) for x in enc["input_ids"]]
-    lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
-    return Encoded(ids, lengths, split.labels.copy())
-
-
-def batch_order(lengths: np.ndarray, batch_size: int, *, bucket: bool, shuffle: bool, seed: int,
-                epoch: int) -> list[np.ndarray]:
-    """The batches of one pass as arrays of example indices; every index exactly once.
-
-    - ``shuffle=False`` (evaluation): sorted by length, longest first, ties in input order;
-      deterministic, and the indices put predictions back in input order.
-    - ``shuffle=True, bucket=False``: a random permutation cut into batches.
-    - ``shuffle=True, bucket=True``: the permutation is cut into mega-batches of ``100 * batch_size``
-      examples, each sorted by length and cut into batches, and the batches are shuffled: batches of
-      similar lengths (little padding) in random order.
-    The randomness is ``default_rng([seed, epoch])``: the same (seed, epoch) gives the same batches.
-    """
-    lengths = np.asarray(lengths)
-    n = len(lengths)
-    if not shuffle:
-        order = np.argsort(-lengths, kind="stable")
-        return [order[i:i + batch_size] for i in range(0, n, batch_size)]
-    rng = np.random.default_rng([seed, epoch])
-    perm = rng.permutation(n)
-    if not bucket:
-        return [perm[i:i + batch_size] for i in range(0, n, batch_size)]
-    mega = 100 * batch_size
-    batches: list[np.ndarray] = []
-    for m in range(0, n, mega):
-        chunk = perm[m:m + mega]
-        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
-        batches.extend(chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size))
-    return [batches[i] for i in rng.permutation(len(batches))]
-
-
-def collate(enc: Encoded, idx: np.ndarray, pad_id: int, pad_to: int = 1) -> dict[str, torch.Tensor]:
-    """One batch, right-padded to its longest sequence: ``input_ids``, ``attention_mask`` (B, T), ``labels`` (B,).
-
-    ``pad_to`` > 1 rounds the width T up to a multiple of it (fewer distinct shapes; masked positions).
-    """
-    import torch
-
-    lens = enc.lengths[idx]
-    width = -(-int(lens.max()) // pad_to) * pad_to
-    ids = np.full((len(idx), width), pad_id, dtype=np.int64)
-    for row, i in enumerate(idx):
-        ids[row, :lens[row]] = enc.input_ids[i]
-    mask = (np.arange(width)[None, :] < lens[:, None]).astype(np.int64)
-    return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask),
-            "labels": torch.from_numpy(enc.labels[idx].astype(np.int64))}
-
-
-def padding_fraction(lengths: np.ndarray, batches: Sequence[np.ndarray]) -> float:
-    """Share of the padded token slots of these batches that are padding (0 = none)."""
-    lengths = np.asarray(lengths)
-    slots = sum(len(b) * int(lengths[b].max()) for b in batches if len(b))
-    real = sum(int(lengths[b].sum()) for b in batches)
-    return 0.0 if slots == 0 else 1.0 - real / slots
-
-
-# --------------------------------------------------------------------------- python -m loratune.data
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -13,10 +13,20 @@ from typing import Any
 
 import yaml
 
-from . import plots
-from .plots import card, esc, fmt, img, table
-from .report import (analysis_section, curves, describe_targets, guarded, ratio, read_json, read_yaml, size_facts,
-                     size_section, test_section)
+from loratune.report import plots
+from loratune.report.html import card, esc, finite, fmt, img, table
+from loratune.report.sections import (
+    analysis_section,
+    curves,
+    describe_targets,
+    guarded,
+    ratio,
+    read_json,
+    read_yaml,
+    size_facts,
+    size_section,
+    test_section,
+)
 
 STANDARD = ("trial", "status", "epochs_run", "val_loss", "val_accuracy", "val_f1")
 OPTION_PLOTS = ("rank", "lr", "dropout")
@@ -48,7 +58,7 @@ def _parse(v: str | None) -> Any:
 
 def _best_epoch(run: Path) -> dict[str, Any]:
     """The evaluation with the lowest validation loss in ``metrics.jsonl`` (the epoch whose adapter was kept)."""
-    evals = [e for e in curves(run)[1] if plots._finite(e.get("loss"))]
+    evals = [e for e in curves(run)[1] if finite(e.get("loss"))]
     return min(evals, key=lambda e: e["loss"]) if evals else {}
 
 
@@ -86,7 +96,7 @@ def search_page(run: Path) -> tuple[str, list[str], list[str]]:
         if row.get(metric) is None:
             row[metric] = _best_epoch(run / "trials" / str(row.get("trial"))).get(mname)
     keys = [k for k in (rows[0] if rows else {}) if k not in STANDARD and k != metric]
-    ok = [r for r in rows if r.get("status") in ("completed", "stopped_early") and plots._finite(r.get(metric))]
+    ok = [r for r in rows if r.get("status") in ("completed", "stopped_early") and finite(r.get(metric))]
     best_res = read_json(run / "best" / "results.json") or {}
     info = summary.get("best") or {}
     best = info.get("trial") or best_res.get("trial") or (
@@ -153,7 +163,7 @@ def search_page(run: Path) -> tuple[str, list[str], list[str]]:
         body.append(f"<h2>What mattered</h2><p>Each trial's best-epoch score against the searched options; "
                     f"{'one colour per target set; ' if series else ''}the star is the winner.</p>")
         for m in dict.fromkeys([metric, "val_accuracy" if metric != "val_accuracy" else "val_loss"]):
-            if any(plots._finite(row.get(m)) for row in ok):
+            if any(finite(row.get(m)) for row in ok):
                 body += guarded(f"{m} plots", lambda m=m: [img(plots.metric_vs_options(ok, m, options, series, best),
                                                                  f"{m} against {', '.join(options)}")])
     shown_metrics = [mname, "accuracy" if mname != "accuracy" else "loss"]

@@ -17,8 +17,8 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
-from .errors import InputError
-from .lora import LoraLinear, is_conv1d, linear_shape
+from loratune.core.lora import LoraLinear, is_conv1d, linear_shape
+from loratune.errors import InputError
 
 # Attention projection names by naming family: (q, k, v, o). The first family whose q and v
 # names occur among the model's linear layers wins.

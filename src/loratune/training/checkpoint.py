@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .errors import InputError
+from loratune.errors import InputError
 
 log = logging.getLogger(__name__)
 KEEP = 2                                          # the newest two: one may be cut short by a crash

@@ -19,10 +19,17 @@ from typing import Any, Callable, Mapping
 
 import yaml
 
-from . import rundir
-from .config import TrainConfig
-from .errors import InputError
-from .space import DEFAULT_SPACE, METRICS, OK_STATUSES, Space, columns, option_kind
+from loratune.errors import InputError
+from loratune.search.space import (
+    DEFAULT_SPACE,
+    METRICS,
+    OK_STATUSES,
+    Space,
+    columns,
+    option_kind,
+)
+from loratune.training import rundir
+from loratune.training.options import TrainConfig
 
 ALGORITHMS = ("random", "optuna")
 

@@ -19,16 +19,28 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import rundir
-from .adapters import load_adapter, num_labels_of, read_adapter_config, read_meta, read_weights
-from .config import TrainConfig
-from .data import Split, load_splits, tokenize
-from .errors import InputError
-from .forward import predict_probs
-from .inject import LoraSpec, count_parameters, inject, merge_and_unload, report_line
-from .metrics import compute_metrics
-from .models import load_model, load_tokenizer
-from .runtime import resolve_device, resolve_precision, set_threads
+from loratune.core.adapters import (
+    load_adapter,
+    num_labels_of,
+    read_adapter_config,
+    read_meta,
+    read_weights,
+)
+from loratune.core.inject import (
+    LoraSpec,
+    count_parameters,
+    inject,
+    merge_and_unload,
+    report_line,
+)
+from loratune.errors import InputError
+from loratune.runtime import resolve_device, resolve_precision, set_threads
+from loratune.tasks.classification import Split, predict_probs, tokenize
+from loratune.tasks.metrics import compute_metrics
+from loratune.training import rundir
+from loratune.training.data import load_splits
+from loratune.training.models import load_model, load_tokenizer
+from loratune.training.options import TrainConfig
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from .errors import InputError
+from loratune.errors import InputError
 
 log = logging.getLogger(__name__)
 

@@ -1,17 +1,14 @@
-"""The report's building blocks: figures as ``data:image/png;base64,...`` URIs, and the HTML around them.
+"""The report's figures as ``data:image/png;base64,...`` URIs.
 
 Figures are built with ``matplotlib.figure.Figure`` (the Agg canvas), never ``pyplot``: no global
 backend switch, no window, nothing left open, safe in a user's notebook or a worker thread.
-Every figure function takes plain numbers (lists, dicts, numpy arrays) and returns one data URI.
-The HTML pieces (tables, cards, the page shell with its inline CSS, sorting script and a
-Content-Security-Policy that forbids every request) take strings and numbers; :mod:`loratune.report`
-decides what goes on the page.
+Every figure function takes plain numbers (lists, dicts, numpy arrays) and returns one data URI;
+the HTML around them is :mod:`loratune.report.html`.
 """
 
 from __future__ import annotations
 
 import base64
-import html
 import io
 import math
 from typing import Any, Sequence
@@ -19,10 +16,11 @@ from typing import Any, Sequence
 import numpy as np
 from matplotlib.figure import Figure
 
+from loratune.report.html import STATUS_COLORS, count, finite, human_bytes, is_number
+
 DPI = 100
 PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
            "#17becf"]
-STATUS_COLORS = {"completed": "#2ca02c", "stopped_early": "#ff7f0e", "diverged": "#d62728", "failed": "#7f7f7f"}
 
 
 def png(fig: Figure) -> str:
@@ -49,13 +47,13 @@ def learning_curves(train: Sequence[tuple[int, float]], evals: Sequence[dict[str
     if train:
         steps, losses = zip(*train)
         left.plot(steps, losses, color=PALETTE[0], lw=1.2, label="train loss")
-    ev = [e for e in evals if _finite(e.get("loss"))]
+    ev = [e for e in evals if finite(e.get("loss"))]
     if ev:
         left.plot([e["step"] for e in ev], [e["loss"] for e in ev], "o-", color=PALETTE[1], label="validation loss")
     left.set(xlabel="step", ylabel="cross-entropy", title="Loss")
     _legend(left, loc="upper right")
     for key, color in (("accuracy", PALETTE[2]), ("f1", PALETTE[4])):
-        pts = [(e["epoch"], e[key]) for e in evals if _finite(e.get(key))]
+        pts = [(e["epoch"], e[key]) for e in evals if finite(e.get(key))]
         if pts:
             right.plot(*zip(*pts), "o-", color=color, label=f"validation {key}")
     if ev:
@@ -106,7 +104,7 @@ def size_plot(trainable: int | None, all_params: int | None, adapter_bytes: int 
               model_bytes: int | None) -> str:
     """Two log-scale bars each: trained vs all parameters, adapter file vs model weights."""
     fig, axes = _fig(10, 1.9, cols=2)
-    panels = [("parameters", [("trained", trainable), ("whole model", all_params)], _count),
+    panels = [("parameters", [("trained", trainable), ("whole model", all_params)], count),
               ("bytes on disk", [("adapter", adapter_bytes), ("model", model_bytes)], human_bytes)]
     for ax, (title, bars, fmt) in zip(axes, panels):
         bars = [(k, v) for k, v in bars if v]
@@ -197,7 +195,7 @@ def metric_vs_options(rows: Sequence[dict[str, Any]], metric: str, options: Sequ
     for ax, opt in zip(axes, options):
         for g in groups:
             pts = sorted((float(r[opt]), float(r[metric])) for r in rows
-                         if (not series or str(r.get(series, "")) == g) and _finite(r.get(metric)) and _num(r.get(opt)))
+                         if (not series or str(r.get(series, "")) == g) and finite(r.get(metric)) and is_number(r.get(opt)))
             if not pts:
                 continue
             x, y = zip(*pts)
@@ -209,12 +207,12 @@ def metric_vs_options(rows: Sequence[dict[str, Any]], metric: str, options: Sequ
                     by[xi] = min(by.get(xi, yi), yi) if metric.endswith("loss") else max(by.get(xi, yi), yi)
                 ax.plot(list(by), list(by.values()), color=colors[g], lw=1, alpha=0.6)
         for r in rows:
-            if best is not None and r.get("trial") == best and _finite(r.get(metric)) and _num(r.get(opt)):
+            if best is not None and r.get("trial") == best and finite(r.get(metric)) and is_number(r.get(opt)):
                 ax.scatter([float(r[opt])], [float(r[metric])], marker="*", s=260, facecolor="none",
                            edgecolor="black", lw=1.2, zorder=4, label="best")
         if opt == "lr":
             ax.set_xscale("log")
-        _log_if_wide(ax, [float(r[metric]) for r in rows if _finite(r.get(metric))])
+        _log_if_wide(ax, [float(r[metric]) for r in rows if finite(r.get(metric))])
         ax.set(xlabel=opt, ylabel=metric, title=f"{metric} vs {opt}")
         if opt == "rank":
             ax.xaxis.get_major_locator().set_params(integer=True)
@@ -232,7 +230,7 @@ def trial_curves(evals: dict[str, list[dict[str, Any]]], statuses: dict[str, str
     for ax, metric in zip(axes, metrics):
         seen: set[str] = set()
         for n, (trial, ev) in enumerate(evals.items()):
-            pts = [(e["epoch"], e[metric]) for e in ev if _finite(e.get(metric))]
+            pts = [(e["epoch"], e[metric]) for e in ev if finite(e.get(metric))]
             if not pts:
                 continue
             x, y = zip(*pts)
@@ -246,118 +244,17 @@ def trial_curves(evals: dict[str, list[dict[str, Any]]], statuses: dict[str, str
             ax.set_xlim(0.8, max_epochs + 0.2)
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set(xlabel="epoch", ylabel=f"validation {metric}", title=f"validation {metric} per epoch")
-        _log_if_wide(ax, [e[metric] for ev in evals.values() for e in ev if _finite(e.get(metric))])
+        _log_if_wide(ax, [e[metric] for ev in evals.values() for e in ev if finite(e.get(metric))])
         _legend(ax)
     return png(fig)
 
 
 # --- the page around the figures -----------------------------------------------------------------------
 
-CSS = """
-body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:#222;margin:0;background:#f6f7f9}
-main{max-width:1240px;margin:0 auto;padding:18px 20px 60px}
-h1{font-size:22px;margin:8px 0 2px}h2{font-size:17px;margin:28px 0 8px;border-bottom:1px solid #ddd;padding-bottom:4px}
-.sub{color:#666;margin-bottom:14px}.glance{display:flex;flex-wrap:wrap;gap:12px;margin:14px 0}
-.card{background:#fff;border:1px solid #dde;border-radius:8px;padding:12px 16px;flex:1 1 230px}
-.card .k{color:#667;font-size:12px;text-transform:uppercase;letter-spacing:.04em}
-.card .v{font-size:24px;font-weight:650;margin:2px 0}.card .d{color:#555;font-size:13px}
-.card.win{border:2px solid #2ca02c;background:#f3fbf3}
-table{border-collapse:collapse;background:#fff;margin:6px 0;font-size:13px}.scroll{overflow-x:auto;max-width:100%}
-th,td{border:1px solid #dde;padding:4px 8px;text-align:right;white-space:nowrap}th{background:#eef1f5}
-td.t,th.t{text-align:left}tr.best td{background:#eaf7ea;font-weight:600}
-table.sortable th{cursor:pointer;user-select:none}table.sortable th:after{content:" \\2195";color:#aab}
-.status-completed{color:#2a7d2a}.status-stopped_early{color:#b35900}.status-diverged,.status-failed{color:#c0392b}
-img{max-width:100%;display:block;margin:6px 0;background:#fff}.note{color:#777;font-style:italic}
-.row{display:flex;flex-wrap:wrap;gap:16px;align-items:flex-start}details{margin:8px 0}pre{background:#fff;padding:8px}
-"""
-SORT_JS = """
-document.querySelectorAll('table.sortable').forEach(function(t){
-  t.querySelectorAll('th').forEach(function(th,i){th.addEventListener('click',function(){
-    var b=t.tBodies[0],rows=Array.from(b.rows),up=th.dataset.dir!=='asc';th.dataset.dir=up?'asc':'desc';
-    function v(r){var c=r.cells[i],x=c.dataset.v!==undefined?c.dataset.v:c.textContent,n=parseFloat(x);
-      return x!==''&&!isNaN(n)&&isFinite(x)?n:x;}
-    rows.sort(function(a,c){var x=v(a),y=v(c);if(typeof x!==typeof y){x=String(x);y=String(y);}
-      return (x<y?-1:x>y?1:0)*(up?1:-1);});rows.forEach(function(r){b.appendChild(r);});});});});
-"""
-CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'; form-action 'none'"
-
-
-def esc(v: Any) -> str:
-    return html.escape(str(v), quote=True)
-
-
-def fmt(v: Any, option: bool = False) -> str:
-    """A cell: floats with 4 decimals (small ones in e-notation), None as '-'. An ``option`` value
-    (alpha 16.0, lr 5e-4, dropout 0.1) is shown as written: whole numbers without decimals, 3 digits."""
-    if v is None or (isinstance(v, float) and not math.isfinite(v)):
-        return "-"
-    if isinstance(v, bool):
-        return str(v).lower()
-    if isinstance(v, float) and option:
-        return str(int(v)) if v.is_integer() and abs(v) < 1e6 else f"{v:.3g}"
-    if isinstance(v, float):
-        return f"{v:.2e}" if v != 0 and abs(v) < 1e-2 else f"{v:.4f}" if abs(v) < 1e3 else f"{v:,.0f}"
-    if isinstance(v, int):
-        return f"{v:,}" if abs(v) >= 10000 else str(v)
-    if isinstance(v, (list, tuple)):
-        return ",".join(map(str, v))
-    return str(v)
-
-
-def table(headers: list[str], rows: list[list[Any]], *, sortable: bool = False, text_cols: int = 1,
-          row_class: list[str] | None = None, options: tuple[str, ...] = ()) -> str:
-    """An HTML table; the first ``text_cols`` columns are left-aligned; numbers sort by value; the
-    columns named in ``options`` hold option values (:func:`fmt`)."""
-    th = "".join(f'<th class="t">{esc(h)}</th>' if i < text_cols else f"<th>{esc(h)}</th>" for i, h in enumerate(headers))
-    body = []
-    for n, row in enumerate(rows):
-        cells = []
-        for i, v in enumerate(row):
-            attrs = ' class="t"' if i < text_cols else ""
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
-                attrs += f' data-v="{v!r}"'
-            if isinstance(v, str) and v in STATUS_COLORS:
-                attrs = f' class="t status-{v}"'
-            cells.append(f"<td{attrs}>{esc(fmt(v, headers[i] in options))}</td>")
-        cls = f' class="{row_class[n]}"' if row_class and row_class[n] else ""
-        body.append(f"<tr{cls}>{''.join(cells)}</tr>")
-    return (f'<table{" class=sortable" if sortable else ""}><thead><tr>{th}</tr></thead>'
-            f"<tbody>{''.join(body)}</tbody></table>")
-
-
-def img(uri: str, alt: str) -> str:
-    return f'<img src="{uri}" alt="{esc(alt)}">'
-
-
-def card(key: str, value: str, detail: str = "", win: bool = False) -> str:
-    return (f'<div class="card{" win" if win else ""}"><div class="k">{esc(key)}</div><div class="v">{esc(value)}</div>'
-            f'<div class="d">{esc(detail)}</div></div>')
-
-
-def note(text: str) -> str:
-    return f'<p class="note">{esc(text)}</p>'
-
-
-def page(title: str, glance: list[str], body: list[str]) -> str:
-    return ("<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8>"
-            f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
-            f'<meta name=viewport content="width=device-width,initial-scale=1"><title>{esc(title)}</title>'
-            f"<style>{CSS}</style></head><body><main>{''.join(glance)}{''.join(body)}</main>"
-            f"<script>{SORT_JS}</script></body></html>\n")
 
 
 # --- numbers ------------------------------------------------------------------------------------
 
-def human_bytes(n: float) -> str:
-    for unit in ("B", "kB", "MB", "GB"):
-        if abs(n) < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} GB"
-
-
-def _count(n: float) -> str:
-    return f"{n:,.0f}"
 
 
 def _log_if_wide(ax: Any, values: list[float]) -> None:
@@ -372,12 +269,3 @@ def _legend(ax: Any, **kw: Any) -> None:
         ax.legend(fontsize=8, **{"loc": "best", **kw})
 
 
-def _finite(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _num(v: Any) -> bool:
-    try:
-        return math.isfinite(float(v))
-    except (TypeError, ValueError):
-        return False

@@ -10,11 +10,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .progress import Renderer
+from loratune.cli.progress import Renderer
 
 
 def register(sub: Any, common: argparse.ArgumentParser) -> None:
-    """Add the ``report`` and ``analyze`` subcommands to cli.py's subparsers."""
+    """Add the ``report`` and ``analyze`` subcommands to cli/main.py's subparsers."""
     s = sub.add_parser("report", parents=[common], help="write RUN_DIR/report.html (a run or a search)",
                        description="Write one self-contained HTML report (plots embedded, no network requests) "
                                    "for a training run or a search directory.")
@@ -35,7 +35,7 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
 
 
 def cmd_report(args: argparse.Namespace, ui: Renderer) -> int:
-    from .report import write_report
+    from loratune.report.write import write_report
 
     path = write_report(args.run_dir)
     ui.line(f"report written to {path} (open it in a browser: file://{path.resolve()})")
@@ -43,7 +43,7 @@ def cmd_report(args: argparse.Namespace, ui: Renderer) -> int:
 
 
 def cmd_analyze(args: argparse.Namespace, ui: Renderer) -> int:
-    from .analysis import analyze, format_table
+    from loratune.report.analysis import analyze, format_table
 
     result = analyze(args.adapter, compare=args.compare, base=args.base)
     if args.json:

@@ -1,6 +1,6 @@
 """``loratune tune``: the search command (flags -> :func:`loratune.search.tune`, events -> lines).
 
-cli.py's build_parser calls :func:`register`; importing this module does nothing (no Ray, no torch).
+cli/main.py's build_parser calls :func:`register`; importing this module does nothing (no Ray, no torch).
 Every training flag fixes that option for all trials; ``--config`` is a YAML file with training
 options and the search's own keys (``search:``, ``samples:``, ``max_epochs:``, ...). Flags override it.
 """
@@ -12,10 +12,10 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .cli import add_train_options, read_yaml, train_options
-from .config import DEFAULTS
-from .errors import InputError
-from .progress import Renderer
+from loratune.cli.common import add_train_options, read_yaml, train_options
+from loratune.cli.progress import Renderer
+from loratune.errors import InputError
+from loratune.training.options import DEFAULTS
 
 # Keys of the --config YAML that belong to the search, not to training (CLI flag = key with dashes).
 SEARCH_KEYS = {"search": None, "samples": 8, "max_epochs": 3, "cpus_per_trial": 1, "max_concurrent": None,
@@ -24,7 +24,7 @@ SEARCH_KEYS = {"search": None, "samples": 8, "max_epochs": 3, "cpus_per_trial": 
 
 
 def register(sub: Any, common: argparse.ArgumentParser) -> None:
-    """Add the ``tune`` subcommand to cli.py's subparsers."""
+    """Add the ``tune`` subcommand to cli/main.py's subparsers."""
     s = sub.add_parser("tune", parents=[common], help="search LoRA hyperparameters on Ray Tune (ASHA)",
                        description="Search LoRA hyperparameters on Ray Tune with ASHA early stopping. Training flags "
                                    "fix an option for every trial; the space is the YAML key `search:` of --config.")
@@ -62,7 +62,7 @@ def search_options(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, 
 
 
 def cmd_tune(args: argparse.Namespace, ui: Renderer) -> int:
-    from .search import tune
+    from loratune.search.driver import tune
 
     view = TrialLines(ui)
     if args.resume is not None:
@@ -79,7 +79,7 @@ def cmd_tune(args: argparse.Namespace, ui: Renderer) -> int:
         ui.line(f"search {result.out} already finished; nothing to resume")
     print_results(ui, result)
     if not result.already_done or not (result.out / "report.html").exists():
-        from .cli import write_report_safely
+        from loratune.cli.common import write_report_safely
 
         write_report_safely(result.out, ui)
     return 0

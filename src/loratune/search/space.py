@@ -29,8 +29,8 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
-from .config import TrainConfig, parse_layers, parse_targets
-from .errors import InputError
+from loratune.errors import InputError
+from loratune.training.options import TrainConfig, parse_layers, parse_targets
 
 METRICS = ("val_loss", "val_accuracy", "val_f1", "val_f1_macro", "val_precision", "val_recall", "val_roc_auc")
 OK_STATUSES = ("completed", "stopped_early")              # the statuses a best trial may have
@@ -137,7 +137,7 @@ def encode(key: str, value: Any) -> Any:
     if key == "targets":
         if isinstance(value, str) and value.startswith("re:"):
             return value
-        from .inject import PRESETS
+        from loratune.core.inject import PRESETS
 
         names = parse_targets(value)
         if len(names) == 1 and names[0].startswith("re:"):
@@ -289,7 +289,7 @@ def check_model(space: Space, base: TrainConfig) -> None:
     A LoRA pair B (d x r), A (r x k) only makes sense for r <= min(d, k) of the adapted matrix. The
     default trial (the fixed options' targets, layers and rank) is checked as well as the samples.
     """
-    from .models import load_model
+    from loratune.training.models import load_model
 
     model = load_model(base.model, ["0", "1"])
     fixed = {k: encode(k, getattr(base, k)) for k in ("targets", "layers")}
@@ -302,8 +302,8 @@ def check_model(space: Space, base: TrainConfig) -> None:
 
 
 def _check_combo(model: Any, targets: str, layers: str | None, rank: int, rank_where: str, where: str) -> None:
-    from .inject import resolve_targets
-    from .lora import linear_shape
+    from loratune.core.inject import resolve_targets
+    from loratune.core.lora import linear_shape
 
     try:
         names = resolve_targets(model, parse_targets(targets), parse_layers(layers))

@@ -1,0 +1,148 @@
+"""``loratune info``, ``train``, ``eval``, ``predict`` and ``merge``: one adapter, made or used.
+
+cli/main.py's ``build_parser`` calls :func:`register`; importing this module does nothing (no torch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from loratune.cli.common import (
+    HELP,
+    PRECISION_HELP,
+    add_train_options,
+    train_options,
+    write_report_safely,
+)
+from loratune.cli.progress import Renderer
+from loratune.errors import InputError
+from loratune.training.options import DEFAULTS, TrainConfig
+
+
+def register(sub: Any, common: argparse.ArgumentParser) -> None:
+    """Add the adapter commands to cli/main.py's subparsers."""
+    s = sub.add_parser("info", parents=[common], help="trainable-parameter report, no training")
+    s.add_argument("--model", default=DEFAULTS["model"], help=HELP["model"] + " (default: %(default)s)")
+    s.add_argument("--targets", default="qv", help=HELP["targets"] + " (default: %(default)s)")
+    s.add_argument("--rank", type=int, default=DEFAULTS["rank"], help="LoRA rank r (default: %(default)s)")
+    s.add_argument("--alpha", type=float, default=DEFAULTS["alpha"],
+                   help="LoRA alpha; the update is scaled by alpha/r (default: %(default)s)")
+    s.add_argument("--layers", default=None, help=HELP["layers"])
+    s.add_argument("--bias", default="none", choices=["none", "all", "lora_only"],
+                   help="which biases train (default: %(default)s)")
+    s.add_argument("--num-labels", type=int, default=2, help="classes of the task head (default: %(default)s)")
+    s.add_argument("-v", "--verbose", action="store_true", help="list the adapted matrices")
+    s.set_defaults(func=cmd_info)
+
+    s = sub.add_parser("train", parents=[common], help="train one LoRA adapter")
+    add_train_options(s)
+    s.add_argument("--out", type=Path, help="run directory (default: runs/train-<timestamp>)")
+    s.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint, "
+                                                         "with the options it was started with")
+    s.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("eval", parents=[common], help="metrics of an adapter on a split")
+    s.add_argument("--adapter", required=True, help="adapter folder (a run's adapter/)")
+    s.add_argument("--data", help="data to evaluate on (default: the run's own)")
+    s.add_argument("--split", default="test", choices=["validation", "test"],
+                   help="which split, cut as in training (default: %(default)s)")
+    s.add_argument("--text-column", help="text column of --data (default: the run's)")
+    s.add_argument("--label-column", help="label column of --data (default: the run's)")
+    s.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help=PRECISION_HELP)
+    s.add_argument("--base", help="base model (default: the one the adapter was trained on)")
+    s.add_argument("--json", action="store_true", help="one JSON object")
+    s.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("predict", parents=[common], help="classify texts (arguments, --file, or stdin)")
+    s.add_argument("--adapter", required=True, help="adapter folder (a run's adapter/)")
+    s.add_argument("texts", nargs="*", metavar="TEXT", help="texts to classify (default: --file or stdin)")
+    s.add_argument("--file", help="one text per line ('-': stdin)")
+    s.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help=PRECISION_HELP)
+    s.add_argument("--base", help="base model (default: the one the adapter was trained on)")
+    s.add_argument("--batch-size", type=int, default=256,
+                   help="texts classified at a time (bounds memory) (default: %(default)s)")
+    s.add_argument("--json", action="store_true", help="JSON lines: text, label, score, probabilities")
+    s.set_defaults(func=cmd_predict)
+
+    s = sub.add_parser("merge", parents=[common], help="export a plain transformers model with the adapter merged")
+    s.add_argument("--adapter", required=True, help="adapter folder (a run's adapter/)")
+    s.add_argument("--out", required=True, type=Path, help="folder for the merged transformers model")
+    s.add_argument("--base", help="base model (default: the one the adapter was trained on)")
+    s.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    s.set_defaults(func=cmd_merge)
+
+
+def cmd_train(args: argparse.Namespace, ui: Renderer) -> int:
+    from loratune.training.loop import train
+
+    opts = train_options(args)
+    result = train(TrainConfig.from_dict(opts) if not args.resume else None, out=args.out, resume=args.resume,
+                   overwrite=args.overwrite, progress=ui.event)
+    if result.already_done:
+        ui.line(f"run {result.run_dir} already finished; nothing to resume")
+    v, t, s = result.validation, result.test or {}, result.train
+    ui.line(f"best epoch {result.best_epoch}: validation accuracy {v['accuracy']:.4f} (loss {v['loss']:.4f}), "
+            f"test accuracy {t.get('accuracy', float('nan')):.4f}")
+    ui.line(f"training: {s.get('tokens_per_s', 0):,.0f} tokens/s, {s.get('seconds', 0):.1f} s, "
+            f"{s.get('trainable_params', 0):,} trainable parameters; adapter {s.get('adapter_bytes', 0) / 1e6:.2f} MB "
+            f"vs model {s.get('model_bytes', 0) / 1e6:.1f} MB")
+    ui.line(f"run directory: {result.run_dir} (adapter in {result.run_dir / 'adapter'})")
+    if not (result.run_dir / "report.html").exists() or not result.already_done:
+        write_report_safely(result.run_dir, ui)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace, ui: Renderer) -> int:
+    from loratune.infer.inference import evaluate_adapter
+
+    m = evaluate_adapter(args.adapter, data=args.data, split=args.split, text_column=args.text_column,
+                         label_column=args.label_column, precision=args.precision, base=args.base)
+    if args.json:
+        ui.out(json.dumps(m))
+    else:
+        ui.out(f"{m['split']} ({m['examples']} examples): " + ", ".join(
+            f"{k} {v:.4f}" for k, v in m.items() if k not in ("split", "examples")))
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace, ui: Renderer) -> int:
+    from loratune.infer.inference import predict, read_lines
+
+    if args.texts and args.file:
+        raise InputError("predict: give texts as arguments or --file, not both")
+    bad: list[int] = []
+
+    def on_bad(no: int, why: str) -> None:
+        bad.append(no)
+        ui.err(f"loratune: {args.file or 'stdin'}: line {no}: {why}")
+
+    texts = args.texts if args.texts else read_lines(args.file, on_bad)
+    for row in predict(args.adapter, texts, precision=args.precision, base=args.base, chunk=args.batch_size):
+        ui.out(json.dumps(row, ensure_ascii=False) if args.json else f"{row['label']}\t{row['score']:.4f}\t{row['text']}")
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace, ui: Renderer) -> int:
+    from loratune.infer.inference import merge_export
+
+    out = merge_export(args.adapter, args.out, base=args.base, overwrite=args.overwrite)
+    ui.line(f"merged model written to {out} (load it with AutoModelForSequenceClassification.from_pretrained)")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace, ui: Renderer) -> int:
+    from loratune.infer.inference import info
+
+    r = info(args.model, targets=args.targets, rank=args.rank, alpha=args.alpha, layers=args.layers,
+             num_labels=args.num_labels, bias=args.bias)
+    ui.out(r["line"])
+    if args.verbose:
+        ui.out(f"{r['model']}: {len(r['adapted'])} adapted matrices: " + ", ".join(r["adapted"]))
+    else:
+        ui.out(f"{r['model']}: {len(r['adapted'])} adapted matrices; adapter ≈ {r['adapter_bytes_fp32'] / 1e6:.2f} MB "
+               f"vs model {r['model_bytes_fp32'] / 1e6:.1f} MB (fp32)")
+    return 0

@@ -1,0 +1,186 @@
+"""The run directory: where it goes, when an existing one may be reused, its small files, and the one
+reader of them.
+
+Every read of ``metrics.jsonl``, ``results.json`` and ``config.yaml`` goes through here (the trainer's
+resume, the search's trials table, the report), and so does the one rule for "the best epoch":
+the evaluation with the lowest *finite* validation loss, the earliest on a tie. A run whose every
+validation loss is non-finite has no best epoch (:func:`best_evaluation` returns None).
+
+The readers are tolerant where a person looks at a damaged or unfinished run (a torn last line of
+``metrics.jsonl`` is skipped, an unreadable file reads as missing, with a warning) and strict where
+a run continues from it (:func:`read_config`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from loratune.errors import InputError
+from loratune.runtime import versions
+from loratune.training.options import TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+def default_out(command: str, root: str | os.PathLike = "runs") -> Path:
+    """``runs/<command>-<timestamp>``, with a suffix if that exists already."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = Path(root) / f"{command}-{stamp}"
+    n = 1
+    while path.exists():
+        n += 1
+        path = Path(root) / f"{command}-{stamp}-{n}"
+    return path
+
+
+def check_out(out: Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuse an existing non-empty ``--out`` unless ``--resume`` or ``--overwrite`` (checked before any work)."""
+    if resume and overwrite:
+        raise InputError("--resume and --overwrite: give one or the other")
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out: {out} is a file, not a folder")
+    if resume:
+        if not out.is_dir() or not (out / "config.yaml").is_file():
+            raise InputError(f"--out: nothing to resume in {out} (no config.yaml there)")
+        return
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise InputError(f"--out: {out} exists and is not empty; use --resume to continue it or --overwrite to replace it")
+
+
+def start(out: Path, *, overwrite: bool) -> None:
+    """Create (or empty, with ``--overwrite``) the folder."""
+    if overwrite and out.is_dir():
+        for child in out.iterdir():
+            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Atomic JSON (temp file + rename); NaN becomes null so any JSON reader takes it."""
+    _atomic_text(path, json.dumps(_clean(obj), indent=2) + "\n")
+
+
+def write_config(out: Path, cfg: TrainConfig, **extra: Any) -> None:
+    doc = {**cfg.to_dict(), **extra, "versions": versions()}
+    _atomic_text(out / "config.yaml", yaml.safe_dump(doc, sort_keys=False))
+
+
+def read_config(out: Path) -> tuple[TrainConfig, dict[str, Any]]:
+    """The options a run was started with (for ``--resume``), and the extra keys."""
+    path = out / "config.yaml"
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: cannot read ({e})") from None
+    if not isinstance(doc, dict):
+        raise InputError(f"{path}: expected a mapping of options")
+    names = set(TrainConfig.__dataclass_fields__)
+    extra = {k: v for k, v in doc.items() if k not in names}
+    return TrainConfig.from_dict({k: v for k, v in doc.items() if k in names}), extra
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _clean(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if hasattr(obj, "item"):                               # numpy / torch scalars
+        return _clean(obj.item())
+    return obj
+
+
+# --- reading ------------------------------------------------------------------------------------------
+
+def is_better(loss: Any, best: float | None) -> bool:
+    """Whether a validation loss beats the best so far (None: none yet): only a finite loss can."""
+    if isinstance(loss, bool) or not isinstance(loss, (int, float)) or not math.isfinite(loss):
+        return False
+    return best is None or loss < best
+
+
+def best_evaluation(evals: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The evaluation with the lowest finite ``loss``, the earliest on a tie; None when no loss is finite."""
+    best: dict[str, Any] | None = None
+    for e in evals:
+        if is_better(e.get("loss"), None if best is None else best["loss"]):
+            best = e
+    return best
+
+
+def read_json(path: Path) -> Any:
+    """The JSON in ``path``, or None (logged) when it is missing or unreadable."""
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        log.warning("%s: unreadable, skipped (%s)", path, e)
+        return None
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """The mapping in a YAML file, or {} (logged) when it is missing, unreadable or not a mapping."""
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        log.warning("%s: unreadable, skipped (%s)", path, e)
+        doc = None
+    return doc if isinstance(doc, dict) else {}
+
+
+def read_metrics(run: Path) -> list[dict[str, Any]]:
+    """The objects of ``run/metrics.jsonl``; broken lines (a run killed mid-write) are skipped."""
+    path = run / "metrics.jsonl"
+    out = []
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(obj, dict):
+                out.append(obj)
+    return out
+
+
+def evaluations(run: Path) -> list[dict[str, Any]]:
+    """Per-epoch validation metrics from ``metrics.jsonl``: ``{"epoch", "loss", "accuracy", ...}``; a loss
+    that was NaN or infinite reads as None (JSON has neither)."""
+    return [{k: v for k, v in x.items() if k not in ("type", "split", "step")} for x in read_metrics(run)
+            if x.get("type") == "eval" and isinstance(x.get("epoch"), int)]
+
+
+def train_losses(run: Path) -> list[tuple[int, float]]:
+    """(step, training loss) of each logged step in ``metrics.jsonl``, finite losses only."""
+    return [(int(x["step"]), float(x["loss"])) for x in read_metrics(run) if x.get("type") == "train"
+            and isinstance(x.get("step"), int) and is_better(x.get("loss"), None)]
+
+
+def read_results(run: Path) -> dict[str, Any] | None:
+    """``run/results.json`` (written once, when the run finished), or None."""
+    doc = read_json(run / "results.json")
+    return doc if isinstance(doc, dict) else None
