@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, fields
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from loratune.errors import InputError
+
+if TYPE_CHECKING:
+    from loratune.core.inject import LoraSpec
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -192,6 +195,13 @@ class TrainConfig:
         out["targets"] = list(self.targets)
         out["layers"] = None if self.layers is None else list(self.layers)
         return out
+
+    def lora_spec(self) -> LoraSpec:
+        """The LoRA part of these options: the one place a :class:`LoraSpec` is made from a config."""
+        from loratune.core.inject import LoraSpec           # torch: only when a model is built
+
+        return LoraSpec(targets=self.targets, rank=self.rank, alpha=self.alpha, dropout=self.dropout,
+                        rslora=self.rslora, init=self.init, layers=self.layers, bias=self.bias)
 
     def replace(self, **changes: Any) -> "TrainConfig":
         """A copy with some options changed (validated again)."""
