@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import re
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import torch
+import yaml
 from conftest import synthetic_rows, write_csv
 
-from loratune.cli.main import main
+from loratune.cli.common import train_options
+from loratune.cli.main import build_parser, main
+from loratune.training.options import OPTIONS, TrainConfig, flag, option_names
 
 FAST = ["--epochs", "1", "--batch-size", "8", "--max-length", "32", "--rank", "4", "--threads", "1", "--lr", "3e-3"]
 
@@ -154,11 +160,86 @@ def test_info_prints_the_peft_line(capsys, tiny_model_dir) -> None:
 
 def test_config_file_and_flags_override(tmp_path, capsys, tiny_model_dir, tiny_data) -> None:
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(f"model: {tiny_model_dir}\ndata: {tiny_data}\nrank: 2\nepochs: 1\nbatch_size: 8\nmax_length: 32\n")
+    cfg.write_text(f"model: {tiny_model_dir}\ndata: {tiny_data}\nrank: 2\nepochs: 1\nbatch_size: 8\nmax_length: 32\n"
+                   "lr: auto\n")
     out = tmp_path / "run"
     code, _, err = run(capsys, "train", "--config", str(cfg), "--rank", "3", "--out", str(out), "--threads", "1")
     assert code == 0, err
     assert json.loads((out / "adapter" / "adapter_config.json").read_text())["r"] == 3
+    saved = yaml.safe_load((out / "config.yaml").read_text())             # auto is stored resolved: a resume repeats it
+    assert (saved["lr"], saved["max_length"], saved["rank"]) == (5e-4, 32, 3)
     cfg.write_text("rnak: 2\n")
     code, _, err = run(capsys, "train", "--config", str(cfg), "--out", str(tmp_path / "x"))
     assert_one_line_error(code, err, "unknown training option 'rnak'")
+
+
+def _parsers(parser: argparse.ArgumentParser, name: str = "loratune") -> Iterator[tuple[str, argparse.ArgumentParser]]:
+    yield name, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub_name, sub in action.choices.items():
+                yield from _parsers(sub, f"{name} {sub_name}")
+
+
+def test_every_flag_of_every_command_has_help() -> None:
+    """Help that is only "(default: …)" counts as none: every flag says what it does."""
+    missing = []
+    for name, parser in _parsers(build_parser()):
+        for action in parser._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            text = re.sub(r"\(default: [^)]*\)$", "", action.help or "").strip()
+            if not text or action.help == argparse.SUPPRESS:
+                missing.append(f"{name} {'/'.join(action.option_strings) or action.dest}")
+            if isinstance(action, argparse._SubParsersAction):
+                missing += [f"{name} {a.dest}" for a in action._choices_actions if not (a.help or "").strip()]
+    assert not missing, missing
+    assert {n for n, _ in _parsers(build_parser())} >= {f"loratune {c}" for c in
+                                                       ("info", "train", "eval", "predict", "merge", "tune",
+                                                        "report", "analyze")}
+
+
+@pytest.mark.parametrize("command", ["train", "tune"])
+def test_help_lists_every_training_option_with_its_help_and_auto_defaults(command, capsys) -> None:
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())                  # argparse wraps lines
+    for name in option_names():
+        assert f" {flag(name)} " in text or f" {flag(name)}, " in text, name
+        assert OPTIONS[name].help in text, name
+    assert "peak learning rate of AdamW, > 0 (default: auto = 0.0005 for LoRA classification)" in text
+    assert "truncated, >= 2 (default: auto = 128 for LoRA classification)" in text
+    assert "--rslora, --no-rslora rank-stabilised" in text
+    assert "gradient-norm clipping (0: off), >= 0 (default: 1.0)" in text
+
+
+def test_flags_take_auto_and_are_typed_by_their_option(capsys) -> None:
+    args = build_parser().parse_args(["train", "--lr", "auto", "--max-length", "auto", "--rank", "4", "--clip", "0",
+                                      "--no-bucket", "--layers", "0-1", "--targets", "q,v"])
+    cfg = TrainConfig.from_dict(train_options(args))
+    assert (cfg.lr, cfg.max_length, cfg.rank, cfg.clip, cfg.bucket, cfg.layers, cfg.targets) == (
+        5e-4, 128, 4, None, False, (0, 1), ("q", "v"))
+    assert cfg.auto_fields == {"lr", "max_length"}
+    assert train_options(build_parser().parse_args(["train"])) == {}          # unset flags stay unset
+    for argv, fragment in ((["--lr", "fast"], "argument --lr: expected a number or auto, got 'fast'"),
+                           (["--rank", "auto"], "argument --rank: expected an integer, got 'auto'")):
+        with pytest.raises(SystemExit) as e:
+            main(["train", *argv])
+        assert e.value.code == 2 and fragment in capsys.readouterr().err
+    code, _, err = run(capsys, "train", "--bias", "some")                   # a choice: one line naming the flag
+    assert_one_line_error(code, err, "--bias: expected one of none, all, lora_only, got 'some'")
+
+
+def test_train_resume_refuses_training_flags(trained, tmp_path, capsys) -> None:
+    for extra, name in ((["--rank", "4"], "--rank"), (["--lr", "auto"], "--lr"), (["--no-bucket"], "--bucket"),
+                        (["--config", str(tmp_path / "c.yaml")], "--config"),
+                        (["--epochs", "2", "--rank", "2"], "--epochs")):
+        code, _, err = run(capsys, "train", "--out", str(trained), "--resume", *extra)
+        assert_one_line_error(code, err, f"--resume: a run continues with the options it was started with; drop {name}")
+    code, _, err = run(capsys, "train", "--resume", "--rank", "4")
+    assert_one_line_error(code, err, "--resume: name the run to continue with --out DIR")
+    code, _, err = run(capsys, "train", "--out", str(tmp_path / "none"), "--resume", "--rank", "4")
+    assert_one_line_error(code, err, "nothing to resume")                   # the missing run is the first problem
+    code, out, err = run(capsys, "train", "--out", str(trained), "--resume")
+    assert code == 0 and "already finished" in out + err

@@ -14,16 +14,18 @@ import yaml
 from loratune.errors import InputError
 from loratune.search.space import (
     DEFAULT_SPACE,
+    FIXED_ONLY,
     Dim,
     Space,
     check_device,
     columns,
     encode,
+    option_kind,
     parse_space,
     validate,
 )
 from loratune.search.trials import choose_best, finish, status_of, trial_record
-from loratune.training.options import TrainConfig
+from loratune.training.options import OPTIONS, TrainConfig, option_names
 
 
 @pytest.fixture
@@ -226,3 +228,22 @@ def test_fp16_needs_cuda(base) -> None:
     check_device(space, base, "cuda")
     with pytest.raises(InputError, match="search.precision: fp16 is for CUDA devices"):
         check_device(space, base, "cpu")
+
+
+def test_option_kinds_come_from_the_options_declaration() -> None:
+    assert {k: option_kind(k) for k in ("lr", "rank", "targets", "layers", "bias", "rslora", "model", "clip")} == {
+        "lr": "float", "rank": "int", "targets": "list", "layers": "list", "bias": "str", "rslora": "bool",
+        "model": "str", "clip": "float"}
+    assert all(option_kind(k) == OPTIONS[k].kind for k in option_names())
+    assert set(FIXED_ONLY) <= set(option_names())
+    with pytest.raises(InputError, match="search.targets: uniform draws real numbers, but targets is a list option"):
+        parse_space({"targets": {"uniform": [0, 1]}}, TrainConfig())
+
+
+def test_the_default_trial_sees_auto_options_as_numbers() -> None:
+    base = TrainConfig(lr="auto", max_length="auto")
+    space = parse_space({"lr": {"loguniform": [1e-4, 1e-1]}, "rank": {"choice": [4, 8]}}, base)
+    point = space.default_point(base)
+    assert point == {"lr": 5e-4, "rank": 8} and isinstance(point["lr"], float)
+    assert space.default_point(base.replace(rank=4)) == {"lr": 5e-4, "rank": 4}   # lr stays auto, resolved again
+    assert space.default_point(TrainConfig(lr=2e-3)) == {"lr": 2e-3, "rank": 8}

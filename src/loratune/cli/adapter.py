@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from loratune.cli.common import (
-    HELP,
-    PRECISION_HELP,
+    add_option,
     add_train_options,
+    given_training_flags,
     train_options,
     write_report_safely,
 )
@@ -25,53 +25,49 @@ from loratune.training.options import DEFAULTS, TrainConfig
 def register(sub: Any, common: argparse.ArgumentParser) -> None:
     """Add the adapter commands to cli/main.py's subparsers."""
     s = sub.add_parser("info", parents=[common], help="trainable-parameter report, no training")
-    s.add_argument("--model", default=DEFAULTS["model"], help=HELP["model"] + " (default: %(default)s)")
-    s.add_argument("--targets", default="qv", help=HELP["targets"] + " (default: %(default)s)")
-    s.add_argument("--rank", type=int, default=DEFAULTS["rank"], help="LoRA rank r (default: %(default)s)")
-    s.add_argument("--alpha", type=float, default=DEFAULTS["alpha"],
-                   help="LoRA alpha; the update is scaled by alpha/r (default: %(default)s)")
-    s.add_argument("--layers", default=None, help=HELP["layers"])
-    s.add_argument("--bias", default="none", choices=["none", "all", "lora_only"],
-                   help="which biases train (default: %(default)s)")
-    s.add_argument("--num-labels", type=int, default=2, help="classes of the task head (default: %(default)s)")
+    for name in ("model", "targets", "rank", "alpha", "layers", "bias"):     # as train's flags, same defaults
+        default = DEFAULTS[name]
+        add_option(s, name, default=",".join(default) if isinstance(default, list) else default)
+    s.add_argument("--num-labels", type=int, metavar="N", default=2,
+                   help="classes of the task head (default: %(default)s)")
     s.add_argument("-v", "--verbose", action="store_true", help="list the adapted matrices")
     s.set_defaults(func=cmd_info)
 
     s = sub.add_parser("train", parents=[common], help="train one LoRA adapter")
     add_train_options(s)
-    s.add_argument("--out", type=Path, help="run directory (default: runs/train-<timestamp>)")
+    s.add_argument("--out", type=Path, metavar="DIR", help="run directory (default: runs/train-<timestamp>)")
     s.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint, "
-                                                         "with the options it was started with")
+                                                         "with the options it was started with (no training flags)")
     s.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("eval", parents=[common], help="metrics of an adapter on a split")
-    s.add_argument("--adapter", required=True, help="adapter folder (a run's adapter/)")
-    s.add_argument("--data", help="data to evaluate on (default: the run's own)")
+    s.add_argument("--adapter", required=True, metavar="DIR", help="adapter folder (a run's adapter/)")
+    s.add_argument("--data", metavar="DATA", help="data to evaluate on (default: the run's own)")
     s.add_argument("--split", default="test", choices=["validation", "test"],
                    help="which split, cut as in training (default: %(default)s)")
-    s.add_argument("--text-column", help="text column of --data (default: the run's)")
-    s.add_argument("--label-column", help="label column of --data (default: the run's)")
-    s.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help=PRECISION_HELP)
-    s.add_argument("--base", help="base model (default: the one the adapter was trained on)")
+    s.add_argument("--text-column", metavar="COLUMN", help="text column of --data (default: the run's)")
+    s.add_argument("--label-column", metavar="COLUMN", help="label column of --data (default: the run's)")
+    add_option(s, "precision", default=DEFAULTS["precision"])
+    s.add_argument("--base", metavar="MODEL", help="base model (default: the one the adapter was trained on)")
     s.add_argument("--json", action="store_true", help="one JSON object")
     s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("predict", parents=[common], help="classify texts (arguments, --file, or stdin)")
-    s.add_argument("--adapter", required=True, help="adapter folder (a run's adapter/)")
+    s.add_argument("--adapter", required=True, metavar="DIR", help="adapter folder (a run's adapter/)")
     s.add_argument("texts", nargs="*", metavar="TEXT", help="texts to classify (default: --file or stdin)")
-    s.add_argument("--file", help="one text per line ('-': stdin)")
-    s.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help=PRECISION_HELP)
-    s.add_argument("--base", help="base model (default: the one the adapter was trained on)")
-    s.add_argument("--batch-size", type=int, default=256,
+    s.add_argument("--file", metavar="FILE", help="one text per line ('-': stdin)")
+    add_option(s, "precision", default=DEFAULTS["precision"])
+    s.add_argument("--base", metavar="MODEL", help="base model (default: the one the adapter was trained on)")
+    s.add_argument("--batch-size", type=int, default=256, metavar="N",
                    help="texts classified at a time (bounds memory) (default: %(default)s)")
     s.add_argument("--json", action="store_true", help="JSON lines: text, label, score, probabilities")
     s.set_defaults(func=cmd_predict)
 
     s = sub.add_parser("merge", parents=[common], help="export a plain transformers model with the adapter merged")
-    s.add_argument("--adapter", required=True, help="adapter folder (a run's adapter/)")
-    s.add_argument("--out", required=True, type=Path, help="folder for the merged transformers model")
-    s.add_argument("--base", help="base model (default: the one the adapter was trained on)")
+    s.add_argument("--adapter", required=True, metavar="DIR", help="adapter folder (a run's adapter/)")
+    s.add_argument("--out", required=True, type=Path, metavar="DIR", help="folder for the merged transformers model")
+    s.add_argument("--base", metavar="MODEL", help="base model (default: the one the adapter was trained on)")
     s.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     s.set_defaults(func=cmd_merge)
 
@@ -79,9 +75,10 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
 def cmd_train(args: argparse.Namespace, ui: Renderer) -> int:
     from loratune.training.loop import train
 
-    opts = train_options(args)
-    result = train(TrainConfig.from_dict(opts) if not args.resume else None, out=args.out, resume=args.resume,
-                   overwrite=args.overwrite, progress=ui.event)
+    if args.resume:
+        check_resume(args)
+    config = None if args.resume else TrainConfig.from_dict(train_options(args))
+    result = train(config, out=args.out, resume=args.resume, overwrite=args.overwrite, progress=ui.event)
     if result.already_done:
         ui.line(f"run {result.run_dir} already finished; nothing to resume")
     v, t, s = result.validation, result.test or {}, result.train
@@ -94,6 +91,18 @@ def cmd_train(args: argparse.Namespace, ui: Renderer) -> int:
     if not (result.run_dir / "report.html").exists() or not result.already_done:
         write_report_safely(result.run_dir, ui)
     return 0
+
+
+def check_resume(args: argparse.Namespace) -> None:
+    """``train --resume``: a run to continue in ``--out``, and no training flag (the run keeps its own options)."""
+    from loratune.training import rundir
+
+    if args.out is None:
+        raise InputError("--resume: name the run to continue with --out DIR")
+    rundir.check_out(args.out, resume=True, overwrite=args.overwrite)     # "nothing to resume" comes first
+    given = given_training_flags(args)
+    if given:
+        raise InputError(f"--resume: a run continues with the options it was started with; drop {given[0]}")
 
 
 def cmd_eval(args: argparse.Namespace, ui: Renderer) -> int:

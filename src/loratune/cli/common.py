@@ -6,45 +6,83 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
 from loratune.cli.progress import Renderer
 from loratune.errors import InputError
-from loratune.training.options import DEFAULTS, TrainConfig, flag
+from loratune.training.options import (
+    AUTO,
+    OPTIONS,
+    Option,
+    auto_text,
+    declared_default,
+    flag,
+)
 
 log = logging.getLogger("loratune")
-PRECISION_HELP = "auto (bf16 where native, fp16 on GPUs without bf16, else fp32), fp32, bf16, fp16 (default: auto)"
 
 
-HELP = {
-    "model": "built-in name (minilm-l6), local transformers folder, or hub id (if cached)",
-    "data": "built-in name (rotten-tomatoes-4k), CSV/JSONL/Parquet file, HF dataset name or save_to_disk folder",
-    "targets": "module-name suffixes (q_lin,v_lin), short names q,k,v,o, a preset (qv, attention, all-linear) or re:REGEX",
-    "layers": "only these layer indices, e.g. 0,1 or 3-5 (default: all)",
-    "clip": "gradient-norm clipping (0: off)",
-}
+def shown_default(name: str) -> str:
+    """A training option's default as ``--help`` shows it: ``8``, ``qv``, ``off``, ``auto = 0.0005 for ...``."""
+    spec, default = OPTIONS[name], declared_default(name)
+    if spec.auto and default == AUTO:
+        return auto_text(name)
+    if default is None:
+        return spec.unset
+    if isinstance(default, bool):
+        return "on" if default else "off"
+    if isinstance(default, (list, tuple)):
+        return ",".join(map(str, default))
+    return str(default)
 
 
-OPTIONAL_INT = {"max_steps", "early_stop", "checkpoint_every", "threads"}
+def option_help(name: str) -> str:
+    """A training option's help line (argparse-escaped): what it does, its range, its default."""
+    spec = OPTIONS[name]
+    text = spec.help + (f", {spec.range_text()}" if spec.range_text() else "")
+    return f"{text} (default: {shown_default(name)})".replace("%", "%%")
+
+
+def add_option(p: argparse.ArgumentParser | argparse._ArgumentGroup, name: str, *,
+               default: Any = argparse.SUPPRESS) -> None:
+    """One training option as a flag: its type, choices, metavar and help all come from its :class:`Option`."""
+    spec = OPTIONS[name]
+    kw: dict[str, Any] = {"dest": name, "default": default, "help": option_help(name)}
+    if spec.kind == "bool":
+        kw["action"] = argparse.BooleanOptionalAction
+    elif spec.choices:                  # shown, and checked by TrainConfig: a one-line error naming the flag
+        kw["metavar"] = "{" + ",".join(spec.choices) + "}"
+    else:
+        kw["metavar"] = (spec.metavar or name.upper()) + ("|auto" if spec.auto else "")
+        if spec.kind in ("int", "float"):
+            kw["type"] = _cli_number(spec)
+    p.add_argument(flag(name), **kw)
+
+
+def _cli_number(spec: Option) -> Callable[[str], Any]:
+    """argparse's ``type`` for a number option (``auto`` too where the option allows it)."""
+    convert: Callable[[str], Any] = int if spec.kind == "int" else float
+    expected = ("an integer" if spec.kind == "int" else "a number") + (" or auto" if spec.auto else "")
+
+    def parse(text: str) -> Any:
+        if spec.auto and text == AUTO:
+            return AUTO
+        try:
+            return convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+
+    return parse
 
 
 def add_train_options(p: argparse.ArgumentParser) -> None:
     """Every TrainConfig field as a flag; unset flags stay unset, so a --config file can fill them."""
     g = p.add_argument_group("training options (also YAML keys of --config)")
     g.add_argument("--config", metavar="FILE.yaml", help="YAML file of options; flags override it")
-    for name, default in DEFAULTS.items():
-        kw: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS}
-        text = HELP.get(name, (TrainConfig.__dataclass_fields__[name].metadata or {}).get("help", ""))
-        if isinstance(default, bool):
-            kw["action"] = argparse.BooleanOptionalAction
-        elif name in OPTIONAL_INT or isinstance(default, int):
-            kw["type"] = int
-        elif isinstance(default, float) or name == "clip":
-            kw["type"] = float
-        shown = ",".join(default) if isinstance(default, list) else default
-        g.add_argument(flag(name), help=f"{text} (default: {shown})".strip(), **kw)
+    for name in OPTIONS:
+        add_option(g, name)
 
 
 def train_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -52,8 +90,14 @@ def train_options(args: argparse.Namespace) -> dict[str, Any]:
     opts: dict[str, Any] = {}
     if getattr(args, "config", None):
         opts.update(read_yaml(args.config))
-    opts.update({k: v for k, v in vars(args).items() if k in DEFAULTS})
+    opts.update({k: v for k, v in vars(args).items() if k in OPTIONS})
     return opts
+
+
+def given_training_flags(args: argparse.Namespace) -> list[str]:
+    """The training flags given on the command line (``--config`` first), spelled as typed."""
+    given = [flag(k) for k in vars(args) if k in OPTIONS]
+    return (["--config"] if getattr(args, "config", None) else []) + given
 
 
 def read_yaml(path: str) -> dict[str, Any]:

@@ -27,8 +27,10 @@ log = logging.getLogger("loratune")
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="loratune", description="Fine-tune transformers with LoRA; search LoRA settings.")
-    p.add_argument("--version", action="version", version=f"loratune {__import__('loratune').__version__}")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p.add_argument("--version", action="version", version=f"loratune {__import__('loratune').__version__}",
+                   help="show the version and exit")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                           help="`loratune COMMAND --help` lists its flags")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="debug logging; tracebacks on internal errors")
 

@@ -12,10 +12,14 @@ import math
 from pathlib import Path
 from typing import Any
 
-from loratune.cli.common import add_train_options, read_yaml, train_options
+from loratune.cli.common import (
+    add_train_options,
+    given_training_flags,
+    read_yaml,
+    train_options,
+)
 from loratune.cli.progress import Renderer
 from loratune.errors import InputError
-from loratune.training.options import DEFAULTS
 
 # Keys of the --config YAML that belong to the search, not to training (CLI flag = key with dashes).
 SEARCH_KEYS = {"search": None, "samples": 8, "max_epochs": 3, "cpus_per_trial": 1, "max_concurrent": None,
@@ -31,18 +35,23 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     add_train_options(s)
     g = s.add_argument_group("search options (also YAML keys of --config)")
     kw = {"default": argparse.SUPPRESS}
-    g.add_argument("--samples", type=int, help="trials to sample, the default config included; grid values "
-                                               "multiply the others (default: 8)", **kw)
-    g.add_argument("--max-epochs", type=int, help="epochs per trial, ASHA's max_t (default: 3)", **kw)
-    g.add_argument("--cpus-per-trial", type=int, help="CPUs (and torch threads) per trial (default: 1)", **kw)
-    g.add_argument("--max-concurrent", type=int, help="trials at a time (default: CPUs / CPUs per trial)", **kw)
+    g.add_argument("--samples", type=int, metavar="N", **kw,
+                   help="trials to sample, the default config included; grid values multiply the others (default: 8)")
+    g.add_argument("--max-epochs", type=int, metavar="N", help="epochs per trial, ASHA's max_t (default: 3)", **kw)
+    g.add_argument("--cpus-per-trial", type=int, metavar="C", **kw,
+                   help="CPUs (and torch threads) per trial (default: 1)")
+    g.add_argument("--max-concurrent", type=int, metavar="K", **kw,
+                   help="trials at a time (default: CPUs / CPUs per trial)")
     g.add_argument("--search-alg", choices=["random", "optuna"], help="random or optuna (TPE) (default: random)", **kw)
-    g.add_argument("--metric", help="validation metric that picks the best trial (default: val_loss)", **kw)
+    g.add_argument("--metric", metavar="M", help="validation metric that picks the best trial (default: val_loss)",
+                   **kw)
     g.add_argument("--mode", choices=["min", "max"], help="min or max (default: min)", **kw)
-    g.add_argument("--max-failures", type=int, help="retries of a failed trial (default: 2)", **kw)
-    g.add_argument("--address", help="join a running Ray cluster (default: a local one on 127.0.0.1)", **kw)
-    g.add_argument("--storage", help="shared folder for Ray's results (default: the run directory)", **kw)
-    s.add_argument("--out", type=Path, help="search directory (default: runs/tune-<timestamp>)")
+    g.add_argument("--max-failures", type=int, metavar="F", help="retries of a failed trial (default: 2)", **kw)
+    g.add_argument("--address", metavar="A", **kw,
+                   help="join a running Ray cluster (default: a local one on 127.0.0.1)")
+    g.add_argument("--storage", metavar="PATH", **kw,
+                   help="shared folder for Ray's results (default: the run directory)")
+    s.add_argument("--out", type=Path, metavar="DIR", help="search directory (default: runs/tune-<timestamp>)")
     s.add_argument("--resume", type=Path, metavar="DIR", help="continue the search in DIR (with its own options)")
     s.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     s.set_defaults(func=cmd_tune)
@@ -66,10 +75,10 @@ def cmd_tune(args: argparse.Namespace, ui: Renderer) -> int:
 
     view = TrialLines(ui)
     if args.resume is not None:
-        given = [k for k in vars(args) if k in DEFAULTS or k in SEARCH_KEYS and k != "address"]
-        if given or args.config or args.out:
-            name = "--config" if args.config else ("--out" if args.out else "--" + given[0].replace("_", "-"))
-            raise InputError(f"--resume: a search continues with the options it was started with; drop {name}")
+        given = given_training_flags(args) + (["--out"] if args.out else [])
+        given += ["--" + k.replace("_", "-") for k in vars(args) if k in SEARCH_KEYS and k != "address"]
+        if given:
+            raise InputError(f"--resume: a search continues with the options it was started with; drop {given[0]}")
         result = tune(resume=args.resume, address=getattr(args, "address", None), progress=view.event)
     else:
         training, search = search_options(args)

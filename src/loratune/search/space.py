@@ -26,11 +26,17 @@ from __future__ import annotations
 import difflib
 import itertools
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 from loratune.errors import InputError
-from loratune.training.options import TrainConfig, parse_layers, parse_targets
+from loratune.training.options import (
+    OPTIONS,
+    TrainConfig,
+    option_names,
+    parse_layers,
+    parse_targets,
+)
 
 METRICS = ("val_loss", "val_accuracy", "val_f1", "val_f1_macro", "val_precision", "val_recall", "val_roc_auc")
 OK_STATUSES = ("completed", "stopped_early")              # the statuses a best trial may have
@@ -111,7 +117,8 @@ class Space:
         return 1 + (samples - 1) * self.grid_size
 
     def default_point(self, base: TrainConfig) -> dict[str, Any]:
-        """The untuned config's value of every key (ties included: the default trial is not tied)."""
+        """The untuned config's value of every key (ties included: the default trial is not tied); ``auto``
+        options are the numbers they resolved to."""
         return {d.key: encode(d.key, getattr(base, d.key)) for d in self.dims}
 
     def resolve(self, config: Mapping[str, Any]) -> dict[str, Any]:
@@ -150,12 +157,8 @@ def encode(key: str, value: Any) -> Any:
 
 
 def option_kind(key: str) -> str:
-    """``int``, ``float``, ``bool`` or ``other``: which distributions suit the option."""
-    text = str(TrainConfig.__dataclass_fields__[key].type)
-    for kind in ("bool", "int", "float"):
-        if text.startswith(kind):
-            return kind
-    return "other"
+    """``int``, ``float``, ``str``, ``bool`` or ``list`` (the option's declared kind): which distributions suit it."""
+    return OPTIONS[key].kind
 
 
 def parse_space(raw: Any, base: TrainConfig) -> Space:
@@ -163,7 +166,7 @@ def parse_space(raw: Any, base: TrainConfig) -> Space:
     if not isinstance(raw, Mapping) or not raw:
         raise InputError("search: expected a mapping of training option: distribution, e.g. "
                          "{lr: {loguniform: [1.0e-4, 1.0e-1]}, rank: {choice: [4, 8]}}")
-    known = [f.name for f in fields(TrainConfig)]
+    known = option_names()
     dims: dict[str, Dim] = {}
     for key, spec in raw.items():
         where = f"search.{key}"
@@ -183,7 +186,7 @@ def parse_space(raw: Any, base: TrainConfig) -> Space:
 def _parse_dim(key: str, spec: Any, where: str) -> Dim:
     if isinstance(spec, str) and spec.startswith("="):
         other = spec[1:].strip()
-        if other not in TrainConfig.__dataclass_fields__:
+        if other not in OPTIONS:
             raise InputError(f"{where}: {spec!r} ties to {other!r}, which is not a training option")
         if other == key:
             raise InputError(f"{where}: {spec!r} ties the option to itself")
@@ -221,8 +224,8 @@ def _parse_dim(key: str, spec: Any, where: str) -> Dim:
             raise InputError(f"{where}: randint draws numbers, but {key} is not numeric; use choice")
         return Dim(key, dist, (int(lo), int(hi)))
     if kind != "float":
-        what = {"int": "an integer option; use randint or choice",
-                "bool": "true or false; use choice"}.get(kind, "not a number; use choice")
+        what = {"int": "an integer option; use randint or choice", "bool": "true or false; use choice",
+                "list": "a list option; use choice"}.get(kind, "not a number; use choice")
         raise InputError(f"{where}: {dist} draws real numbers, but {key} is {what}")
     return Dim(key, dist, (float(lo), float(hi)))
 

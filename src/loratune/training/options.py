@@ -1,15 +1,24 @@
 """Training options: one frozen dataclass, validated on construction.
 
 Every field is a CLI flag (``--rank``, ``--batch-size``) and a YAML key (``rank``, ``batch_size``)
-with the same default. Construction checks types and ranges and raises :class:`InputError` naming
-the flag, so a bad value never reaches the training loop.
+with the same default. Each field is declared once, with an :class:`Option` that says its kind
+(str, int, float, bool, list), its range or choices and its help text; that one declaration drives
+``argparse`` (cli/common.py), the checks of :class:`TrainConfig` (a YAML file, the CLI and the
+library all go through them) and the kinds of distributions a search may draw for it
+(search/space.py). A bad value raises :class:`InputError` naming the flag, so it never reaches the
+training loop.
+
+Options whose good default depends on the task or method (``lr``, ``max_length``) default to
+``"auto"``, resolved by :func:`resolve_auto` from the table :data:`AUTO_DEFAULTS` when the config is
+built: ``TrainConfig().lr`` is a number, and ``to_dict()`` (what config.yaml stores) holds numbers.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping
 
 from loratune.errors import InputError
 
@@ -22,10 +31,128 @@ BIAS_MODES = ("none", "all", "lora_only")
 INITS = ("kaiming", "gaussian")
 CLASS_WEIGHTS = ("none", "balanced")
 
+AUTO = "auto"
+Kind = Literal["str", "int", "float", "bool", "list"]
+
+AUTO_DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
+    ("classification", "lora"): {"lr": 5e-4, "max_length": 128},
+}
+"""(task, method) -> the value each ``auto`` option takes. A new task or method adds a row, e.g.
+``("causal-lm", "lora"): {"lr": 5e-4, "max_length": 512}`` or ``("classification", "full"): {"lr": 5e-5, ...}``."""
+AUTO_LABELS = {"classification": "classification", "causal-lm": "causal-LM", "lora": "LoRA", "full": "full fine-tuning"}
+"""How ``--help`` names a task or method ("auto = 0.0005 for LoRA classification")."""
+
 
 def flag(name: str) -> str:
     """The CLI spelling of an option: ``batch_size`` -> ``--batch-size``."""
     return "--" + name.replace("_", "-")
+
+
+def resolve_auto(name: str, task: str = "classification", method: str = "lora") -> Any:
+    """The value the ``auto`` option ``name`` takes for a task and method: the one place ``auto`` is resolved."""
+    row = AUTO_DEFAULTS.get((task, method), {})
+    if name not in row:
+        raise InputError(f"{flag(name)}: no automatic value for {AUTO_LABELS.get(method, method)} "
+                         f"{AUTO_LABELS.get(task, task)}; give a value")
+    return row[name]
+
+
+def auto_text(name: str) -> str:
+    """``auto = 0.0005 for LoRA classification`` (every row of :data:`AUTO_DEFAULTS` that sets ``name``)."""
+    rows = [f"{row[name]} for {AUTO_LABELS.get(m, m)} {AUTO_LABELS.get(t, t)}"
+            for (t, m), row in AUTO_DEFAULTS.items() if name in row]
+    return "auto = " + ", ".join(rows)
+
+
+@dataclass(frozen=True)
+class Option:
+    """How one :class:`TrainConfig` field is typed, checked and explained.
+
+    ``ge``/``gt``/``le``/``lt`` bound numbers (>=, >, <=, <); ``optional``: None is allowed and means
+    ``unset`` (what ``--help`` shows for it); ``auto``: the value ``"auto"`` is allowed and resolved
+    by :func:`resolve_auto`; ``parse`` normalises a value before the checks (``"q,v"`` -> ``("q", "v")``).
+    """
+
+    kind: Kind
+    help: str
+    choices: tuple[str, ...] = ()
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+    optional: bool = False
+    unset: str = "none"
+    auto: bool = False
+    parse: Callable[[Any], Any] | None = None
+    metavar: str | None = None
+
+    def range_text(self) -> str:
+        """``in [0, 1)``, ``>= 1``, ``> 0`` or ``""``."""
+        f = self.show
+        lo = f"[{f(self.ge)}" if self.ge is not None else (f"({f(self.gt)}" if self.gt is not None else None)
+        hi = f"{f(self.le)}]" if self.le is not None else (f"{f(self.lt)})" if self.lt is not None else None)
+        if lo and hi:
+            return f"in {lo}, {hi}"
+        if lo:
+            return (">= " if lo[0] == "[" else "> ") + lo[1:]
+        if hi:
+            return ("<= " if hi[-1] == "]" else "< ") + hi[:-1]
+        return ""
+
+    def show(self, value: float) -> str:
+        """A bound or value as messages write it: ``4294967295``, ``0.0005``, ``1e-05``."""
+        return str(int(value)) if self.kind == "int" else f"{value:g}"
+
+    def check(self, name: str, value: Any) -> Any:
+        """``value`` normalised (ints of float options become floats, ...), or :class:`InputError` naming the flag."""
+        if self.parse is not None:
+            value = self.parse(value)
+        if value is None and self.optional:
+            return None
+        if self.kind == "str":
+            return self._check_str(name, value)
+        if self.kind == "bool":
+            if not isinstance(value, bool):
+                raise InputError(f"{flag(name)}: expected true or false, got {value!r}")
+            return value
+        if self.kind in ("int", "float"):
+            return self._check_range(name, self._number(name, value))
+        return value                                       # list: ``parse`` checked it
+
+    def _check_str(self, name: str, value: Any) -> str:
+        if self.choices:
+            if value not in self.choices:
+                raise InputError(f"{flag(name)}: expected one of {', '.join(self.choices)}, got {value!r}")
+        elif not isinstance(value, str) or not value.strip():
+            what = "a file path" if self.optional else "a non-empty string"
+            raise InputError(f"{flag(name)}: expected {what}, got {value!r}")
+        return value
+
+    def _number(self, name: str, value: Any) -> int | float:
+        auto = " or auto" if self.auto else ""
+        if self.kind == "int":
+            if isinstance(value, float) and value.is_integer():
+                value = int(value)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise InputError(f"{flag(name)}: expected an integer{auto}, got {value!r}")
+            return value
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise InputError(f"{flag(name)}: expected a number{auto}, got {value!r}")
+        if not math.isfinite(value):
+            raise InputError(f"{flag(name)}: must be finite, got {value}")
+        return float(value)
+
+    def _check_range(self, name: str, v: int | float) -> int | float:
+        for bound, op, ok in ((self.ge, ">=", lambda b: v >= b), (self.gt, ">", lambda b: v > b),
+                              (self.le, "<=", lambda b: v <= b), (self.lt, "<", lambda b: v < b)):
+            if bound is not None and not ok(bound):
+                raise InputError(f"{flag(name)}: must be {op} {self.show(bound)}, got {self.show(v)}")
+        return v
+
+
+def option(default: Any, kind: Kind, help: str, **spec: Any) -> Any:
+    """A :class:`TrainConfig` field: its default and its :class:`Option` (see the class body)."""
+    return dataclasses.field(default=default, metadata={"option": Option(kind, help, **spec)})
 
 
 def parse_targets(value: Any) -> tuple[str, ...]:
@@ -69,128 +196,107 @@ def parse_layers(value: Any) -> tuple[int, ...] | None:
     return tuple(sorted(set(value)))
 
 
+def _zero_is_off(value: Any) -> Any:
+    """``--clip 0`` turns clipping off (None)."""
+    return None if value == 0 else value
+
+
 @dataclass(frozen=True)
 class TrainConfig:
-    """All options of one training run (the contract's TRAIN OPTIONS)."""
+    """All options of one training run (the contract's TRAIN OPTIONS); each field's help is in its :class:`Option`."""
 
-    model: str = "minilm-l6"
-    """Built-in name, local transformers folder, or hub id (used only where cached or reachable)."""
-    data: str = "rotten-tomatoes-4k"
-    """Built-in name, a CSV/JSONL/Parquet file, a HF dataset name or a ``save_to_disk`` folder."""
-    text_column: str = "text"
-    """Column holding the input text."""
-    label_column: str = "label"
-    """Column holding the class label (strings or integers)."""
-    validation_file: str | None = None
-    """Separate validation file; without it the data is split 80/10/10, stratified, seed 0."""
-    test_file: str | None = None
-    """Separate test file (same rule as ``validation_file``)."""
-    sample_pct: float = 1.0
-    """Fraction of the training split to use, stratified (the seed's ``sample_pct``), in (0, 1]."""
-    max_length: int = 128
-    """Longest tokenized input; longer texts are truncated."""
-    targets: tuple[str, ...] = ("qv",)
-    """Module-name suffixes, short names q/k/v/o, a preset (qv, attention, all-linear) or ``re:<regex>``."""
-    layers: tuple[int, ...] | None = None
-    """Only adapt these transformer layer indices (None: all)."""
-    rank: int = 8
-    """LoRA rank r >= 1."""
-    alpha: float = 16.0
-    """LoRA alpha; the update is scaled by alpha/r (alpha/sqrt(r) with rslora)."""
-    dropout: float = 0.1
-    """Dropout on the adapter's input, in [0, 1)."""
-    bias: str = "none"
-    """Which biases train: none, all, lora_only (those of adapted layers)."""
-    init: str = "kaiming"
-    """Initialisation of A: kaiming (uniform, a=sqrt(5), as peft) or gaussian (std 1/r)."""
-    rslora: bool = False
-    """Rank-stabilised scaling alpha/sqrt(r)."""
-    lr: float = 5e-4
-    """Peak learning rate of AdamW."""
-    weight_decay: float = 0.01
-    """AdamW weight decay (not applied to biases and LayerNorm weights)."""
-    warmup: float = 0.06
-    """Linear warm-up as a fraction of all optimizer steps, in [0, 1)."""
-    epochs: int = 3
-    """Passes over the training split (the schedule's length unless max_steps is set)."""
-    max_steps: int | None = None
-    """Stop after this many optimizer steps (overrides epochs for the schedule)."""
-    batch_size: int = 16
-    """Sequences per forward pass."""
-    grad_accum: int = 1
-    """Forward passes per optimizer step."""
-    clip: float | None = 1.0
-    """Gradient-norm clipping (None or 0: off)."""
-    early_stop: int | None = None
-    """Stop after this many epochs without a better validation loss (None: off)."""
-    class_weights: str = "none"
-    """none, or balanced (weights inversely proportional to class frequency)."""
-    precision: str = "auto"
-    """auto (bf16 where native, fp16 on GPUs without bf16, else fp32), fp32, bf16, fp16."""
-    device: str = "auto"
-    """auto (CUDA when present), cpu or cuda."""
-    seed: int = 0
-    """Seed for initialisation, dropout and batch order."""
-    log_every: int = 20
-    """Log the training loss every N optimizer steps."""
-    bucket: bool = True
-    """Length-bucketed batches (shuffled buckets of similar length): less padding, same data."""
-    checkpoint_every: int | None = None
-    """Also checkpoint every N optimizer steps (every epoch always)."""
-    threads: int | None = None
-    """torch threads (None: the CPUs this process may use)."""
+    model: str = option("minilm-l6", "str", "built-in name (minilm-l6), local transformers folder, or hub id "
+                        "(used only where cached or reachable)", metavar="MODEL")
+    data: str = option("rotten-tomatoes-4k", "str", "built-in name (rotten-tomatoes-4k), CSV/JSONL/Parquet file, "
+                       "HF dataset name or save_to_disk folder", metavar="DATA")
+    text_column: str = option("text", "str", "column holding the input text", metavar="COLUMN")
+    label_column: str = option("label", "str", "column holding the class label (strings or integers)",
+                               metavar="COLUMN")
+    validation_file: str | None = option(None, "str", "separate validation file; without it the data is split "
+                                         "80/10/10, stratified, seed 0", optional=True, metavar="FILE")
+    test_file: str | None = option(None, "str", "separate test file (same rule as --validation-file)",
+                                   optional=True, metavar="FILE")
+    sample_pct: float = option(1.0, "float", "fraction of the training split to use, stratified", gt=0, le=1,
+                               metavar="FRACTION")
+    max_length: int = option(AUTO, "int", "longest tokenized input; longer texts are truncated", ge=2, auto=True,
+                             metavar="TOKENS")
+    targets: tuple[str, ...] = option(("qv",), "list", "module-name suffixes (q_lin,v_lin), short names q,k,v,o, "
+                                      "a preset (qv, attention, all-linear) or re:REGEX", parse=parse_targets,
+                                      metavar="TARGETS")
+    layers: tuple[int, ...] | None = option(None, "list", "only adapt these transformer layers, e.g. 0,1 or 3-5",
+                                            parse=parse_layers, optional=True, unset="all", metavar="LAYERS")
+    rank: int = option(8, "int", "LoRA rank r", ge=1, metavar="R")
+    alpha: float = option(16.0, "float", "LoRA alpha: the update is scaled by alpha/r, or alpha/sqrt(r) with --rslora",
+                          gt=0, metavar="ALPHA")
+    dropout: float = option(0.1, "float", "dropout on the adapter's input", ge=0, lt=1, metavar="P")
+    bias: str = option("none", "str", "which biases train: none, all, or lora_only (those of adapted layers)",
+                       choices=BIAS_MODES)
+    init: str = option("kaiming", "str", "initialisation of A: kaiming (uniform, a=sqrt(5), as peft) or gaussian "
+                       "(std 1/r)", choices=INITS)
+    rslora: bool = option(False, "bool", "rank-stabilised scaling alpha/sqrt(r) instead of alpha/r")
+    lr: float = option(AUTO, "float", "peak learning rate of AdamW", gt=0, auto=True, metavar="LR")
+    weight_decay: float = option(0.01, "float", "AdamW weight decay (not applied to biases and LayerNorm weights)",
+                                 ge=0, metavar="WD")
+    warmup: float = option(0.06, "float", "linear warm-up as a fraction of all optimizer steps", ge=0, lt=1,
+                           metavar="FRACTION")
+    epochs: int = option(3, "int", "passes over the training split (the schedule's length unless --max-steps)",
+                         ge=1, metavar="N")
+    max_steps: int | None = option(None, "int", "stop after this many optimizer steps (overrides --epochs for the "
+                                   "schedule)", ge=1, optional=True, metavar="N")
+    batch_size: int = option(16, "int", "sequences per forward pass", ge=1, metavar="N")
+    grad_accum: int = option(1, "int", "forward passes per optimizer step", ge=1, metavar="N")
+    clip: float | None = option(1.0, "float", "gradient-norm clipping (0: off)", ge=0, optional=True,
+                                parse=_zero_is_off, unset="off", metavar="NORM")
+    early_stop: int | None = option(None, "int", "stop after this many epochs without a better validation loss",
+                                    ge=1, optional=True, unset="off", metavar="EPOCHS")
+    class_weights: str = option("none", "str", "loss weights: none, or balanced (inversely proportional to class "
+                                "frequency)", choices=CLASS_WEIGHTS)
+    precision: str = option("auto", "str", "auto (bf16 where native, fp16 on GPUs without bf16, else fp32), fp32, "
+                            "bf16, fp16", choices=PRECISIONS)
+    device: str = option("auto", "str", "auto (CUDA when present), cpu or cuda", choices=DEVICES)
+    seed: int = option(0, "int", "seed for initialisation, dropout and batch order", ge=0, le=2**32 - 1,
+                       metavar="SEED")
+    log_every: int = option(20, "int", "log the training loss every N optimizer steps", ge=1, metavar="N")
+    bucket: bool = option(True, "bool", "length-bucketed batches (shuffled buckets of similar length): less "
+                          "padding, same data")
+    checkpoint_every: int | None = option(None, "int", "also checkpoint every N optimizer steps (every epoch "
+                                          "always)", ge=1, optional=True, unset="off", metavar="N")
+    threads: int | None = option(None, "int", "torch threads", ge=1, optional=True,
+                                 unset="the CPUs this process may use", metavar="N")
 
     def __post_init__(self) -> None:
-        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 - frozen dataclass
-        set_("targets", parse_targets(self.targets))
-        set_("layers", parse_layers(self.layers))
-        for name in ("model", "data", "text_column", "label_column"):
-            v = getattr(self, name)
-            if not isinstance(v, str) or not v.strip():
-                raise InputError(f"{flag(name)}: expected a non-empty string, got {v!r}")
-        for name in ("validation_file", "test_file"):
-            v = getattr(self, name)
-            if v is not None and (not isinstance(v, str) or not v):
-                raise InputError(f"{flag(name)}: expected a file path, got {v!r}")
-        _int(self, "max_length", lo=2)
-        _int(self, "rank", lo=1)
-        _int(self, "epochs", lo=1)
-        _int(self, "batch_size", lo=1)
-        _int(self, "grad_accum", lo=1)
-        _int(self, "log_every", lo=1)
-        _int(self, "seed", lo=0, hi=2**32 - 1)
-        _int(self, "max_steps", lo=1, optional=True)
-        _int(self, "early_stop", lo=1, optional=True)
-        _int(self, "checkpoint_every", lo=1, optional=True)
-        _int(self, "threads", lo=1, optional=True)
-        _num(self, "sample_pct", lo=0.0, hi=1.0, lo_open=True)
-        _num(self, "alpha", lo=0.0, lo_open=True)
-        _num(self, "dropout", lo=0.0, hi=1.0, hi_open=True)
-        _num(self, "lr", lo=0.0, lo_open=True)
-        _num(self, "weight_decay", lo=0.0)
-        _num(self, "warmup", lo=0.0, hi=1.0, hi_open=True)
-        if self.clip == 0:
-            set_("clip", None)
-        _num(self, "clip", lo=0.0, lo_open=True, optional=True)
-        for name, allowed in (("bias", BIAS_MODES), ("init", INITS), ("precision", PRECISIONS),
-                              ("device", DEVICES), ("class_weights", CLASS_WEIGHTS)):
-            if getattr(self, name) not in allowed:
-                raise InputError(f"{flag(name)}: expected one of {', '.join(allowed)}, got {getattr(self, name)!r}")
-        for name in ("rslora", "bucket"):
-            if not isinstance(getattr(self, name), bool):
-                raise InputError(f"{flag(name)}: expected true or false, got {getattr(self, name)!r}")
+        auto = frozenset(f.name for f in fields(self) if _spec(f).auto and getattr(self, f.name) == AUTO)
+        for f in fields(self):
+            if f.name not in auto:
+                object.__setattr__(self, f.name, _spec(f).check(f.name, getattr(self, f.name)))
+        task, method = self.auto_key()
+        for name in auto:                                   # after the rest: a resolution may read any option
+            object.__setattr__(self, name, OPTIONS[name].check(name, resolve_auto(name, task, method)))
+        object.__setattr__(self, "_auto", auto)
+
+    def auto_key(self) -> tuple[str, str]:
+        """(task, method): the row of :data:`AUTO_DEFAULTS` this config's ``auto`` options take.
+
+        One task (classification) and one method (LoRA) exist today; ``--task`` and ``--method`` return theirs here.
+        """
+        return "classification", "lora"
+
+    @property
+    def auto_fields(self) -> frozenset[str]:
+        """The options given as ``auto`` (resolved to numbers; :meth:`replace` resolves them again)."""
+        return self._auto                                   # type: ignore[attr-defined, no-any-return]
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "TrainConfig":
         """Build from YAML/CLI values; unknown keys are an error that lists the known ones."""
-        known = {f.name for f in fields(cls)}
+        known = set(OPTIONS)
         unknown = sorted(set(values) - known)
         if unknown:
             raise InputError(f"unknown training option {unknown[0]!r}; known options: {', '.join(sorted(known))}")
         return cls(**dict(values))
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain YAML-friendly values (tuples become lists)."""
+        """Plain YAML-friendly values, ``auto`` resolved (tuples become lists): what config.yaml stores."""
         out = dataclasses.asdict(self)
         out["targets"] = list(self.targets)
         out["layers"] = None if self.layers is None else list(self.layers)
@@ -198,52 +304,40 @@ class TrainConfig:
 
     def lora_spec(self) -> LoraSpec:
         """The LoRA part of these options: the one place a :class:`LoraSpec` is made from a config."""
-        from loratune.core.inject import LoraSpec           # torch: only when a model is built
+        from loratune.core.inject import LoraSpec  # torch: only when a model is built
 
         return LoraSpec(targets=self.targets, rank=self.rank, alpha=self.alpha, dropout=self.dropout,
                         rslora=self.rslora, init=self.init, layers=self.layers, bias=self.bias)
 
     def replace(self, **changes: Any) -> "TrainConfig":
-        """A copy with some options changed (validated again)."""
-        return dataclasses.replace(self, **changes)
+        """A copy with some options changed (validated again); options that were ``auto`` and are not
+        changed stay ``auto`` and are resolved again (a new task or method may give them other values)."""
+        still_auto = {name: AUTO for name in self.auto_fields if name not in changes}
+        return dataclasses.replace(self, **still_auto, **changes)
+
+
+def _spec(f: dataclasses.Field) -> Option:  # type: ignore[type-arg]
+    return f.metadata["option"]  # type: ignore[no-any-return]
+
+
+OPTIONS: dict[str, Option] = {f.name: _spec(f) for f in fields(TrainConfig)}
+"""Every training option's :class:`Option`, in declaration order."""
+
+
+def option_spec(name: str) -> Option:
+    """The :class:`Option` of one training option."""
+    return OPTIONS[name]
+
+
+def declared_default(name: str) -> Any:
+    """The default as declared (``"auto"`` for an auto option; :data:`DEFAULTS` has it resolved)."""
+    return TrainConfig.__dataclass_fields__[name].default
 
 
 def option_names() -> list[str]:
     """All training option names, in declaration order."""
-    return [f.name for f in fields(TrainConfig)]
+    return list(OPTIONS)
 
 
-def _int(cfg: TrainConfig, name: str, *, lo: int, hi: int | None = None, optional: bool = False) -> None:
-    v = getattr(cfg, name)
-    if v is None and optional:
-        return
-    if isinstance(v, float) and v.is_integer():
-        v = int(v)
-        object.__setattr__(cfg, name, v)
-    if not isinstance(v, int) or isinstance(v, bool):
-        raise InputError(f"{flag(name)}: expected an integer, got {v!r}")
-    if v < lo:
-        raise InputError(f"{flag(name)}: must be >= {lo}, got {v}")
-    if hi is not None and v > hi:
-        raise InputError(f"{flag(name)}: must be <= {hi}, got {v}")
-
-
-def _num(cfg: TrainConfig, name: str, *, lo: float | None = None, hi: float | None = None,
-         lo_open: bool = False, hi_open: bool = False, optional: bool = False) -> None:
-    v = getattr(cfg, name)
-    if v is None and optional:
-        return
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise InputError(f"{flag(name)}: expected a number, got {v!r}")
-    v = float(v)
-    object.__setattr__(cfg, name, v)
-    if v != v or v in (float("inf"), float("-inf")):
-        raise InputError(f"{flag(name)}: must be finite, got {v}")
-    if lo is not None and (v < lo or (lo_open and v == lo)):
-        raise InputError(f"{flag(name)}: must be {'>' if lo_open else '>='} {lo:g}, got {v:g}")
-    if hi is not None and (v > hi or (hi_open and v == hi)):
-        raise InputError(f"{flag(name)}: must be {'<' if hi_open else '<='} {hi:g}, got {v:g}")
-
-
-# Defaults as a dict, for help texts and the search's "untuned default" trial.
+# Defaults as a dict (``auto`` resolved), for help texts and the search's "untuned default" trial.
 DEFAULTS: dict[str, Any] = TrainConfig().to_dict()
