@@ -14,7 +14,9 @@ from safetensors.torch import load_file, save_file
 
 from loratune.core.adapters import (
     CONFIG_NAME,
+    PREFIX,
     WEIGHTS_NAME,
+    adapter_state,
     load_adapter,
     read_meta,
     save_adapter,
@@ -190,3 +192,20 @@ def test_save_is_atomic_and_replaces(tmp_path) -> None:
     save_adapter(model, out, LoraSpec(targets=("qv",), rank=4, alpha=8), ["query", "value"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]          # no temp folders left
     shutil.rmtree(out)
+
+
+@pytest.mark.parametrize("arch", ["distilbert", "gpt2"])
+@pytest.mark.parametrize("bias", ["none", "all", "lora_only"])
+def test_the_file_holds_exactly_what_trains(arch, bias) -> None:
+    """adapter_state and mark_trainable share one rule (inject.trains): the saved tensors are the trainable
+    parameters, the LoRA ones of the named adapter only, under peft's names."""
+    model = tiny_model(arch)
+    inject(model, LoraSpec(targets=("qv",), rank=2, bias=bias))
+    inject(model, LoraSpec(targets=("qv",), rank=3, bias=bias), name="other")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    for name in ("default", "other"):
+        state = adapter_state(model, name, bias)
+        expected = {PREFIX + (n.replace(f".adapters.{name}.", ".") + ".weight" if ".adapters." in n else n)
+                    for n in trainable if ".adapters." not in n or f".adapters.{name}." in n}
+        assert set(state) == expected
+        assert all(v.device.type == "cpu" and v.is_contiguous() for v in state.values())

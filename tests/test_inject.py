@@ -11,10 +11,12 @@ from loratune.core.inject import (
     LoraSpec,
     count_parameters,
     expand_targets,
+    head_names,
     inject,
     lora_layers,
     report_line,
     resolve_targets,
+    trains,
 )
 from loratune.errors import InputError
 
@@ -56,6 +58,36 @@ def test_same_matrices_and_counts_as_peft(arch, targets, peft_targets, bias) -> 
                                         task_type="SEQ_CLS"))
     assert set(names) == _peft_targets(pm)
     assert count_parameters(ours)[0] == pm.get_nb_trainable_parameters()[0]
+    assert {n for n, p in ours.named_parameters() if p.requires_grad} == _peft_trainable(pm)
+
+
+def _peft_trainable(peft_model) -> set[str]:
+    """peft's trainable parameters under our names (``query.lora_A.default.weight`` -> ``query.adapters.default.lora_A``,
+    ``classifier.modules_to_save.default.weight`` -> ``classifier.weight``)."""
+    import re
+
+    out = set()
+    for n, p in peft_model.named_parameters():
+        if p.requires_grad:
+            n = n.removeprefix("base_model.model.").replace(".modules_to_save.default.", ".")
+            out.add(re.sub(r"\.lora_([AB])\.default\.weight$", r".adapters.default.lora_\1", n))
+    return out
+
+
+@pytest.mark.parametrize("bias", ["none", "all", "lora_only"])
+def test_trains_is_the_rule_mark_trainable_applies(bias) -> None:
+    model = tiny_model("distilbert")
+    inject(model, LoraSpec(targets=("qv",), rank=2, bias=bias))
+    heads = head_names(model)
+    assert heads == ["pre_classifier", "classifier"]
+    for n, p in model.named_parameters():
+        assert p.requires_grad == trains(n, heads, bias), n
+    assert trains("distilbert.transformer.layer.0.attention.q_lin.adapters.default.lora_B", heads, "none")
+    assert trains("pre_classifier.weight", heads, "none") and trains("classifier.bias", heads, "none")
+    assert not trains("distilbert.transformer.layer.0.ffn.lin1.bias", heads, "lora_only")
+    assert trains("distilbert.transformer.layer.0.attention.q_lin.base_layer.bias", heads, "lora_only")
+    assert trains("distilbert.transformer.layer.0.ffn.lin1.bias", heads, "all")
+    assert not trains("distilbert.transformer.layer.0.attention.q_lin.base_layer.weight", heads, "all")
 
 
 def test_suffix_matching_is_peft_s() -> None:

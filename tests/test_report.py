@@ -151,6 +151,25 @@ def test_report_of_an_unfinished_run(run_dir: Path, tmp_path: Path) -> None:
     check_self_contained(part / "report.html")
 
 
+def _null_losses(run: Path) -> None:
+    """Rewrite a run's metrics.jsonl as the trainer writes NaN validation losses: null."""
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    (run / "metrics.jsonl").write_text("".join(json.dumps({**x, "loss": None} if x["type"] == "eval" else x) + "\n"
+                                               for x in lines))
+
+
+def test_report_of_a_run_without_a_finite_validation_loss(run_dir: Path, tmp_path: Path) -> None:
+    """Every validation loss non-finite: no best epoch, and a line that says why."""
+    bad = tmp_path / "bad"
+    shutil.copytree(run_dir, bad)
+    (bad / "results.json").unlink()
+    _null_losses(bad)
+    text = write_report(bad).read_text(encoding="utf-8")
+    assert "best epoch: none; no epoch had a finite validation loss" in text and "Learning curves" in text
+    assert "learning curves: not available" not in text
+    assert "no epoch had a finite validation loss" not in write_report(run_dir).read_text(encoding="utf-8")
+
+
 def test_not_a_run_directory(tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(InputError, match="does not exist"):
         write_report(tmp_path / "nowhere")
@@ -202,6 +221,10 @@ def test_search_report_without_optional_pieces(search_dir: Path, tmp_path: Path)
     winner = min((r for r in rows if r["val_loss"]), key=lambda r: float(r["val_loss"]))
     assert f"Rank {winner['rank']} on {winner['targets']}" in text
     check_self_contained(bare / "report.html")
+    assert "no epoch had a finite validation loss" not in text
+    _null_losses(bare / "trials" / "t0002")
+    text = write_report(bare).read_text(encoding="utf-8")
+    assert "no epoch had a finite validation loss in trial t0002: no best epoch" in text
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "trials.json").write_text("[]")

@@ -281,3 +281,45 @@ def test_a_trial_whose_worker_died_before_its_first_report_is_a_failed_row(tmp_p
     assert [(r["trial"], r["status"], r["rank"], r["lr"], r["epochs_run"]) for r in rows] == [
         ("x_00000", "completed", default["rank"], default["lr"], 0), ("x_00001", "stopped_early", 4, 0.002, 0),
         ("x_00002", "failed", 2, 0.004, 0)]
+
+
+def _trial_dir(root: Path, name: str, losses: list[float | None]) -> Path:
+    """A trial's run directory as the trainer leaves it; a NaN or infinite loss is written as null."""
+    run = root / "trials" / name
+    (run / "adapter").mkdir(parents=True)
+    lines = [{"type": "train", "step": 1, "epoch": 1, "loss": 0.7}]
+    lines += [{"type": "eval", "split": "validation", "epoch": i + 1, "step": 10 * (i + 1), "loss": v,
+               "accuracy": 0.5, "f1": 0.4} for i, v in enumerate(losses)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return run
+
+
+def test_a_trial_without_a_finite_validation_loss_ends_diverged_not_in_a_crash(tmp_path) -> None:
+    """Its evaluations' losses are null (NaN on the way in): a diverged row with empty val_* columns, never
+    chosen, and the search still writes its table, best/ and search.json (it raised TypeError here once)."""
+    from loratune.search.space import parse_space
+    from loratune.search.trials import finish, trial_record
+    from loratune.training.options import TrainConfig
+
+    space = parse_space({"rank": {"choice": [2, 4]}}, TrainConfig())
+    specs = [("t0", "completed", [0.6, 0.5]), ("t1", "completed", [None, None]), ("t2", "stopped_early", [None]),
+             ("t3", "failed", [None]), ("t4", "completed", [None, 0.55]), ("t5", None, [None])]
+    trials = [trial_record(space, name, status, {"rank": 2}, _trial_dir(tmp_path, name, losses))
+              for name, status, losses in specs]
+    rows = {t["trial"]: t["row"] for t in trials}
+    assert [rows[t]["status"] for t in rows] == ["completed", "diverged", "diverged", "failed", "completed", None]
+    for t in ("t1", "t2", "t3", "t5"):
+        assert rows[t]["val_loss"] is rows[t]["val_accuracy"] is rows[t]["val_f1"] is None, t
+    assert rows["t1"]["epochs_run"] == 2 and trials[1]["best"] == {}
+    assert (rows["t4"]["val_loss"], trials[4]["best"]["epoch"]) == (0.55, 2)   # the finite epoch is its best
+    done = [t for t in trials if t["status"] is not None]
+    result = finish(tmp_path, {"metric": "val_loss", "mode": "min", "experiment": ""}, space, done, 1.0,
+                    lambda a: {"accuracy": 0.5}, lambda e: None)
+    assert result.best["trial"] == "t0" and result.best["validation"] == {"loss": 0.5, "accuracy": 0.5, "f1": 0.4}
+    header, csv_rows = _read_csv(tmp_path / "trials.csv")
+    assert [(r["trial"], r["status"], r["val_loss"]) for r in csv_rows] == [
+        ("t0", "completed", "0.5"), ("t1", "diverged", ""), ("t2", "diverged", ""), ("t3", "failed", ""),
+        ("t4", "completed", "0.55")]
+    assert json.loads((tmp_path / "search.json").read_text())["statuses"] == {"completed": 2, "diverged": 2,
+                                                                           "failed": 1}
+    assert json.loads((tmp_path / "best" / "results.json").read_text())["best_epoch"] == 2

@@ -30,6 +30,7 @@ from loratune.core.inject import (
     inject,
     lora_layers,
     mark_trainable,
+    trains,
 )
 from loratune.errors import InputError
 
@@ -74,19 +75,19 @@ def peft_config(spec: LoraSpec, targets: list[str], *, base_model: str | None, f
 
 
 def adapter_state(model: nn.Module, name: str = "default", bias: str = "none") -> dict[str, torch.Tensor]:
-    """peft-named tensors: LoRA A/B of adapter ``name``, the task head, and the trained biases."""
-    out: dict[str, torch.Tensor] = {}
-    for path, layer in lora_layers(model).items():
-        if name in layer.adapters:
-            out[f"{PREFIX}{path}.lora_A.weight"] = layer.adapters[name].lora_A
-            out[f"{PREFIX}{path}.lora_B.weight"] = layer.adapters[name].lora_B
+    """peft-named CPU tensors of what trains (:func:`loratune.core.inject.trains`): LoRA A/B of adapter
+    ``name`` (``<module>.adapters.<name>.lora_A`` -> ``base_model.model.<module>.lora_A.weight``), the task
+    head and the trained biases (``base_model.model.<parameter name>``)."""
     heads = head_names(model)
+    out: dict[str, torch.Tensor] = {}
     for pname, p in model.named_parameters():
-        module = pname.rpartition(".")[0]
-        in_head = any(module == h or module.startswith(h + ".") for h in heads)
-        if in_head or (bias == "all" and pname.endswith("bias")) \
-                or (bias == "lora_only" and pname.endswith(".base_layer.bias")):
+        if not trains(pname, heads, bias):
+            continue
+        module, lora, rest = pname.partition(".adapters.")
+        if not lora:
             out[PREFIX + pname] = p
+        elif rest.startswith(name + "."):                  # rest: "<adapter name>.lora_A"
+            out[f"{PREFIX}{module}.{rest.removeprefix(name + '.')}.weight"] = p
     return {k: v.detach().to("cpu").contiguous() for k, v in out.items()}
 
 

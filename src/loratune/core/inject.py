@@ -50,6 +50,7 @@ class LoraSpec:
 
 
 def is_linear(module: nn.Module) -> bool:
+    """An ``nn.Linear`` or GPT-2's ``Conv1D``: the layers LoRA can wrap."""
     return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
@@ -182,10 +183,12 @@ def _unwrapped(layer: nn.Module) -> nn.Module:
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoraLinear]:
+    """Every wrapped layer by its full module name, in model order."""
     return {n: m for n, m in model.named_modules() if isinstance(m, LoraLinear)}
 
 
 def adapter_names(model: nn.Module) -> list[str]:
+    """The names of the adapters any layer holds, in the order they were added."""
     names: dict[str, None] = {}
     for layer in lora_layers(model).values():
         names.update(dict.fromkeys(layer.adapters))
@@ -221,16 +224,22 @@ def routed(model: nn.Module, per_row: Sequence[str | None]) -> Iterator[None]:
             layer.route = None
 
 
+def trains(param_name: str, heads: Sequence[str], bias: str = "none") -> bool:
+    """The one rule for which parameters train (and so which an adapter file holds): LoRA's A and B of
+    every adapter, the task head ``heads`` (:func:`head_names`) whole, and biases per ``bias`` — ``all``:
+    every bias, ``lora_only``: the biases of adapted layers, ``none``: no other. As peft's SEQ_CLS."""
+    module = param_name.rpartition(".")[0]
+    return (".adapters." in param_name
+            or _in_head(module, heads)
+            or (bias == "all" and param_name.endswith("bias"))
+            or (bias == "lora_only" and param_name.endswith(".base_layer.bias")))
+
+
 def mark_trainable(model: nn.Module, bias: str = "none") -> None:
-    """Train LoRA matrices, the task head, and biases per ``bias`` (none, all, lora_only); freeze the rest."""
+    """Unfreeze exactly the parameters :func:`trains` names; freeze the rest."""
     heads = head_names(model)
     for pname, p in model.named_parameters():
-        module = pname.rpartition(".")[0]
-        p.requires_grad_(
-            ".adapters." in pname
-            or _in_head(module, heads)
-            or (bias == "all" and pname.endswith("bias"))
-            or (bias == "lora_only" and pname.endswith(".base_layer.bias")))
+        p.requires_grad_(trains(pname, heads, bias))
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
@@ -255,6 +264,7 @@ def merge(model: nn.Module, name: str | None = None) -> None:
 
 @torch.no_grad()
 def unmerge(model: nn.Module, name: str | None = None) -> None:
+    """Subtract what :func:`merge` folded in: adapter ``name``, or every merged adapter, last first."""
     for layer in lora_layers(model).values():
         layer.unmerge(name)
 

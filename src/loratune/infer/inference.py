@@ -1,6 +1,7 @@
-"""Using a trained adapter: evaluate it, predict with it, export it merged, report parameter counts.
+"""Using a trained adapter: run it over a split, predict with it, export it merged, report parameter counts.
 
-Each function here is what one CLI command calls (``eval``, ``predict``, ``merge``, ``info``).
+Each function here is what one CLI command calls (``eval``, ``predict``, ``merge``, ``info``);
+:func:`run_split` is also how the report and the search run an adapter over a labelled split.
 The base model comes from the adapter's own ``loratune.json`` (the ``--model`` it was trained
 with), else from ``base_model_name_or_path`` in ``adapter_config.json`` (as a hint only: a local
 folder, a built-in, or a cached hub id; never remote code), else from ``base=`` when given.
@@ -35,8 +36,8 @@ from loratune.core.inject import (
 )
 from loratune.errors import InputError
 from loratune.runtime import resolve_device, resolve_precision, set_threads
-from loratune.tasks.classification import Split, predict_probs, tokenize
-from loratune.tasks.metrics import compute_metrics
+from loratune.tasks.batches import Encoded
+from loratune.tasks.classification import Split, evaluate, predict_probs, tokenize
 from loratune.training import rundir
 from loratune.training.data import load_splits
 from loratune.training.models import load_model, load_tokenizer
@@ -78,19 +79,46 @@ def load(adapter: str | os.PathLike, *, base: str | None = None, device: str = "
     return Loaded(model, tok, list(labels), spec, str(base), int(meta.get("max_length", 128)), int(pad))
 
 
-def evaluate_adapter(adapter: str | os.PathLike, *, data: str | None = None, split: str = "test",
-                     text_column: str | None = None, label_column: str | None = None,
-                     precision: str = "auto", base: str | None = None, device: str = "auto",
-                     threads: int | None = None) -> dict[str, float]:
-    """Metrics of ``adapter`` on a split of ``data`` (default: the data of the run the adapter came from).
+@dataclass(frozen=True, eq=False)
+class SplitRun:
+    """An adapter run over one labelled split: its metrics (:func:`loratune.tasks.metrics.compute_metrics`),
+    the true class ids (N,), the class probabilities (N, C) in input order, and the adapter's label names."""
 
-    The split is cut exactly as in training (stratified 80/10/10, seed 0), with the adapter's classes.
+    split: str
+    metrics: dict[str, float]
+    labels: np.ndarray
+    probs: np.ndarray
+    label_names: list[str]
+
+
+def run_split(adapter: str | os.PathLike, *, split: str = "test", data: str | None = None,
+              encoded: Encoded | None = None, text_column: str | None = None, label_column: str | None = None,
+              precision: str = "auto", base: str | None = None, device: str = "auto",
+              threads: int | None = None) -> SplitRun:
+    """The one way to run an adapter over a labelled split (``loratune eval``, the report's test section,
+    the search's test of its best trial); the model-level primitive is :func:`tasks.classification.evaluate`.
+
+    The split is ``encoded`` when given (already tokenized, class ids in the adapter's label order, as a
+    search prepares it), else ``split`` of ``data`` (default: the data of the run the adapter came from),
+    cut exactly as in training (stratified 80/10/10, seed 0) with the adapter's classes. ``threads`` sets
+    torch's threads (None: the CPUs available).
     """
     if split not in ("validation", "test", "train"):
         raise InputError(f"--split: expected validation or test, got {split!r}")
+    if encoded is not None and (data, text_column, label_column) != (None, None, None):
+        raise ValueError("run_split: give encoded= or data=/text_column=/label_column=, not both")
     set_threads(threads)
     loaded = load(adapter, base=base, device=device)  # a bad adapter is reported before anything else
-    run_cfg = _run_config(adapter)
+    enc = encoded if encoded is not None else _encode(loaded, adapter, split, data, text_column, label_column)
+    dev = next(loaded.model.parameters()).device
+    metrics, probs = evaluate(loaded.model, enc, dev, resolve_precision(precision, dev), loaded.pad_id)
+    return SplitRun(split, metrics, enc.labels, probs, loaded.label_names)
+
+
+def _encode(loaded: Loaded, adapter: str | os.PathLike, split: str, data: str | None, text_column: str | None,
+            label_column: str | None) -> Encoded:
+    """``split`` of ``data`` (else of the adapter's run's data), tokenized for the loaded adapter."""
+    run_cfg = rundir.adapter_run_config(adapter)
     opts: dict[str, Any] = run_cfg.to_dict() if run_cfg else {}
     for key, value in (("data", data), ("text_column", text_column), ("label_column", label_column)):
         if value is not None:
@@ -99,20 +127,19 @@ def evaluate_adapter(adapter: str | os.PathLike, *, data: str | None = None, spl
         opts.update(validation_file=None, test_file=None, sample_pct=1.0)
     if "data" not in opts:
         raise InputError("--data: this adapter is not inside a run directory; say which data to evaluate on")
-    cfg = TrainConfig.from_dict(opts)
-    splits = load_splits(cfg, label_names=loaded.label_names)
-    enc = tokenize(getattr(splits, split), loaded.tokenizer, loaded.max_length)
-    dev = next(loaded.model.parameters()).device
-    probs, loss = predict_probs(loaded.model, enc, dev, resolve_precision(precision, dev), pad_id=loaded.pad_id,
-                                labels=enc.labels)
-    return {"split": split, "examples": len(enc), **compute_metrics(enc.labels, probs, loss=loss)}
+    splits = load_splits(TrainConfig.from_dict(opts), label_names=loaded.label_names)
+    return tokenize(getattr(splits, split), loaded.tokenizer, loaded.max_length)
 
 
-def _run_config(adapter: str | os.PathLike) -> TrainConfig | None:
-    run = Path(adapter).resolve().parent
-    if (run / "config.yaml").is_file():
-        return rundir.read_config(run)[0]
-    return None
+def evaluate_adapter(adapter: str | os.PathLike, *, data: str | None = None, split: str = "test",
+                     text_column: str | None = None, label_column: str | None = None,
+                     precision: str = "auto", base: str | None = None, device: str = "auto",
+                     threads: int | None = None) -> dict[str, Any]:
+    """``{"split", "examples", **metrics}`` of ``adapter`` on a split of ``data`` (``loratune eval``;
+    :func:`run_split` with the same arguments)."""
+    res = run_split(adapter, split=split, data=data, text_column=text_column, label_column=label_column,
+                    precision=precision, base=base, device=device, threads=threads)
+    return {"split": split, "examples": len(res.labels), **res.metrics}
 
 
 def predict(adapter: str | os.PathLike | Loaded, texts: Iterable[str], *, precision: str = "auto",

@@ -40,14 +40,16 @@ def _fig(width: float, height: float, cols: int = 1, rows: int = 1) -> tuple[Fig
 
 # --- a training run ------------------------------------------------------------------------------
 
-def learning_curves(train: Sequence[tuple[int, float]], evals: Sequence[dict[str, Any]]) -> str:
-    """Left: train loss per logged step, validation loss at each epoch's last step. Right: validation
-    accuracy and F1 per epoch, the best epoch (lowest validation loss) marked."""
+def learning_curves(train: Sequence[tuple[int, float]], evals: Sequence[dict[str, Any]],
+                    best_epoch: int | None = None) -> str:
+    """Left: train loss per logged step, validation loss at each epoch's last step (``evals``: the
+    trainer's ``{"epoch", "step", "loss", ...}``; non-finite values are left out). Right: validation
+    accuracy and F1 per epoch, ``best_epoch`` (the run directory's best, if any) marked."""
     fig, (left, right) = _fig(10, 3.4, cols=2)
     if train:
         steps, losses = zip(*train)
         left.plot(steps, losses, color=PALETTE[0], lw=1.2, label="train loss")
-    ev = [e for e in evals if finite(e.get("loss"))]
+    ev = [e for e in evals if finite(e.get("loss")) and finite(e.get("step"))]
     if ev:
         left.plot([e["step"] for e in ev], [e["loss"] for e in ev], "o-", color=PALETTE[1], label="validation loss")
     left.set(xlabel="step", ylabel="cross-entropy", title="Loss")
@@ -56,9 +58,8 @@ def learning_curves(train: Sequence[tuple[int, float]], evals: Sequence[dict[str
         pts = [(e["epoch"], e[key]) for e in evals if finite(e.get(key))]
         if pts:
             right.plot(*zip(*pts), "o-", color=color, label=f"validation {key}")
-    if ev:
-        best = min(ev, key=lambda e: e["loss"])
-        right.axvline(best["epoch"], color="#999", ls="--", lw=1, label=f"best epoch ({best['epoch']})")
+    if best_epoch is not None:
+        right.axvline(best_epoch, color="#999", ls="--", lw=1, label=f"best epoch ({best_epoch})")
     right.set(xlabel="epoch", ylabel="score", title="Validation")
     right.xaxis.get_major_locator().set_params(integer=True)
     _legend(right, loc="lower right")

@@ -3,32 +3,48 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-from loratune.report import plots
-from loratune.report.html import card, esc, fmt, img
+from loratune.report.html import card, esc, fmt
 from loratune.report.sections import (
     analysis_section,
     config_section,
-    curves,
     describe_targets,
     guarded,
+    learning_curves_section,
     metrics_table,
     ratio,
-    read_json,
-    read_yaml,
     size_facts,
     size_section,
     test_section,
 )
+from loratune.training import rundir
 
 
 def run_page(run: Path) -> tuple[str, list[str], list[str]]:
-    results = read_json(run / "results.json") or {}
-    cfg = read_yaml(run / "config.yaml")
+    """(title, glance, body) of a run directory's page; what the run has not written yet is left out or
+    said to be missing."""
+    results = rundir.read_results(run) or {}
+    cfg = rundir.read_config_doc(run)
+    title = f"loratune run {run.resolve().name}"
+    body = learning_curves_section(run)
+    if results:
+        body += ["<h2>Metrics</h2>", metrics_table(results)]
+    if (run / "adapter").is_dir() and (run / "config.yaml").is_file():
+        body += guarded("test-split predictions", test_section, run)
+    body += size_section(results.get("train") or {})
+    if (run / "adapter").is_dir():
+        body += guarded("ΔW analysis", analysis_section, run / "adapter")
+    body += config_section(run)
+    return title, _glance(run, title, results, cfg), body
+
+
+def _glance(run: Path, title: str, results: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
+    """The top of the page: the main metric, the adapter's rank and targets, its size, the training time."""
     train_stats = results.get("train") or {}
     test, val = results.get("test") or {}, results.get("validation") or {}
-    title = f"loratune run {run.resolve().name}"
-    sub = " · ".join(f"{k} {fmt(cfg[k], True)}" for k in ("model", "data", "rank", "alpha", "lr", "dropout", "epochs") if k in cfg)
+    sub = " · ".join(f"{k} {fmt(cfg[k], True)}" for k in ("model", "data", "rank", "alpha", "lr", "dropout", "epochs")
+                     if k in cfg)
     glance = [f"<h1>{esc(title)}</h1><div class=sub>{esc(sub)}</div><div class=glance>"]
     if results:
         main = test or val
@@ -45,14 +61,4 @@ def run_page(run: Path) -> tuple[str, list[str], list[str]]:
         glance.append(card("training time", f"{train_stats['seconds']:.1f} s",
                            f"{train_stats.get('tokens_per_s', 0):,.0f} tokens/s"))
     glance.append("</div>")
-    body = ["<h2>Learning curves</h2>"] + guarded("learning curves", lambda: [img(plots.learning_curves(*curves(run)),
-                                                                                  "learning curves")])
-    if results:
-        body += ["<h2>Metrics</h2>", metrics_table(results)]
-    if (run / "adapter").is_dir() and (run / "config.yaml").is_file():
-        body += guarded("test-split predictions", test_section, run)
-    body += size_section(train_stats)
-    if (run / "adapter").is_dir():
-        body += guarded("ΔW analysis", analysis_section, run / "adapter")
-    body += config_section(run)
-    return title, glance, body
+    return glance

@@ -1,32 +1,32 @@
 """The search page of the report: the winner at a glance, the trials table, what each option did.
 
 Reads ``trials.json`` (else ``trials.csv``), ``search.json``, ``search.yaml``, ``trials/<id>/`` and
-``best/``; every missing piece becomes one line saying so (:func:`loratune.report.guarded`).
+``best/``; every missing piece becomes one line saying so (:func:`loratune.report.sections.guarded`).
 """
 
 from __future__ import annotations
 
 import csv
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from loratune.report import plots
-from loratune.report.html import card, esc, finite, fmt, img, table
+from loratune.report.html import card, esc, finite, fmt, img, note, table
 from loratune.report.sections import (
+    NO_FINITE_LOSS,
     analysis_section,
-    curves,
     describe_targets,
     guarded,
     ratio,
-    read_json,
-    read_yaml,
     size_facts,
     size_section,
     test_section,
 )
+from loratune.training import rundir
 
 STANDARD = ("trial", "status", "epochs_run", "val_loss", "val_accuracy", "val_f1")
 OPTION_PLOTS = ("rank", "lr", "dropout")
@@ -34,7 +34,7 @@ OPTION_PLOTS = ("rank", "lr", "dropout")
 
 def read_trials(run: Path) -> list[dict[str, Any]]:
     """Rows of ``trials.json``, else of ``trials.csv`` (numbers parsed, empty cells None)."""
-    rows = read_json(run / "trials.json")
+    rows = rundir.read_json(run / "trials.json")
     if isinstance(rows, list):
         return [r for r in rows if isinstance(r, dict)]
     if not (run / "trials.csv").is_file():
@@ -56,15 +56,9 @@ def _parse(v: str | None) -> Any:
     return v
 
 
-def _best_epoch(run: Path) -> dict[str, Any]:
-    """The evaluation with the lowest validation loss in ``metrics.jsonl`` (the epoch whose adapter was kept)."""
-    evals = [e for e in curves(run)[1] if finite(e.get("loss"))]
-    return min(evals, key=lambda e: e["loss"]) if evals else {}
-
-
 def _adapter_config(adapter: Path) -> tuple[int | None, set[str]]:
     """(rank, target modules) from an adapter's ``adapter_config.json`` ((None, set()) if unreadable)."""
-    cfg = read_json(adapter / "adapter_config.json") or {}
+    cfg = rundir.read_json(adapter / "adapter_config.json") or {}
     r, targets = cfg.get("r"), cfg.get("target_modules")
     return (r if isinstance(r, int) else None), set(targets) if isinstance(targets, list) else {str(targets)}
 
@@ -85,109 +79,176 @@ def _partner(run: Path, rows: list[dict[str, Any]], best: str, adapter: Path) ->
     return min(cands, key=lambda c: c[0])[1:] if cands else None
 
 
+@dataclass
+class _Search:
+    """What the search page shows, gathered once from the search directory's files."""
+
+    run: Path
+    title: str
+    doc: dict[str, Any]                          # search.yaml
+    rows: list[dict[str, Any]]                   # the trials table
+    evals: dict[str, list[dict[str, Any]]]       # trial -> its per-epoch validation metrics
+    metric: str
+    mode: str
+    keys: list[str]                              # the searched options
+    ok: list[dict[str, Any]]                     # rows that finished with a finite metric
+    best: str | None                             # the best trial's id
+    cfg: dict[str, Any]                          # the best trial's options
+    stats: dict[str, Any]                        # the best trial's results.json "train"
+    val: dict[str, Any]
+    test: dict[str, Any]
+    default: dict[str, Any]                      # search.json's untuned default trial
+    statuses: dict[str, str]
+    seconds: float | None
+
+    @property
+    def mname(self) -> str:
+        """The metric without its ``val_`` prefix: the key in a metrics object."""
+        return self.metric.removeprefix("val_")
+
+
 def search_page(run: Path) -> tuple[str, list[str], list[str]]:
-    summary = read_json(run / "search.json") or {}
-    doc = read_yaml(run / "search.yaml")
+    """(title, glance, body) of a search directory's page."""
+    s = _gather(run)
+    return s.title, _glance(s), _body(s)
+
+
+def _gather(run: Path) -> _Search:
+    """Read the search's files; a metric outside the table's columns comes from each trial's own log."""
+    summary = rundir.read_json(run / "search.json") or {}
+    doc = rundir.read_yaml(run / "search.yaml")
     rows = read_trials(run)
+    evals = {str(row.get("trial")): rundir.evaluations(run / "trials" / str(row.get("trial"))) for row in rows}
     metric = summary.get("metric") or doc.get("metric") or "val_loss"
     mode = summary.get("mode") or doc.get("mode") or ("min" if metric.endswith("loss") else "max")
-    mname = metric.removeprefix("val_")
-    for row in rows:                                    # a metric outside the table's columns: from the trial's log
+    for row in rows:
         if row.get(metric) is None:
-            row[metric] = _best_epoch(run / "trials" / str(row.get("trial"))).get(mname)
+            row[metric] = (rundir.best_evaluation(evals[str(row.get("trial"))]) or {}).get(metric.removeprefix("val_"))
     keys = [k for k in (rows[0] if rows else {}) if k not in STANDARD and k != metric]
     ok = [r for r in rows if r.get("status") in ("completed", "stopped_early") and finite(r.get(metric))]
-    best_res = read_json(run / "best" / "results.json") or {}
+    best_res = rundir.read_results(run / "best") or {}
     info = summary.get("best") or {}
     best = info.get("trial") or best_res.get("trial") or (
         (min if mode == "min" else max)(ok, key=lambda r: r[metric])["trial"] if ok else None)
     best = str(best) if best is not None else None
     best_row = next((r for r in rows if str(r.get("trial")) == best), {})
-    cfg = {**read_yaml(run / "best" / "config.yaml"), **(info.get("config") or best_res.get("config") or {}),
+    cfg = {**rundir.read_config_doc(run / "best"), **(info.get("config") or best_res.get("config") or {}),
            **{k: best_row[k] for k in keys if k in best_row}}
-    stats = best_res.get("train") or {}
-    val = info.get("validation") or best_res.get("validation") or {}
-    test = info.get("test") or best_res.get("test") or {}
-    default = summary.get("default") or {}
-    statuses = {str(r.get("trial")): str(r.get("status")) for r in rows}
-    seconds = summary.get("seconds")
-    title = f"loratune search {run.resolve().name}"
+    return _Search(run, f"loratune search {run.resolve().name}", doc, rows, evals, metric, mode, keys, ok, best, cfg,
+                   best_res.get("train") or {}, info.get("validation") or best_res.get("validation") or {},
+                   info.get("test") or best_res.get("test") or {}, summary.get("default") or {},
+                   {str(r.get("trial")): str(r.get("status")) for r in rows}, summary.get("seconds"))
 
-    # -- at a glance: which rank and targets won, by how much, and how small the adapter is
-    glance = [f"<h1>{esc(title)}</h1><div class=sub>{len(rows)} trials · best by {esc(metric)} ({esc(mode)}) · "
-              f"model {esc(cfg.get('model', '-'))} · data {esc(cfg.get('data', '-'))}</div>"]
-    r = ratio(stats)
-    if best is not None:
-        dval = (default.get("validation") or {}).get(mname)
-        vs = ("the untuned default was already the best" if default.get("trial") == best else
-              f"untuned default {fmt(dval)}" if dval is not None else "")
-        glance.append("<p style='font-size:16px'><b>" + esc(
-            f"Rank {fmt(cfg.get('rank'))} on {describe_targets(run / 'best', cfg.get('targets'))} won: validation "
-            f"{mname} {fmt(val.get(mname))}" + (f" ({vs})" if vs else "")
-            + (f", test accuracy {fmt(test.get('accuracy'))}" if test else "")
-            + (f". Its adapter is {r:,.0f}× smaller than the model." if r else ".")) + "</b></p><div class=glance>")
-        others = " · ".join(f"{k} {fmt(cfg[k], True)}" for k in keys if k not in ("rank", "targets") and k in cfg)
-        glance.append(card("winner", f"rank {fmt(cfg.get('rank'))} · {fmt(cfg.get('targets'))}",
-                           f"{others} — trial {best}", win=True))
-        glance.append(card(f"validation {mname}", fmt(val.get(mname)), " · ".join(x for x in (
-            f"test accuracy {fmt(test.get('accuracy'))}, F1 {fmt(test.get('f1'))}" if test else "", vs) if x)))
-    else:
-        glance.append("<div class=glance>" + card("winner", "none", "no trial finished with a finite metric"))
+
+def _glance(s: _Search) -> list[str]:
+    """The answers above the first section: which rank and targets won, by how much, how small the adapter is."""
+    glance = [f"<h1>{esc(s.title)}</h1><div class=sub>{len(s.rows)} trials · best by {esc(s.metric)} "
+              f"({esc(s.mode)}) · model {esc(s.cfg.get('model', '-'))} · data {esc(s.cfg.get('data', '-'))}</div>"]
+    r = ratio(s.stats)
+    glance += _winner(s, r) if s.best is not None else [
+        "<div class=glance>" + card("winner", "none", "no trial finished with a finite metric")]
     if r:
-        t, a = stats.get("trainable_params"), stats.get("all_params")
-        glance.append(card("adapter size", f"{r:,.0f}× smaller", size_facts(stats)
+        t, a = s.stats.get("trainable_params"), s.stats.get("all_params")
+        glance.append(card("adapter size", f"{r:,.0f}× smaller", size_facts(s.stats)
                            + (f" · {100 * t / a:.2g}% of the parameters trained" if t and a else "")))
-    ended = ", ".join(f"{n} {s.replace('_', ' ')}" + (" (ASHA)" if s == "stopped_early" else "") for s, n in
-                      ((s, list(statuses.values()).count(s)) for s in plots.STATUS_COLORS) if n)
-    glance.append(card("search", f"{len(rows)} trials" + (f" · {_duration(seconds)}" if seconds else ""), ended))
+    ended = ", ".join(f"{n} {st.replace('_', ' ')}" + (" (ASHA)" if st == "stopped_early" else "") for st, n in
+                      ((st, list(s.statuses.values()).count(st)) for st in plots.STATUS_COLORS) if n)
+    glance.append(card("search", f"{len(s.rows)} trials" + (f" · {_duration(s.seconds)}" if s.seconds else ""), ended))
     glance.append("</div>")
+    return glance
 
-    # -- the details
-    body: list[str] = []
-    if best is not None:
-        shown = keys + [k for k in ("rank", "alpha", "targets", "lr", "dropout", "epochs", "batch_size") if k not in keys]
-        mk = ["loss", "accuracy", "f1", "f1_macro", "roc_auc"]
-        results = [(f"best (trial {best})", {"validation": val, "test": test})]
-        if default and default.get("trial") != best:
-            results.append((f"untuned default (trial {default.get('trial')})", default))
-        body += ["<h2>Best configuration</h2><div class=row>",
-                 table(["option", "value"], [[k, cfg[k]] for k in shown if k in cfg], options=("value",)),
-                 table(["trial", "split"] + mk, [[name, split] + [(res.get(split) or {}).get(k) for k in mk]
-                                                 for name, res in results for split in ("validation", "test")
-                                                 if res.get(split)], text_cols=2), "</div>"]
+
+def _winner(s: _Search, r: float | None) -> list[str]:
+    """The winner's sentence and its two cards (opens the cards' row)."""
+    dval = (s.default.get("validation") or {}).get(s.mname)
+    vs = ("the untuned default was already the best" if s.default.get("trial") == s.best else
+          f"untuned default {fmt(dval)}" if dval is not None else "")
+    test_acc = f", test accuracy {fmt(s.test.get('accuracy'))}" if s.test else ""
+    sentence = (f"Rank {fmt(s.cfg.get('rank'))} on {describe_targets(s.run / 'best', s.cfg.get('targets'))} won: "
+                f"validation {s.mname} {fmt(s.val.get(s.mname))}" + (f" ({vs})" if vs else "") + test_acc
+                + (f". Its adapter is {r:,.0f}× smaller than the model." if r else "."))
+    others = " · ".join(f"{k} {fmt(s.cfg[k], True)}" for k in s.keys if k not in ("rank", "targets") and k in s.cfg)
+    scores = " · ".join(x for x in (
+        f"test accuracy {fmt(s.test.get('accuracy'))}, F1 {fmt(s.test.get('f1'))}" if s.test else "", vs) if x)
+    return ["<p style='font-size:16px'><b>" + esc(sentence) + "</b></p><div class=glance>",
+            card("winner", f"rank {fmt(s.cfg.get('rank'))} · {fmt(s.cfg.get('targets'))}", f"{others} — trial {s.best}",
+                 win=True),
+            card(f"validation {s.mname}", fmt(s.val.get(s.mname)), scores)]
+
+
+def _body(s: _Search) -> list[str]:
+    """The sections below the glance, in page order."""
+    body = _best_configuration(s) if s.best is not None else []
     body += ["<h2>Trials</h2><p>Click a column header to sort.</p>"] + guarded(
-        "trials table", _trials_table, run, rows, keys, best)
-    options = [o for o in OPTION_PLOTS if o in keys]
-    if options and ok:
-        series = "targets" if "targets" in keys else None
-        body.append(f"<h2>What mattered</h2><p>Each trial's best-epoch score against the searched options; "
-                    f"{'one colour per target set; ' if series else ''}the star is the winner.</p>")
-        for m in dict.fromkeys([metric, "val_accuracy" if metric != "val_accuracy" else "val_loss"]):
-            if any(finite(row.get(m)) for row in ok):
-                body += guarded(f"{m} plots", lambda m=m: [img(plots.metric_vs_options(ok, m, options, series, best),
-                                                                 f"{m} against {', '.join(options)}")])
-    shown_metrics = [mname, "accuracy" if mname != "accuracy" else "loss"]
-    by_trial = {str(row.get("trial")): curves(run / "trials" / str(row.get("trial")))[1] for row in rows}
-    if any(by_trial.values()):
-        body += ["<h2>Learning curves: where ASHA stopped each trial</h2>"] + guarded(
-            "trial curves", lambda: [img(plots.trial_curves(by_trial, statuses, shown_metrics, doc.get("max_epochs"),
-                                                            best), "learning curves of all trials")])
-    if best is not None:
-        body += size_section(stats)
-    if seconds:
-        body.append(f"<h2>Wall time</h2><p>The search took {esc(_duration(seconds))} for "
-                    f"{len(rows)} trials; the table shows each trial's training seconds where it finished.</p>")
-    if best is not None and (run / "best" / "adapter").is_dir():
-        body.append(f"<h2>The best adapter (trial {esc(best)})</h2>")
-        if (run / "best" / "config.yaml").is_file():
-            body += guarded("test-split predictions", test_section, run / "best")
-        partner = _partner(run, rows, best, run / "best" / "adapter")
-        body += guarded("ΔW analysis", analysis_section, run / "best" / "adapter", partner[0] if partner else None,
-                        (f"best (r={_adapter_config(run / 'best' / 'adapter')[0]})", partner[1] if partner else ""))
-    if doc:
+        "trials table", _trials_table, s.run, s.rows, s.keys, s.best)
+    no_best = [t for t, ev in s.evals.items() if ev and rundir.best_evaluation(ev) is None]
+    if no_best:
+        body.append(note(f"{NO_FINITE_LOSS} in trial{'s' if len(no_best) > 1 else ''} {', '.join(no_best)}: "
+                         "no best epoch, validation columns empty"))
+    body += _what_mattered(s) + _trial_curves(s)
+    if s.best is not None:
+        body += size_section(s.stats)
+    if s.seconds:
+        body.append(f"<h2>Wall time</h2><p>The search took {esc(_duration(s.seconds))} for "
+                    f"{len(s.rows)} trials; the table shows each trial's training seconds where it finished.</p>")
+    if s.best is not None and (s.run / "best" / "adapter").is_dir():
+        body += _best_adapter(s)
+    if s.doc:
         body.append(f"<details><summary>Search settings (search.yaml)</summary><pre>"
-                    f"{esc(yaml.safe_dump(doc, sort_keys=False))}</pre></details>")
-    return title, glance, body
+                    f"{esc(yaml.safe_dump(s.doc, sort_keys=False))}</pre></details>")
+    return body
+
+
+def _best_configuration(s: _Search) -> list[str]:
+    """The best trial's options, and its (and the untuned default's) validation and test metrics."""
+    shown = s.keys + [k for k in ("rank", "alpha", "targets", "lr", "dropout", "epochs", "batch_size")
+                      if k not in s.keys]
+    mk = ["loss", "accuracy", "f1", "f1_macro", "roc_auc"]
+    results = [(f"best (trial {s.best})", {"validation": s.val, "test": s.test})]
+    if s.default and s.default.get("trial") != s.best:
+        results.append((f"untuned default (trial {s.default.get('trial')})", s.default))
+    return ["<h2>Best configuration</h2><div class=row>",
+            table(["option", "value"], [[k, s.cfg[k]] for k in shown if k in s.cfg], options=("value",)),
+            table(["trial", "split"] + mk, [[name, split] + [(res.get(split) or {}).get(k) for k in mk]
+                                            for name, res in results for split in ("validation", "test")
+                                            if res.get(split)], text_cols=2), "</div>"]
+
+
+def _what_mattered(s: _Search) -> list[str]:
+    """Each finished trial's best-epoch score against the searched options (rank, lr, dropout)."""
+    options = [o for o in OPTION_PLOTS if o in s.keys]
+    if not (options and s.ok):
+        return []
+    series = "targets" if "targets" in s.keys else None
+    out = [f"<h2>What mattered</h2><p>Each trial's best-epoch score against the searched options; "
+           f"{'one colour per target set; ' if series else ''}the star is the winner.</p>"]
+    for m in dict.fromkeys([s.metric, "val_accuracy" if s.metric != "val_accuracy" else "val_loss"]):
+        if any(finite(row.get(m)) for row in s.ok):
+            out += guarded(f"{m} plots", lambda m=m: [img(plots.metric_vs_options(s.ok, m, options, series, s.best),
+                                                            f"{m} against {', '.join(options)}")])
+    return out
+
+
+def _trial_curves(s: _Search) -> list[str]:
+    """Every trial's validation curves per epoch: where ASHA stopped each one."""
+    if not any(s.evals.values()):
+        return []
+    shown = [s.mname, "accuracy" if s.mname != "accuracy" else "loss"]
+    return ["<h2>Learning curves: where ASHA stopped each trial</h2>"] + guarded(
+        "trial curves", lambda: [img(plots.trial_curves(s.evals, s.statuses, shown, s.doc.get("max_epochs"), s.best),
+                                     "learning curves of all trials")])
+
+
+def _best_adapter(s: _Search) -> list[str]:
+    """The best adapter's test split and ΔW, compared with another rank's adapter where there is one."""
+    best_dir = s.run / "best"
+    out = [f"<h2>The best adapter (trial {esc(s.best)})</h2>"]
+    if (best_dir / "config.yaml").is_file():
+        out += guarded("test-split predictions", test_section, best_dir)
+    partner = _partner(s.run, s.rows, str(s.best), best_dir / "adapter")
+    out += guarded("ΔW analysis", analysis_section, best_dir / "adapter", partner[0] if partner else None,
+                   (f"best (r={_adapter_config(best_dir / 'adapter')[0]})", partner[1] if partner else ""))
+    return out
 
 
 def _trials_table(run: Path, rows: list[dict[str, Any]], keys: list[str], best: str | None) -> list[str]:
@@ -197,7 +258,7 @@ def _trials_table(run: Path, rows: list[dict[str, Any]], keys: list[str], best: 
     for row in rows:
         tdir = run / "trials" / str(row.get("trial"))
         weights = tdir / "adapter" / "adapter_model.safetensors"
-        secs = ((read_json(tdir / "results.json") or {}).get("train") or {}).get("seconds")
+        secs = ((rundir.read_results(tdir) or {}).get("train") or {}).get("seconds")
         cells.append([row.get(c) for c in cols] + [weights.stat().st_size if weights.is_file() else None,
                                                    round(secs, 1) if isinstance(secs, (int, float)) else None])
         classes.append("best" if str(row.get("trial")) == best else "")
@@ -207,6 +268,7 @@ def _trials_table(run: Path, rows: list[dict[str, Any]], keys: list[str], best: 
 
 
 def _duration(seconds: float) -> str:
+    """'734 s', '12.2 min' or '2.5 h'."""
     seconds = float(seconds)
     return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min" if seconds < 7200 else \
         f"{seconds / 3600:.1f} h"

@@ -1,18 +1,18 @@
-"""Sections shared by the run and search pages, and the tolerant readers behind them: a report is
-written even from a damaged or unfinished run, with a line saying what is missing."""
+"""Sections shared by the run and search pages. A report is written even from a damaged or unfinished run,
+with a line saying what is missing: every file is read through the tolerant readers of
+:mod:`loratune.training.rundir`, and each section that can fail is :func:`guarded`."""
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-import numpy as np
 import yaml
 
 from loratune.report import plots
-from loratune.report.html import esc, finite, fmt, human_bytes, img, note, table
+from loratune.report.html import esc, fmt, human_bytes, img, note, table
+from loratune.training import rundir
 
 log = logging.getLogger(__name__)
 
@@ -20,74 +20,28 @@ log = logging.getLogger(__name__)
 SIZE_KEYS = ("trainable_params", "all_params", "adapter_bytes", "model_bytes")
 
 
-def read_json(path: Path) -> Any:
-    """The JSON in ``path``, or None (logged) when it is missing or unreadable."""
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        log.warning("%s: unreadable, skipped (%s)", path, e)
-        return None
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Objects of a JSON-lines file; broken lines (a run killed mid-write) are skipped."""
-    out = []
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(obj, dict):
-                out.append(obj)
-    return out
-
-
-def read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        doc = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else None
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        log.warning("%s: unreadable, skipped (%s)", path, e)
-        doc = None
-    return doc if isinstance(doc, dict) else {}
-
-
-def curves(run: Path) -> tuple[list[tuple[int, float]], list[dict[str, Any]]]:
-    """(train loss per logged step, validation evaluations) from ``metrics.jsonl``."""
-    lines = read_jsonl(run / "metrics.jsonl")
-    train = [(int(x["step"]), float(x["loss"])) for x in lines if x.get("type") == "train"
-             and isinstance(x.get("step"), int) and finite(x.get("loss"))]
-    evals = [x for x in lines if x.get("type") == "eval" and isinstance(x.get("epoch"), int)]
-    return train, evals
-
-
-def predict_test_split(run: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """(true class ids (N,), probabilities (N, C), label names): the run's adapter on its test split,
-    cut from its data exactly as in training (the run's ``config.yaml``, the adapter's classes)."""
-    from loratune.infer.inference import load
-    from loratune.runtime import resolve_precision
-    from loratune.tasks.classification import predict_probs, tokenize
-    from loratune.training.data import load_splits
-    from loratune.training.rundir import read_config
-
-    cfg, _ = read_config(run)
-    loaded = load(run / "adapter", device=cfg.device)
-    splits = load_splits(cfg, label_names=loaded.label_names)
-    enc = tokenize(splits.test, loaded.tokenizer, loaded.max_length)
-    device = next(loaded.model.parameters()).device
-    probs, _ = predict_probs(loaded.model, enc, device, resolve_precision(cfg.precision, device), pad_id=loaded.pad_id)
-    return enc.labels, probs, loaded.label_names
-
-
-def guarded(what: str, fn: Any, *args: Any) -> list[str]:
+def guarded(what: str, fn: Callable[..., list[str]], *args: Any) -> list[str]:
     """A section, or one line saying why it is missing: a report is written even from a damaged run."""
     try:
         return fn(*args)
     except Exception as e:  # noqa: BLE001 - one broken section must not cost the whole report
         log.warning("report: %s skipped: %s", what, e)
         return [note(f"{what}: not available ({type(e).__name__}: {e})")]
+
+
+NO_FINITE_LOSS = "no epoch had a finite validation loss"
+
+
+def learning_curves_section(run: Path) -> list[str]:
+    """Train loss per logged step and validation metrics per epoch, the best epoch marked
+    (:func:`rundir.best_evaluation`); a line saying so when no epoch had a finite validation loss."""
+    evals = rundir.evaluations(run)
+    best = rundir.best_evaluation(evals)
+    out = ["<h2>Learning curves</h2>"] + guarded("learning curves", lambda: [img(plots.learning_curves(
+        rundir.train_losses(run), evals, best["epoch"] if best else None), "learning curves")])
+    if evals and best is None:
+        out.append(note(f"best epoch: none; {NO_FINITE_LOSS} (the run diverged)"))
+    return out
 
 
 def size_facts(train: dict[str, Any]) -> str:
@@ -99,11 +53,13 @@ def size_facts(train: dict[str, Any]) -> str:
 
 
 def ratio(train: dict[str, Any]) -> float | None:
+    """How many times smaller the adapter file is than the model's weights (None: not recorded)."""
     a, m = train.get("adapter_bytes"), train.get("model_bytes")
     return m / a if a and m else None
 
 
 def size_section(train: dict[str, Any]) -> list[str]:
+    """Trained vs all parameters and adapter vs model bytes, from ``results.json``'s ``train``."""
     if not any(train.get(k) for k in SIZE_KEYS):
         return [note("sizes: not recorded (the run did not finish)")]
     t, a = train.get("trainable_params"), train.get("all_params")
@@ -113,9 +69,15 @@ def size_section(train: dict[str, Any]) -> list[str]:
 
 
 def test_section(run: Path) -> list[str]:
+    """Confusion matrix, per-class scores and ROC of the run's adapter on its test split, cut from its data
+    exactly as in training, on the device and at the precision of the run's ``config.yaml``."""
+    from loratune.infer.inference import run_split
     from loratune.tasks.metrics import confusion, per_class
 
-    labels, probs, names = predict_test_split(run)
+    cfg = rundir.read_config_doc(run)
+    res = run_split(run / "adapter", split="test", precision=cfg.get("precision") or "auto",
+                    device=cfg.get("device") or "auto")
+    labels, probs, names = res.labels, res.probs, res.label_names
     preds = probs.argmax(axis=1)
     pc = per_class(labels, preds, len(names))
     rows = [[n, pc["precision"][i], pc["recall"][i], pc["f1"][i], pc["support"][i]] for i, n in enumerate(names)]
@@ -126,6 +88,7 @@ def test_section(run: Path) -> list[str]:
 
 
 def metrics_table(results: dict[str, Any]) -> str:
+    """Validation and test metrics of ``results.json``, one row per split present."""
     keys = ["loss", "accuracy", "f1", "f1_macro", "precision", "recall", "roc_auc"]
     rows = [[split] + [(results.get(split) or {}).get(k) for k in keys] for split in ("validation", "test")
             if results.get(split)]
@@ -160,7 +123,8 @@ def analysis_section(adapter: Path, compare: Path | None = None, labels: tuple[s
 
 
 def config_section(run: Path) -> list[str]:
-    cfg = read_yaml(run / "config.yaml")
+    """The run's ``config.yaml``, folded (nothing when there is none)."""
+    cfg = rundir.read_config_doc(run)
     if not cfg:
         return []
     text = yaml.safe_dump(cfg, sort_keys=False)
@@ -169,8 +133,8 @@ def config_section(run: Path) -> list[str]:
 
 def describe_targets(run: Path, given: Any = None) -> str:
     """'q,v (query, value)': the targets as given and the module names they expanded to."""
-    given = given if given is not None else read_yaml(run / "config.yaml").get("targets")
-    cfg = read_json(run / "adapter" / "adapter_config.json") or {}
+    given = given if given is not None else rundir.read_config_doc(run).get("targets")
+    cfg = rundir.read_json(run / "adapter" / "adapter_config.json") or {}
     modules = cfg.get("target_modules")
     text = fmt(given) if given is not None else ""
     if isinstance(modules, list) and modules and ",".join(map(str, modules)) != text:

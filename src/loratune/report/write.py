@@ -8,7 +8,8 @@ What it reads (missing optional pieces are skipped, with a line saying so):
 
 - a run directory: ``results.json``, ``metrics.jsonl``, ``config.yaml``, ``adapter/``; the confusion
   matrix, per-class scores and ROC curve come from re-running the adapter on the test split, cut as
-  in training (:func:`predict_test_split`).
+  in training (:func:`loratune.infer.inference.run_split`). Every run file is read through
+  :mod:`loratune.training.rundir`, which also decides each run's best epoch.
 - a search directory: ``trials.json`` (else ``trials.csv``), ``search.json``, ``search.yaml``,
   ``trials/<id>/`` (each trial's run directory), ``best/`` (the best trial's, test-evaluated).
 

@@ -424,13 +424,8 @@ def _trial(config: dict[str, Any], prepared: Prepared, setup: dict[str, Any]) ->
 
 
 def test_metrics(adapter: Path, prepared: Prepared, base: TrainConfig) -> dict[str, float]:
-    """The adapter on the prepared test split (the very split and tokens the trials had)."""
-    from loratune.infer.inference import load
-    from loratune.runtime import resolve_precision, set_threads
-    from loratune.training.loop import evaluate
+    """The adapter's metrics on the prepared test split (the very split and tokens the trials had)."""
+    from loratune.infer.inference import run_split
 
-    set_threads(None)
-    loaded = load(adapter, device=base.device)
-    device = next(loaded.model.parameters()).device
-    precision = resolve_precision(base.precision, device)
-    return evaluate(loaded.model, prepared.test, device, precision, prepared.pad_id)[0]
+    return run_split(adapter, split="test", encoded=prepared.test, precision=base.precision,
+                     device=base.device).metrics

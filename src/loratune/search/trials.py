@@ -1,8 +1,10 @@
-"""A search's own files: ``search.yaml`` (its options, all a resume needs), and after it the trials table (``trials.csv`` / ``trials.json``), the best trial, ``best/``.
+"""A search's own files: ``search.yaml`` (its options, all a resume needs), and after it the trials table
+(``trials.csv`` / ``trials.json``), the best trial, ``best/``.
 
-:func:`finish` builds each trial's row from its own ``metrics.jsonl``, picks the best trial by the
-validation metric alone (never a diverged or failed one), copies it to ``best/`` and evaluates it,
-and the untuned default trial, on the test split once. No Ray here.
+:func:`finish` builds each trial's row from its own run directory (read by :mod:`loratune.training.rundir`,
+which also says which epoch is a trial's best), picks the best trial by the validation metric alone (never
+a diverged or failed one), copies it to ``best/`` and evaluates it, and the untuned default trial, on the
+test split once. No Ray here.
 """
 
 from __future__ import annotations
@@ -59,21 +61,17 @@ def status_of(last: Mapping[str, Any], *, error: bool) -> str:
     return "completed" if last.get("epoch", 0) >= last.get("epochs_planned", math.inf) else "stopped_early"
 
 
-def history(run: Path) -> list[dict[str, Any]]:
-    """A run directory's per-epoch validation metrics (``metrics.jsonl``, cut back to the checkpoint on resume)."""
-    path = run / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    lines = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
-    evals = [x for x in lines if x.get("type") == "eval"]
-    return [{k: v for k, v in x.items() if k not in ("type", "split", "step")} for x in evals]
-
-
 def trial_record(space: Space, trial: str, status: str | None, config: Mapping[str, Any], run: Path) -> dict[str, Any]:
-    """One trial: its contract row and what stands behind it (best epoch = lowest validation loss, whose
-    adapter the trainer kept)."""
-    hist = history(run)
-    best = min(hist, key=lambda h: h["loss"]) if hist else {}
+    """One trial: its contract row and what stands behind it, from its run directory's evaluations.
+
+    Its best epoch is :func:`rundir.best_evaluation`'s (the lowest finite validation loss: the epoch whose
+    adapter the trainer kept). A trial that evaluated but never to a finite loss has no best (``val_*``
+    empty) and ends ``diverged``, unless it failed or has not ended (``status`` None).
+    """
+    hist = rundir.evaluations(run)
+    best = rundir.best_evaluation(hist) or {}
+    if hist and not best and status not in (None, "failed"):
+        status = "diverged"
     values = {k: _typed(k, v) for k, v in space.resolve(config).items() if k in space.keys}
     row = {"trial": trial, "status": status, "epochs_run": len(hist), **values,
            "val_loss": best.get("loss"), "val_accuracy": best.get("accuracy"), "val_f1": best.get("f1")}
@@ -117,8 +115,7 @@ def finish(out: Path, doc: Mapping[str, Any], space: Space, trials: list[dict[st
         shutil.rmtree(dest, ignore_errors=True)
         shutil.copytree(best["run_dir"], dest, ignore=shutil.ignore_patterns(".tune-checkpoint"))
         summary["best"] = _brief(best, test(dest / "adapter"), dest)
-        done = dest / "results.json"                                    # the trainer's, if the trial ran to its end
-        old = json.loads(done.read_text(encoding="utf-8")) if done.is_file() else {}
+        old = rundir.read_results(dest) or {}                          # the trainer's, if the trial ran to its end
         rundir.write_json(dest / "results.json", {
             "validation": summary["best"]["validation"], "test": summary["best"]["test"],
             "best_epoch": best["best"]["epoch"], "train": old.get("train", {}), "history": best["history"],
@@ -136,8 +133,9 @@ def finish(out: Path, doc: Mapping[str, Any], space: Space, trials: list[dict[st
 
 
 def _brief(trial: dict[str, Any], test: dict[str, float] | None, run_dir: Path) -> dict[str, Any]:
+    """A trial as search.json lists it: config, best-epoch validation metrics, test metrics, run directory."""
     return {"trial": trial["trial"], "status": trial["status"], "config": trial["config"],
-            "validation": {k: v for k, v in trial["best"].items() if k != "epoch"} or None,
+            "validation": {k: v for k, v in trial["best"].items() if k not in ("epoch", "step")} or None,
             "best_epoch": trial["best"].get("epoch"), "test": test, "run_dir": str(run_dir)}
 
 
@@ -197,6 +195,7 @@ def _absolute_paths(cfg: TrainConfig) -> TrainConfig:
 
 
 def read_search_yaml(out: Path) -> dict[str, Any]:
+    """``out/search.yaml`` for ``--resume``, strictly: InputError when it is missing or not a search's."""
     path = out / "search.yaml"
     if not path.is_file():
         raise InputError(f"--resume: {out} holds no search (no search.yaml)")

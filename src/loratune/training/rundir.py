@@ -21,7 +21,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Mapping
 
 import yaml
 
@@ -71,6 +71,7 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 def write_config(out: Path, cfg: TrainConfig, **extra: Any) -> None:
+    """``out/config.yaml``: the resolved options, ``extra`` keys (label names) and the library versions, atomically."""
     doc = {**cfg.to_dict(), **extra, "versions": versions()}
     _atomic_text(out / "config.yaml", yaml.safe_dump(doc, sort_keys=False))
 
@@ -90,6 +91,7 @@ def read_config(out: Path) -> tuple[TrainConfig, dict[str, Any]]:
 
 
 def _atomic_text(path: Path, text: str) -> None:
+    """Write ``text`` to a temp file beside ``path``, then rename it into place: readers see the old or the new."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
@@ -102,6 +104,7 @@ def _atomic_text(path: Path, text: str) -> None:
 
 
 def _clean(obj: Any) -> Any:
+    """``obj`` as plain JSON values: non-finite floats become None, keys strings, numpy/torch scalars numbers."""
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, dict):
@@ -122,13 +125,13 @@ def is_better(loss: Any, best: float | None) -> bool:
     return best is None or loss < best
 
 
-def best_evaluation(evals: list[dict[str, Any]]) -> dict[str, Any] | None:
+def best_evaluation(evals: Iterable[Mapping[str, Any]]) -> dict[str, Any] | None:
     """The evaluation with the lowest finite ``loss``, the earliest on a tie; None when no loss is finite."""
-    best: dict[str, Any] | None = None
+    best: Mapping[str, Any] | None = None
     for e in evals:
         if is_better(e.get("loss"), None if best is None else best["loss"]):
             best = e
-    return best
+    return dict(best) if best is not None else None
 
 
 def read_json(path: Path) -> Any:
@@ -137,7 +140,7 @@ def read_json(path: Path) -> Any:
         return None
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         log.warning("%s: unreadable, skipped (%s)", path, e)
         return None
 
@@ -153,24 +156,29 @@ def read_yaml(path: Path) -> dict[str, Any]:
 
 
 def read_metrics(run: Path) -> list[dict[str, Any]]:
-    """The objects of ``run/metrics.jsonl``; broken lines (a run killed mid-write) are skipped."""
+    """The objects of ``run/metrics.jsonl`` in order; broken lines (a run killed mid-write) are skipped, a
+    missing or unreadable file reads as none."""
     path = run / "metrics.jsonl"
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace") if path.is_file() else ""
+    except OSError as e:
+        log.warning("%s: unreadable, skipped (%s)", path, e)
+        text = ""
     out = []
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(obj, dict):
-                out.append(obj)
+    for line in text.splitlines():
+        try:
+            obj = json.loads(line)
+        except (json.JSONDecodeError, RecursionError):
+            continue
+        if isinstance(obj, dict):
+            out.append(obj)
     return out
 
 
 def evaluations(run: Path) -> list[dict[str, Any]]:
-    """Per-epoch validation metrics from ``metrics.jsonl``: ``{"epoch", "loss", "accuracy", ...}``; a loss
-    that was NaN or infinite reads as None (JSON has neither)."""
-    return [{k: v for k, v in x.items() if k not in ("type", "split", "step")} for x in read_metrics(run)
+    """Per-epoch validation metrics from ``metrics.jsonl``, in order: ``{"epoch", "step", "loss", "accuracy",
+    ...}`` (the trainer's ``history`` entries); a loss that was NaN or infinite reads as None (JSON has neither)."""
+    return [{k: v for k, v in x.items() if k not in ("type", "split")} for x in read_metrics(run)
             if x.get("type") == "eval" and isinstance(x.get("epoch"), int)]
 
 
@@ -181,6 +189,19 @@ def train_losses(run: Path) -> list[tuple[int, float]]:
 
 
 def read_results(run: Path) -> dict[str, Any] | None:
-    """``run/results.json`` (written once, when the run finished), or None."""
+    """``run/results.json`` (written once, when the run finished), or None when it is missing or unreadable."""
     doc = read_json(run / "results.json")
     return doc if isinstance(doc, dict) else None
+
+
+def read_config_doc(run: Path) -> dict[str, Any]:
+    """``run/config.yaml`` as written (options, label names, versions), for people to look at: {} when it is
+    missing or unreadable. A run that continues from it reads it strictly (:func:`read_config`)."""
+    return read_yaml(run / "config.yaml")
+
+
+def adapter_run_config(adapter: str | os.PathLike) -> TrainConfig | None:
+    """The options of the run an adapter folder belongs to (``RUN/adapter`` -> ``RUN/config.yaml``), or None
+    when the folder sits in no run directory. A damaged ``config.yaml`` is an InputError."""
+    run = Path(adapter).resolve().parent
+    return read_config(run)[0] if (run / "config.yaml").is_file() else None
