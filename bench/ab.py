@@ -8,23 +8,19 @@ from pathlib import Path
 from bench import train as tb
 from bench.common import quiet
 from loratune.runtime import set_threads
-from loratune.training import loop as trainer
+from loratune.training.levers import Levers
 from loratune.training.loop import prepare_data
 from loratune.training.options import TrainConfig
 
 quiet(); set_threads(None)
 root = Path(tempfile.mkdtemp(prefix="lt-ab-"))
 d = tb.distilbert_folder(root); p = prepare_data(TrainConfig(model=d))
-cases = [("default", {}, {}), ("frozen off", {"FROZEN_BF16": False}, {}), ("pad8", {"PAD_TO": 8}, {}), ("fp32 buckets", {}, {"precision": "fp32"})]
+cases = [("default", Levers(), {}), ("frozen off", Levers(frozen_bf16=False), {}), ("pad8", Levers(pad_to=8), {}),
+         ("fp32 buckets", Levers(), {"precision": "fp32"})]
 got = {c[0]: [] for c in cases}
 for r in range(3):
-    for name, flags, opts in cases:
-        old = {k: getattr(trainer, k) for k in flags}
-        for k, v in flags.items(): setattr(trainer, k, v)
-        try:
-            got[name].append(tb.ours(d, p, 30, 5, root / "x", **opts)["tokens_per_s"])
-        finally:
-            for k, v in old.items(): setattr(trainer, k, v)
+    for name, levers, opts in cases:
+        got[name].append(tb.ours(d, p, 30, 5, root / "x", levers=levers, **opts)["tokens_per_s"])
         print(name, round(got[name][-1]), time.strftime("%T"), flush=True)
 
 print(json.dumps(got))

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -16,37 +16,25 @@ from bench import train as tb
 
 def variants(root: Path, model: str, prepared: Any, steps: int, warmup: int) -> list[tuple[str, float]]:
     """(lever, real tokens/s) of the default training and of each variant, in one process, interleaved twice."""
-    from loratune.training import loop as trainer
+    from loratune.training.levers import Levers
 
-    def switch(**flags: Any) -> Callable[[], Any]:
-        def apply() -> Any:
-            old = {k: getattr(trainer, k) for k in flags}
-            for k, v in flags.items():
-                setattr(trainer, k, v)
-            return old
-        return apply
-
-    cases: list[tuple[str, dict[str, Any], Callable[[], Any] | None]] = [
-        ("default (bf16 + buckets + frozen bf16 + fast dropout + fast attention + first-token last layer)", {}, None),
-        ("dropout masks by bernoulli_ (torch's nn.Dropout)", {}, switch(FAST_DROPOUT=False)),
-        ("attention by sdpa (its math path under dropout)", {}, switch(FAST_ATTENTION=False)),
-        ("last layer computed for every token", {}, switch(FIRST_TOKEN=False)),
-        ("frozen weights re-cast by autocast each step", {}, switch(FROZEN_BF16=False)),
-        ("+ widths padded to a multiple of 8", {}, switch(PAD_TO=8)),
-        ("no length buckets (random batches)", {"bucket": False}, None),
-        ("fp32 (no autocast), buckets", {"precision": "fp32"}, None),
-        ("fp32, random batches", {"precision": "fp32", "bucket": False}, None),
-        ("1 torch thread (of 2 CPUs)", {"threads": 1}, None),
+    cases: list[tuple[str, dict[str, Any], Levers]] = [
+        ("default (bf16 + buckets + frozen bf16 + fast dropout + fast attention + first-token last layer)", {},
+         Levers()),
+        ("dropout masks by bernoulli_ (torch's nn.Dropout)", {}, Levers(fast_dropout=False)),
+        ("attention by sdpa (its math path under dropout)", {}, Levers(fast_attention=False)),
+        ("last layer computed for every token", {}, Levers(first_token=False)),
+        ("frozen weights re-cast by autocast each step", {}, Levers(frozen_bf16=False)),
+        ("+ widths padded to a multiple of 8", {}, Levers(pad_to=8)),
+        ("no length buckets (random batches)", {"bucket": False}, Levers()),
+        ("fp32 (no autocast), buckets", {"precision": "fp32"}, Levers()),
+        ("fp32, random batches", {"precision": "fp32", "bucket": False}, Levers()),
+        ("1 torch thread (of 2 CPUs)", {"threads": 1}, Levers()),
     ]
     got: dict[str, list[float]] = {name: [] for name, _, _ in cases}
     for _ in range(2):
-        for name, opts, sw in cases:
-            old = sw() if sw else {}
-            try:
-                r = tb.ours(model, prepared, steps, warmup, root / "lever", **opts)
-            finally:
-                for k, v in old.items():
-                    setattr(trainer, k, v)
+        for name, opts, levers in cases:
+            r = tb.ours(model, prepared, steps, warmup, root / "lever", levers=levers, **opts)
             got[name].append(r["tokens_per_s"])
     torch.set_num_threads(tb_threads())
     return [(name, max(v)) for name, v in got.items()]

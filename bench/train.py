@@ -11,12 +11,15 @@ import contextlib
 import io
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from bench.common import non_embedding_params
+
+if TYPE_CHECKING:
+    from loratune.training.levers import Levers
 
 SEED_TARGETS = {"distilbert": ["q_lin", "v_lin"], "minilm": ["query", "value"]}
 
@@ -36,9 +39,12 @@ def distilbert_folder(root: Path) -> str:
     return str(path)
 
 
-def ours(model: str, prepared: Any, steps: int, warmup: int, out: Path, **options: Any) -> dict[str, float]:
-    """loratune.train with its defaults (bf16 where native, buckets, batch 16, r=8 α=16 q,v + head)."""
+def ours(model: str, prepared: Any, steps: int, warmup: int, out: Path, levers: Levers | None = None,
+         **options: Any) -> dict[str, float]:
+    """loratune.train with its defaults (bf16 where native, buckets, batch 16, r=8 α=16 q,v + head); ``levers``:
+    a ``Levers`` to train with instead of the default one (bench/levers.py switches each off alone)."""
     from loratune import train
+    from loratune.training.levers import Levers
     from loratune.training.options import TrainConfig
 
     marks: dict[int, tuple[float, float, float]] = {}
@@ -48,7 +54,8 @@ def ours(model: str, prepared: Any, steps: int, warmup: int, out: Path, **option
             marks[ev["step"]] = (time.perf_counter(), ev["tokens_per_s"] * ev["seconds"], ev["seconds"])
 
     cfg = TrainConfig(model=model, max_steps=warmup + steps, log_every=10_000, **options)
-    train(cfg, out=out, overwrite=True, prepared=prepared, progress=progress, evaluate_test=False)
+    train(cfg, out=out, overwrite=True, prepared=prepared, progress=progress, evaluate_test=False,
+          levers=levers if levers is not None else Levers())
     (t0, tok0, _), (t1, tok1, _) = marks[warmup], marks[warmup + steps]
     wall = t1 - t0
     return {"tokens_per_s": (tok1 - tok0) / wall, "samples_per_s": steps * cfg.batch_size / wall, "seconds": wall}

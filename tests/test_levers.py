@@ -1,9 +1,11 @@
 """The training speed levers change cost, not results: the dropout mask's distribution, and the first-token
-last layer's logits and gradients, against torch's own dropout and the unmodified model."""
+last layer's logits and gradients, against torch's own dropout and the unmodified model. And the levers as
+one value: ``Levers`` switches each on alone, the trainer uses the one it is given, bench switches each off."""
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -19,6 +21,7 @@ from loratune.training.fastops import (
     use_fast_dropout,
 )
 from loratune.training.firsttoken import first_token_last_layer
+from loratune.training.levers import Levers
 
 
 @pytest.mark.parametrize("p", [0.05, 0.1, 0.5, 0.9])
@@ -217,3 +220,89 @@ def test_use_fast_attention_only_replaces_sdpa() -> None:
     eager = tiny_model("bert")
     eager.config._attn_implementation = "eager"
     assert not use_fast_attention(eager) and eager.config._attn_implementation == "eager"
+
+
+def test_levers_default_to_all_on_and_are_one_frozen_value() -> None:
+    from loratune.training import loop as trainer
+
+    lv = Levers()
+    assert (lv.frozen_bf16, lv.fast_dropout, lv.fast_attention, lv.first_token, lv.pad_to) == (True, True, True, True, 1)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        lv.pad_to = 8  # type: ignore[misc]
+    with pytest.raises(ValueError, match="pad_to"):
+        Levers(pad_to=0)
+    assert not any(hasattr(trainer, g) for g in ("FROZEN_BF16", "FAST_DROPOUT", "FAST_ATTENTION", "FIRST_TOKEN",
+                                                 "PAD_TO"))       # no module globals left to flip
+
+
+def _switched_on(model: torch.nn.Module) -> set[str]:
+    """Which model-side levers are in effect on ``model``."""
+    on = set()
+    if any(isinstance(m, FastDropout) for m in model.modules()):
+        on.add("fast_dropout")
+    if model.config._attn_implementation == "loratune_sdpa":
+        on.add("fast_attention")
+    if "forward" in vars(model.bert.encoder.layer[-1]):        # the first-token forward, bound on the instance
+        on.add("first_token")
+    if model.bert.encoder.layer[0].intermediate.dense.weight.dtype == torch.bfloat16:
+        on.add("frozen_bf16")
+    return on
+
+
+@pytest.mark.parametrize("lever", [None, "frozen_bf16", "fast_dropout", "fast_attention", "first_token"])
+def test_levers_apply_switches_on_exactly_the_levers_asked_for(lever: str | None) -> None:
+    model = tiny_model("bert")
+    inject(model, LoraSpec(targets=("qv",), rank=4, alpha=8, dropout=0.1))
+    names = ("frozen_bf16", "fast_dropout", "fast_attention", "first_token")
+    Levers(**{n: n == lever for n in names}).apply(model, "bf16")
+    assert _switched_on(model) == ({lever} if lever else set())
+    assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if "lora_" in n)   # adapters stay fp32
+
+
+def test_train_uses_the_levers_it_is_given(tmp_path, tiny_model_dir, tiny_data, monkeypatch) -> None:
+    """pad_to reaches the collator, the model-side levers reach the model (all off: none in effect)."""
+    import loratune
+    from loratune.training import loop as trainer
+
+    widths: list[int] = []
+    seen: list[set[str]] = []
+    real_collate, real_setup = trainer.collate, trainer.setup
+    monkeypatch.setattr(trainer, "collate", lambda *a: widths.append(real_collate(*a)["input_ids"].shape[1])
+                        or real_collate(*a))
+    monkeypatch.setattr(trainer, "setup", lambda *a, **kw: seen.append(_switched_on((r := real_setup(*a, **kw)).model))
+                        or r)
+    opts = {"model": tiny_model_dir, "data": tiny_data, "max_steps": 6, "batch_size": 8, "max_length": 32,
+            "rank": 4, "threads": 1, "precision": "bf16", "evaluate_test": False}
+    loratune.train(out=tmp_path / "a", **opts)
+    assert seen[-1] == {"frozen_bf16", "fast_dropout", "fast_attention", "first_token"}
+    assert len(widths) == 6 and any(w % 8 for w in widths)
+    widths.clear()
+    loratune.train(out=tmp_path / "b", levers=Levers(frozen_bf16=False, fast_dropout=False, fast_attention=False,
+                                                     first_token=False, pad_to=8), **opts)
+    assert seen[-1] == set()
+    assert len(widths) == 6 and all(w % 8 == 0 for w in widths)
+
+
+def test_bench_switches_each_lever_off_alone(tmp_path, monkeypatch) -> None:
+    """bench/levers.py passes one Levers per variant: the default, then each lever changed alone."""
+    from bench import levers as bench_levers
+    from bench import train as bench_train
+
+    calls: list[tuple[Levers, dict]] = []
+
+    def fake_ours(model, prepared, steps, warmup, out, levers=None, **options):
+        calls.append((levers, options))
+        return {"tokens_per_s": 1.0}
+
+    monkeypatch.setattr(bench_train, "ours", fake_ours)
+    threads = torch.get_num_threads()
+    try:
+        rows = bench_levers.variants(tmp_path, "m", None, 1, 1)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(calls) == 2 * len(rows) and all(isinstance(lv, Levers) for lv, _ in calls)
+    changed = [{f.name for f in dataclasses.fields(Levers) if getattr(lv, f.name) != getattr(Levers(), f.name)}
+               for lv, _ in calls[:len(rows)]]
+    assert [c for c in changed if c] == [{"fast_dropout"}, {"fast_attention"}, {"first_token"}, {"frozen_bf16"},
+                                         {"pad_to"}]
+    assert all(not opts for (lv, opts), c in zip(calls, changed) if c)        # a lever case changes nothing else

@@ -1,4 +1,5 @@
-"""The training loop end to end on a tiny local model: files, learning, resume after SIGKILL, API."""
+"""The training loop end to end on a tiny local model: files, learning, resume after SIGKILL, API; and its
+pieces (one optimizer step, the state a checkpoint holds) called on their own."""
 
 from __future__ import annotations
 
@@ -10,14 +11,20 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import synthetic_rows, write_csv
 from safetensors.torch import load_file
 
 import loratune
-from loratune.errors import InputError
-from loratune.training.loop import _schedule
+from loratune.errors import Diverged, InputError
+from loratune.tasks.batches import collate
+from loratune.training import loop as trainer
+from loratune.training.levers import Levers
+from loratune.training.options import TrainConfig
+from loratune.training.state import Optim, TrainState, linear_schedule
 
 CLI = [sys.executable, "-m", "loratune"]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -52,7 +59,7 @@ def test_train_writes_the_contract_files_and_learns(tmp_path, tiny_model_dir, ti
 
 
 def test_schedule_is_linear_warmup_then_decay() -> None:
-    f = _schedule(total=100, warmup=10)
+    f = linear_schedule(total=100, warmup=10)
     assert [f(0), f(5), f(10), f(55), f(100)] == [0.0, 0.5, 1.0, 0.5, 0.0]
 
 
@@ -65,12 +72,91 @@ def test_same_seed_same_adapter_and_max_steps(tmp_path, tiny_model_dir, tiny_dat
     assert c.train["steps"] == 50 and c.train["epochs_run"] == 2
 
 
-def test_grad_accum_and_balanced_weights_run(tmp_path, tiny_model_dir) -> None:
+def _fresh_model(cfg: TrainConfig, data: trainer.Prepared, out: Path, head_bias: list[float] | None) -> trainer.Run:
+    """A fresh fp32 run on the CPU, its model in eval mode (its own dropout off, so batch shapes can't change
+    what is computed); ``head_bias``: the classifier's bias set to it (predictions that favour a class)."""
+    run = trainer.setup(cfg, data, out, device=torch.device("cpu"), precision="fp32", threads=1, levers=Levers(),
+                        emit=lambda event: None)
+    run.model.eval()
+    if head_bias is not None:
+        with torch.no_grad():
+            next(p for n, p in run.model.named_parameters() if "classifier" in n and n.endswith("bias")).copy_(
+                torch.tensor(head_bias))
+    return run
+
+
+def _first_step(cfg: TrainConfig, data: trainer.Prepared, group: list[np.ndarray], out: Path,
+                head_bias: list[float] | None = None) -> dict:
+    """One optimizer_step of a :func:`_fresh_model` on ``group``: the loss, the gradients AdamW got and the
+    updated tensors."""
+    run = _fresh_model(cfg, data, out, head_bias)
+    optim = Optim.create(run.model, cfg, total=run.total, device=run.device, precision="fp32")
+    before = {n: p.detach().clone() for n, p in optim.params.items()}
+    grads: list[dict[str, torch.Tensor]] = []
+    optim.optimizer.register_step_pre_hook(
+        lambda opt, args, kw: grads.append({n: p.grad.clone() for n, p in optim.params.items() if p.grad is not None}))
+    state = TrainState()
+    loss = trainer.optimizer_step(run, optim, state, group)
+    return {"loss": loss, "grads": grads[0], "before": before, "state": state, "run": run,
+            "after": {n: p.detach().clone() for n, p in optim.params.items()}}
+
+
+def test_grad_accum_2x4_is_one_batch_of_8(tmp_path, tiny_model_dir, tiny_data) -> None:
+    """Two micro-batches of 4 accumulate to the gradient of the mean loss over all 8: the same loss, the same
+    gradients and the same updated LoRA weights as one batch of 8 (dropout off, no clipping, no warm-up)."""
+    cfg = TrainConfig.from_dict(_opts(tiny_model_dir, tiny_data, dropout=0.0, precision="fp32", warmup=0.0, clip=0))
+    data = trainer.prepare_data(cfg)
+    idx = np.arange(8)
+    one = _first_step(cfg, data, [idx], tmp_path)
+    two = _first_step(cfg.replace(batch_size=4, grad_accum=2), data, [idx[:4], idx[4:]], tmp_path)
+    assert one["loss"] == pytest.approx(two["loss"], rel=1e-6)
+    assert one["grads"].keys() == two["grads"].keys() and any("lora_B" in n for n in one["grads"])
+    for n, g in one["grads"].items():
+        assert g.abs().max() > 0 or "lora_A" in n, n               # B = 0 at the start: A gets no gradient yet
+        assert torch.linalg.norm(g - two["grads"][n]) <= 1e-3 * torch.linalg.norm(g) + 1e-8, n    # to rounding
+    moved = [n for n in one["after"] if not torch.equal(one["after"][n], one["before"][n])]
+    assert any("lora_B" in n for n in moved)
+    for n, w in one["after"].items():
+        assert torch.allclose(w, two["after"][n], rtol=1e-5, atol=1e-7), n
+    assert (one["state"].step, one["state"].next_batch, one["state"].samples) == (1, 1, 8)
+    assert (two["state"].step, two["state"].next_batch, two["state"].samples) == (1, 2, 8)
+    assert one["state"].tokens == two["state"].tokens == int(data.train.lengths[idx].sum())
+
+
+def test_balanced_class_weights_are_sklearns_and_weight_the_loss(tmp_path, tiny_model_dir) -> None:
+    from sklearn.utils.class_weight import compute_class_weight
+
+    rows = synthetic_rows(300)[:200] + [r for r in synthetic_rows(300)[200:] if r[1] == "pos"]   # 150 pos, 100 neg
+    data_path = write_csv(tmp_path / "skewed.csv", rows)
+    cfg = TrainConfig.from_dict(_opts(tiny_model_dir, data_path, dropout=0.0, precision="fp32", class_weights="balanced"))
+    data = trainer.prepare_data(cfg)
+    labels = data.train.labels
+    w = trainer.class_weights(labels, 2)
+    ref = compute_class_weight("balanced", classes=np.arange(2), y=labels)
+    assert torch.allclose(w, torch.tensor(ref, dtype=torch.float32)) and abs(ref[0] - ref[1]) > 0.1
+    assert torch.allclose(w, torch.tensor([len(labels) / (2 * (labels == c).sum()) for c in (0, 1)], dtype=torch.float32))
+    group = [np.concatenate([np.flatnonzero(labels == 0)[:2], np.flatnonzero(labels == 1)[:6]])]   # 2 of one, 6 of the other
+    step = _first_step(cfg, data, group, tmp_path, head_bias=[1.0, -1.0])      # class 1 examples: larger losses
+    assert torch.equal(step["run"].weight, w)
+    b = collate(data.train, group[0], data.pad_id)
+    model = _fresh_model(cfg, data, tmp_path, head_bias=[1.0, -1.0]).model
+    with torch.no_grad():                                       # the same fresh model, before its step
+        per_example = F.cross_entropy(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits,
+                                      b["labels"], reduction="none")
+    wy = w[b["labels"]]
+    weighted = float((wy * per_example).sum() / wy.sum())      # sum_i w[y_i] l_i / sum_i w[y_i]
+    assert step["loss"] == pytest.approx(weighted, rel=1e-5)
+    assert abs(weighted - float(per_example.mean())) > 0.05      # the weights did change the loss
+
+
+def test_grad_accum_counts_optimizer_steps(tmp_path, tiny_model_dir) -> None:
     data = write_csv(tmp_path / "skewed.csv", synthetic_rows(300)[:200] + [r for r in synthetic_rows(300)[200:] if r[1] == "pos"])
     r = loratune.train(out=tmp_path / "r", **_opts(tiny_model_dir, data, epochs=1, grad_accum=3,
                                                   class_weights="balanced", bucket=False, precision="fp32"))
-    # 250 rows -> 200 train; 25 batches of 8 -> 9 optimizer steps of up to 3 batches
-    assert r.train["steps"] == 9 and r.validation["accuracy"] > 0
+    # 250 rows -> 200 train; 25 batches of 8 -> 9 optimizer steps of up to 3 batches (the last of 1)
+    assert r.train["steps"] == 9 and r.train["samples_per_s"] > 0
+    lines = [json.loads(x) for x in (r.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines if x["type"] == "train"] == [5, 9]
 
 
 def _kill_after_checkpoint(cmd: list[str], run: Path, min_step: int) -> None:
@@ -191,3 +277,109 @@ def test_release_memory_hands_a_fragmented_heap_back() -> None:
     ran, returned_mib = subprocess.run([sys.executable, "-c", RELEASE], capture_output=True, text=True, env=env,
                                        check=True).stdout.split()
     assert ran == "True" and int(returned_mib) >= 350       # of the 400 MB freed
+
+
+def test_a_nonfinite_validation_loss_ends_the_run_as_diverged(tmp_path, tiny_model_dir, tiny_data, monkeypatch) -> None:
+    """Epoch 2's validation loss is NaN: Diverged is raised right after that evaluation is logged (metrics.jsonl
+    has it, loss null); no checkpoint, ``on_epoch`` or results.json sees epoch 2; epoch 1's adapter stays."""
+    scripted = iter([0.5, float("nan"), 0.45, 0.4])             # 0.45 and later: only if the run went on
+    real = trainer.evaluate
+
+    def scripted_evaluate(model, enc, *a, **kw):
+        metrics, probs = real(model, enc, *a, **kw)
+        return {**metrics, "loss": next(scripted)}, probs
+
+    monkeypatch.setattr(trainer, "evaluate", scripted_evaluate)
+    run, seen, events = tmp_path / "run", [], []
+    with pytest.raises(Diverged, match="at step 80: loss is nan") as e:
+        loratune.train(out=run, on_epoch=lambda epoch, val, ckpt: seen.append(epoch), progress=events.append,
+                       **_opts(tiny_model_dir, tiny_data, epochs=3))
+    assert e.value.step == 80                                   # 40 steps an epoch
+    assert seen == [1] and not (run / "results.json").exists()
+    evals = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"eval"' in x]
+    assert [(x["epoch"], x["loss"]) for x in evals] == [(1, 0.5), (2, None)]
+    assert [ev["epoch"] for ev in events if ev["kind"] == "eval"] == [1, 2]
+    assert sorted(p.name for p in (run / "checkpoints").glob("step-*.pt")) == ["step-00000040.pt"]
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_blown_up_weights_exit_1_as_diverged(tmp_path, tiny_model_dir, tiny_data, monkeypatch, capsys) -> None:
+    """The epoch's last step leaves infinite weights (the training loss of that step was still finite): the
+    validation loss is NaN, the only epoch has no finite loss, and ``loratune train`` ends as diverged (exit 1
+    with Diverged's message), not with an internal error."""
+    from loratune.cli.main import main
+
+    real_step = trainer.optimizer_step
+
+    def blow_up_at_the_end(run, optim, state, group):
+        loss = real_step(run, optim, state, group)
+        if state.step == run.total:
+            with torch.no_grad():
+                for p in optim.params.values():
+                    p.fill_(float("inf"))
+        return loss
+
+    monkeypatch.setattr(trainer, "optimizer_step", blow_up_at_the_end)
+    out = tmp_path / "run"
+    argv = ["train", "--out", str(out), *_flags(_opts(tiny_model_dir, tiny_data, epochs=1))]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "training diverged at step 40: loss is nan" in err and "internal error" not in err, err
+    assert not (out / "results.json").exists()
+    assert '"loss": null' in (out / "metrics.jsonl").read_text().splitlines()[-1]
+
+
+def test_train_state_checkpoint_round_trip(tmp_path) -> None:
+    """Every field (early stopping included) and the optimizer-side states survive torch.save and a
+    ``weights_only`` load; the restore puts the tensors and the RNG back."""
+    model = torch.nn.Linear(3, 2)
+    cfg = TrainConfig(lr=0.1, warmup=0.0)
+    optim = Optim.create(model, cfg, total=10, device=torch.device("cpu"), precision="fp32")
+    model(torch.ones(4, 3)).sum().backward()
+    optim.optimizer.step()
+    optim.scheduler.step()
+    state = TrainState(step=7, epoch=2, next_batch=3, best=0.25, best_epoch=1, bad_epochs=1, stopped_early=True,
+                       best_state={"weight": torch.ones(2, 3)}, history=[{"epoch": 1, "step": 4, "loss": 0.25}],
+                       seconds=1.5, tokens=99, samples=12, metrics_bytes=321)
+    torch.save(state.to_checkpoint(optim), tmp_path / "c.pt")
+    rng = torch.rand(5)                                         # what the next draw is after the save
+    ckpt = torch.load(tmp_path / "c.pt", weights_only=True)
+    fresh = torch.nn.Linear(3, 2)
+    optim2 = Optim.create(fresh, cfg, total=10, device=torch.device("cpu"), precision="fp32")
+    back = TrainState.from_checkpoint(ckpt, optim2)
+    assert back.__dict__.keys() == state.__dict__.keys()
+    for k, v in state.__dict__.items():
+        assert torch.equal(back.best_state["weight"], v["weight"]) if k == "best_state" else getattr(back, k) == v, k
+    assert torch.equal(fresh.weight, model.weight) and torch.equal(fresh.bias, model.bias)
+    assert optim2.scheduler.last_epoch == 1 and optim2.optimizer.state_dict()["state"].keys() == {0, 1}
+    assert torch.equal(torch.rand(5), rng)
+    old = {k: v for k, v in ckpt.items() if k != "stopped_early"} | {"best": float("inf")}   # an older checkpoint
+    assert TrainState.from_checkpoint(old, optim2).stopped_early is False
+
+
+def test_resume_after_the_early_stop_checkpoint_trains_no_more(tmp_path, tiny_model_dir, tiny_data,
+                                                                monkeypatch) -> None:
+    """Killed after the checkpoint of the epoch that stopped early, before results.json: ``--resume`` trains
+    nothing more and ends exactly where the uninterrupted run did (results, adapter, metrics)."""
+    opts = _opts(tiny_model_dir, tiny_data, epochs=6, early_stop=1)
+    prepared = trainer.prepare_data(TrainConfig.from_dict(opts))
+    losses = [0.5, 0.4, 0.45, 0.3, 0.2, 0.1]      # stops after epoch 3; epoch 4 would be a new best
+    real = trainer.evaluate
+
+    def scripted_evaluate(model, enc, *a, **kw):
+        metrics, probs = real(model, enc, *a, **kw)
+        return ({**metrics, "loss": losses.pop(0)} if enc is prepared.validation else metrics), probs
+
+    monkeypatch.setattr(trainer, "evaluate", scripted_evaluate)
+    run = tmp_path / "run"
+    r = loratune.train(out=run, prepared=prepared, **opts)
+    assert r.train["stopped_early"] is True and r.train["epochs_run"] == 3 and r.best_epoch == 2
+    files = ("results.json", "metrics.jsonl", "adapter/adapter_model.safetensors")
+    finished = {name: (run / name).read_bytes() for name in files}
+    (run / "results.json").unlink()                             # the kill: after the last checkpoint, before this
+    events: list[dict] = []
+    again = loratune.train(out=run, resume=True, prepared=prepared, progress=events.append)
+    assert not any(ev["kind"] in ("step", "eval") for ev in events) and len(losses) == 3
+    assert json.loads((run / "results.json").read_bytes()) == json.loads(finished["results.json"])
+    assert all((run / name).read_bytes() == finished[name] for name in files[1:])
+    assert (again.best_epoch, again.train, again.validation) == (r.best_epoch, r.train, r.validation)

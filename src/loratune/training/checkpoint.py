@@ -2,7 +2,8 @@
 
 A checkpoint holds everything that makes a resumed run equal an uninterrupted one: the trainable
 tensors, optimizer, scheduler and loss-scaler states, the torch RNG, the position in the data
-(epoch, next batch), the best epoch so far and the metrics log's length.
+(epoch, next batch), the best epoch so far, whether early stopping fired and the metrics log's length.
+What goes in is ``TrainState.to_checkpoint`` (state.py); this module only writes, lists and reads files.
 """
 
 from __future__ import annotations

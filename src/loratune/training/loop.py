@@ -4,6 +4,10 @@ No Trainer: tokenize once, length-bucketed batches with dynamic padding, bf16 au
 CPU has it, linear warm-up and decay, gradient accumulation and clipping, an evaluation per epoch
 (the best epoch by validation loss is kept), checkpoints that make ``--resume`` land on the same
 adapter as an uninterrupted run, and progress events for whoever draws them.
+
+:func:`train` sets a run up and hands it to :func:`fit`, the loop itself: :func:`optimizer_step`s,
+:func:`end_epoch`s, :func:`checkpoint`s, then :func:`finish` (results.json). Where the run is lives in one
+:class:`TrainState` (state.py); the speed levers come in as one :class:`Levers` (levers.py).
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import math
 import signal
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -24,43 +28,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loratune import runtime
 from loratune.core.adapters import file_size, save_adapter
 from loratune.core.inject import LoraSpec, count_parameters, expand_targets, inject
 from loratune.errors import Diverged, InputError, Interrupted
-from loratune.runtime import (
-    autocast,
-    cast_frozen_linears,
-    release_memory,
-    resolve_device,
-    resolve_precision,
-    set_threads,
-)
 from loratune.tasks.batches import Encoded, batch_order, collate, padding_fraction
 from loratune.tasks.classification import evaluate, tokenize
 from loratune.training import rundir
 from loratune.training.checkpoint import load_checkpoint, load_latest, save_checkpoint
 from loratune.training.data import load_splits
-from loratune.training.fastops import use_fast_attention, use_fast_dropout
-from loratune.training.firsttoken import first_token_last_layer
+from loratune.training.levers import Levers
 from loratune.training.models import load_model, load_tokenizer, model_hint
 from loratune.training.options import TrainConfig
+from loratune.training.state import Optim, TrainState
 
 log = logging.getLogger(__name__)
 Progress = Callable[[dict[str, Any]], None]
-
-# Speed levers of the loop (bench/ switches them off one at a time to measure each; see BENCHMARKS.md).
-FROZEN_BF16 = True
-"""bf16 training: keep frozen linear weights in bf16 once instead of autocast re-casting them each step."""
-FAST_DROPOUT = True
-"""CPU training: dropout masks from 16-bit slices of 64-bit draws (fastops.keep_mask), ~4x cheaper than bernoulli_,
-in the model's and the adapters' dropouts."""
-FAST_ATTENTION = True
-"""CPU training: attention written out with those masks on its probabilities (fastops.fast_attention) instead of
-sdpa's math path."""
-FIRST_TOKEN = True
-"""Classifiers that read token 0 only: the last layer computes token 0 only (firsttoken.py; exact, 1/7 less work)."""
-PAD_TO = 1
-"""Round each training batch's width up to a multiple of this (8 measured slower here: more padding)."""
+OnEpoch = Callable[[int, dict[str, float], Path], None]
 
 
 @dataclass(frozen=True, eq=False)
@@ -76,12 +60,37 @@ class Prepared:
 
 @dataclass
 class RunResult:
+    """What :func:`train` returns: the best epoch's validation metrics, the test metrics (None: not evaluated),
+    results.json's ``train`` statistics; ``already_done``: a resume found the run finished."""
+
     run_dir: Path
     validation: dict[str, float]
     test: dict[str, float] | None
     best_epoch: int
     train: dict[str, Any] = field(default_factory=dict)
     already_done: bool = False
+
+
+@dataclass(eq=False)
+class Run:
+    """What stays fixed while one run trains: its options, data, model, where it writes, how long it trains."""
+
+    cfg: TrainConfig
+    data: Prepared
+    model: nn.Module
+    spec: LoraSpec
+    targets: list[str]                                  # the adapted modules, peft-style (the adapter's config)
+    out: Path
+    device: torch.device
+    precision: str
+    threads: int
+    levers: Levers
+    emit: Progress
+    weight: torch.Tensor | None                         # per-class weights of the loss (None: unweighted)
+    total: int                                          # optimizer steps of the whole run (the schedule's length)
+    steps_per_epoch: int
+    epochs: int
+    base_bytes: int                                     # the base model's weights as loaded (before any bf16 cast)
 
 
 def prepare_data(cfg: TrainConfig) -> Prepared:
@@ -96,30 +105,33 @@ def prepare_data(cfg: TrainConfig) -> Prepared:
 def build_model(cfg: TrainConfig, label_names: list[str]) -> tuple[nn.Module, LoraSpec, list[str]]:
     """The base classifier with a fresh adapter ``default``; returns (model, spec, peft-style targets)."""
     model = load_model(cfg.model, label_names, seed=cfg.seed)
-    spec = LoraSpec(targets=cfg.targets, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, rslora=cfg.rslora,
-                    init=cfg.init, layers=cfg.layers, bias=cfg.bias)
+    spec = cfg.lora_spec()
     torch.manual_seed(cfg.seed)
     inject(model, spec)
     return model, spec, expand_targets(model, cfg.targets)
 
 
-def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on biases and norms (as transformers' Trainer)."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if name.endswith("bias") or "norm" in name.lower() else decay).append(p)
-    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+def class_weights(labels: np.ndarray, n_classes: int) -> torch.Tensor:
+    """scikit-learn's "balanced" weights, n / (C · count_c) for each class c of the n labels (a class with no
+    example counts as one, so its weight stays finite)."""
+    counts = np.bincount(labels, minlength=n_classes).astype(np.float64)
+    return torch.tensor(len(labels) / (len(counts) * np.maximum(counts, 1)), dtype=torch.float32)
 
 
-def _schedule(total: int, warmup: int) -> Callable[[int], float]:
-    """Linear warm-up to the peak, then linear decay to 0 at ``total`` (transformers' linear schedule)."""
-    def f(step: int) -> float:
-        if step < warmup:
-            return step / max(1, warmup)
-        return max(0.0, (total - step) / max(1, total - warmup))
-    return f
+def setup(cfg: TrainConfig, data: Prepared, out: Path, *, device: torch.device, precision: str, threads: int,
+          levers: Levers, emit: Progress) -> Run:
+    """The model with a fresh adapter on ``device``, the levers switched on, and the run's length."""
+    model, spec, targets = build_model(cfg, data.label_names)
+    model.to(device)
+    base_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if ".adapters." not in n)
+    levers.apply(model, precision)                          # after inject: the adapters took the fp32 dtype
+    steps_per_epoch = math.ceil(math.ceil(len(data.train) / cfg.batch_size) / cfg.grad_accum)
+    total = cfg.max_steps or steps_per_epoch * cfg.epochs
+    weight = None
+    if cfg.class_weights == "balanced":
+        weight = class_weights(data.train.labels, len(data.label_names)).to(device)
+    return Run(cfg, data, model, spec, targets, out, device, precision, threads, levers, emit, weight, total,
+               steps_per_epoch, math.ceil(total / steps_per_epoch), base_bytes)
 
 
 @contextmanager
@@ -148,15 +160,17 @@ def _interrupt_flag() -> Iterator[threading.Event]:
 
 def train(config: TrainConfig | None = None, *, out: str | Path | None = None, resume: bool = False,
           overwrite: bool = False, progress: Progress | None = None, prepared: Prepared | None = None,
-          resume_from: str | Path | None = None, on_epoch: Callable[[int, dict[str, float], Path], None] | None = None,
-          evaluate_test: bool = True, **options: Any) -> RunResult:
+          resume_from: str | Path | None = None, on_epoch: OnEpoch | None = None, evaluate_test: bool = True,
+          levers: Levers = Levers(), **options: Any) -> RunResult:
     """Train one LoRA adapter; the run directory gets the contract's files.
 
     ``options`` override fields of ``config`` (``train(rank=4)``). With ``resume`` the run in ``out``
     continues from its newest checkpoint with the options it was started with. ``prepared`` is the
     tokenized data (a search prepares it once for all trials). ``resume_from`` names
     a checkpoint file to continue from (a search's trial). ``on_epoch(epoch, val_metrics, ckpt)`` is
-    called after each epoch's checkpoint (the search reports through it).
+    called after each epoch's checkpoint (the search reports through it). ``levers``: the speed levers
+    (cost, not results; bench/ switches them off). Raises :class:`Diverged` when a training or validation
+    loss is not finite (see :func:`optimizer_step`, :func:`end_epoch`).
     """
     emit = progress or (lambda event: None)
     out = Path(out) if out is not None else rundir.default_out("train")
@@ -164,193 +178,234 @@ def train(config: TrainConfig | None = None, *, out: str | Path | None = None, r
         rundir.check_out(out, resume=resume, overwrite=overwrite)
     if resume:
         cfg, _ = rundir.read_config(out)
-        if (out / "results.json").is_file():
-            done = rundir_results(out)
+        done = rundir.read_results(out)
+        if done is not None:
             emit({"kind": "already_done", "run_dir": str(out)})
             return RunResult(out, done["validation"], done.get("test"), done["best_epoch"], done.get("train", {}), True)
     else:
         cfg = config.replace(**options) if config is not None else TrainConfig.from_dict(options)
-    threads = set_threads(cfg.threads)
-    device = resolve_device(cfg.device)
-    precision = resolve_precision(cfg.precision, device)
+    threads = runtime.set_threads(cfg.threads)
+    device = runtime.resolve_device(cfg.device)
+    precision = runtime.resolve_precision(cfg.precision, device)
     data = prepared or prepare_data(cfg)
-    model, spec, targets = build_model(cfg, data.label_names)
-    model.to(device)
+    run = setup(cfg, data, out, device=device, precision=precision, threads=threads, levers=levers, emit=emit)
     rundir.start(out, overwrite=overwrite and resume_from is None)
     if not resume:
         rundir.write_config(out, cfg, label_names=data.label_names)
-    state = load_checkpoint(Path(resume_from)) if resume_from else (load_latest(out / "checkpoints") if resume else None)
+    ckpt = load_checkpoint(Path(resume_from)) if resume_from else (load_latest(out / "checkpoints") if resume else None)
+    optim = Optim.create(run.model, run.cfg, total=run.total, device=run.device, precision=run.precision)
+    state = TrainState() if ckpt is None else TrainState.from_checkpoint(ckpt, optim)
+    if ckpt is not None:
+        log.info("resuming at step %d (epoch %d, batch %d)", state.step, state.epoch + 1, state.next_batch)
     with _interrupt_flag() as stop:
-        return _loop(cfg, model, spec, targets, data, out, device, precision, threads, state, emit, on_epoch,
-                     evaluate_test, stop)
+        return fit(run, optim, state, stop, resumed=ckpt is not None, on_epoch=on_epoch, evaluate_test=evaluate_test)
 
 
-def rundir_results(out: Path) -> dict[str, Any]:
-    return json.loads((out / "results.json").read_text())
+def fit(run: Run, optim: Optim, state: TrainState, stop: threading.Event, *, resumed: bool,
+        on_epoch: OnEpoch | None = None, evaluate_test: bool = True) -> RunResult:
+    """Train from ``state`` to the last step or an early stop, then write the results (the loop itself).
 
-
-def _loop(cfg: TrainConfig, model: nn.Module, spec: LoraSpec, targets: list[str], data: Prepared, out: Path,
-          device: torch.device, precision: str, threads: int, state: dict[str, Any] | None, emit: Progress,
-          on_epoch: Callable[..., None] | None, evaluate_test: bool, stop: threading.Event) -> RunResult:
-    from torch.utils.tensorboard import SummaryWriter
-
-    tr = data.train
-    base_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if ".adapters." not in n)
-    if FROZEN_BF16:                                        # after inject: adapters took the fp32 dtype
-        cast_frozen_linears(model, precision)
-    if FAST_DROPOUT:                                       # the model's and the adapters' dropouts
-        use_fast_dropout(model)
-    if FAST_ATTENTION:                                     # the attention probabilities' dropout
-        use_fast_attention(model)
-    if FIRST_TOKEN:
-        first_token_last_layer(model)
-    batches_per_epoch = math.ceil(len(tr) / cfg.batch_size)
-    steps_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum)
-    total = cfg.max_steps or steps_per_epoch * cfg.epochs
-    epochs = math.ceil(total / steps_per_epoch)
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    opt = _optimizer(model, cfg)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(total, math.ceil(cfg.warmup * total)))
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    weight = None
-    if cfg.class_weights == "balanced":                      # n / (C · count_c), as sklearn's "balanced"
-        counts = np.bincount(tr.labels, minlength=len(data.label_names)).astype(np.float64)
-        weight = torch.tensor(len(tr.labels) / (len(counts) * np.maximum(counts, 1)), dtype=torch.float32, device=device)
-
-    step, epoch, next_batch, best, best_epoch, bad_epochs, history = 0, 0, 0, math.inf, 0, 0, []
-    best_state: dict[str, torch.Tensor] = {}
-    seconds, tokens, samples = 0.0, 0, 0
-    metrics_path = out / "metrics.jsonl"
-    if state is not None:
-        with torch.no_grad():
-            for n, t in state["params"].items():
-                params[n].copy_(t)
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng"])
-        step, epoch, next_batch = state["step"], state["epoch"], state["next_batch"]
-        best, best_epoch, bad_epochs = state["best"], state["best_epoch"], state["bad_epochs"]
-        best_state, history = state["best_state"], state["history"]
-        seconds, tokens, samples = state["seconds"], state["tokens"], state["samples"]
-        if metrics_path.exists():                             # drop lines logged after the checkpoint
-            with open(metrics_path, "r+b") as f:
-                f.truncate(state["metrics_bytes"])
-        log.info("resuming at step %d (epoch %d, batch %d)", step, epoch + 1, next_batch)
-    tb = SummaryWriter(str(out / "tb"), purge_step=step)       # drops events a killed run logged past it
-    mlog = open(metrics_path, "a" if state is not None else "w", encoding="utf-8")   # a fresh start: fresh log
-
-    def record(obj: dict[str, Any]) -> None:
-        mlog.write(json.dumps(rundir._clean(obj)) + "\n")
-        mlog.flush()
-
-    def checkpoint() -> Path:
-        mlog.flush()
-        return save_checkpoint(out / "checkpoints", step, {
-            "step": step, "epoch": epoch, "next_batch": next_batch, "params": {n: p.detach().cpu() for n, p in params.items()},
-            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
-            "rng": torch.get_rng_state(), "best": best, "best_epoch": best_epoch, "bad_epochs": bad_epochs,
-            "best_state": best_state, "history": history, "seconds": seconds, "tokens": tokens, "samples": samples,
-            "metrics_bytes": metrics_path.stat().st_size})
-
-    emit({"kind": "start", "total_steps": total, "epochs": epochs, "steps_per_epoch": steps_per_epoch,
-          "step": step, "train_size": len(tr), "precision": precision, "threads": threads, "device": str(device)})
-    log.info("training %d steps (%d epochs of %d), %s on %s with %d threads", total, epochs, steps_per_epoch,
-             precision, device, threads)
-    stopped_early = False
-    try:
-        while epoch < epochs and step < total and not stopped_early:
-            model.train()
-            order = batch_order(tr.lengths, cfg.batch_size, bucket=cfg.bucket, shuffle=True, seed=cfg.seed, epoch=epoch)
-            bi = next_batch
-            while bi < len(order) and step < total:
-                group = order[bi:bi + cfg.grad_accum]            # one optimizer step's micro-batches
-                t0 = time.perf_counter()
-                loss_sum = 0.0
-                for idx in group:
-                    b = {k: v.to(device, non_blocking=True) for k, v in collate(tr, idx, data.pad_id, PAD_TO).items()}
-                    with autocast(device, precision):
-                        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-                    loss = F.cross_entropy(logits.float(), b["labels"], weight=weight)
-                    loss_item = loss.item()                       # one host sync per micro-batch
-                    if not math.isfinite(loss_item):
-                        raise Diverged(step + 1, loss_item)
-                    scaler.scale(loss * (len(idx) / sum(len(g) for g in group))).backward()
-                    loss_sum += loss_item * len(idx)
-                    tokens += int(tr.lengths[idx].sum())
-                    samples += len(idx)
-                if cfg.clip:
-                    scaler.unscale_(opt)
-                    torch.nn.utils.clip_grad_norm_(params.values(), cfg.clip)
-                scaler.step(opt)
-                scaler.update()
-                opt.zero_grad(set_to_none=True)
-                sched.step()
-                step += 1
-                bi += len(group)
-                next_batch = bi
-                seconds += time.perf_counter() - t0
-                loss_val = loss_sum / sum(len(g) for g in group)
-                if step % cfg.log_every == 0 or step == total:
-                    lr = sched.get_last_lr()[0]
-                    record({"type": "train", "step": step, "epoch": epoch + 1, "loss": loss_val, "lr": lr,
-                            "tokens_per_s": tokens / max(seconds, 1e-9)})
-                    tb.add_scalar("train/loss", loss_val, step)
-                    tb.add_scalar("train/lr", lr, step)
-                emit({"kind": "step", "step": step, "total_steps": total, "epoch": epoch + 1, "loss": loss_val,
-                      "tokens_per_s": tokens / max(seconds, 1e-9), "seconds": seconds})
-                if stop.is_set():
-                    path = checkpoint()
-                    raise Interrupted(f"interrupted at step {step}; checkpoint {path}")
-                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and bi < len(order):
-                    checkpoint()
-            # --- end of an epoch: evaluate, keep the best, maybe stop early, checkpoint -------------
-            val, _ = evaluate(model, data.validation, device, precision, data.pad_id)
-            release_memory()                     # the epoch's activations, freed, back to the OS
-            epoch += 1
-            next_batch = 0
-            improved = val["loss"] < best
-            if improved:
-                best, best_epoch, bad_epochs = val["loss"], epoch, 0
-                best_state = {n: p.detach().cpu().clone() for n, p in params.items()}
-                save_adapter(model, out / "adapter", spec, targets, base_model=model_hint(cfg.model),
-                             meta={"id2label": data.label_names, "model": cfg.model, "max_length": cfg.max_length})
-            else:
-                bad_epochs += 1
-            history.append({"epoch": epoch, "step": step, **val})
-            record({"type": "eval", "split": "validation", "epoch": epoch, "step": step, **val})
-            for k, v in val.items():
-                tb.add_scalar(f"validation/{k}", v, step)
-            emit({"kind": "eval", "epoch": epoch, "epochs": epochs, "step": step, "metrics": val, "best": improved})
-            stopped_early = bool(cfg.early_stop and bad_epochs >= cfg.early_stop)
-            path = checkpoint()
+    ``resumed``: ``state`` came from a checkpoint, so metrics.jsonl continues (cut back to the checkpoint's
+    length) instead of starting afresh. ``stop`` set: checkpoint after the current step and raise
+    :class:`Interrupted`.
+    """
+    cfg = run.cfg
+    with closing(_Logs(run, state, resumed)) as logs:
+        _announce(run, state)
+        while state.epoch < run.epochs and state.step < run.total and not state.stopped_early:
+            run.model.train()
+            order = _epoch_batches(run, state.epoch)
+            while state.next_batch < len(order) and state.step < run.total:
+                group = order[state.next_batch:state.next_batch + cfg.grad_accum]  # one step's micro-batches
+                loss = optimizer_step(run, optim, state, group)
+                _log_step(run, optim, state, logs, loss)
+                if stop.is_set():                                       # Ctrl-C, SIGTERM: save, then stop
+                    path = checkpoint(run, optim, state, logs)
+                    raise Interrupted(f"interrupted at step {state.step}; checkpoint {path}")
+                if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0 and state.next_batch < len(order):
+                    checkpoint(run, optim, state, logs)                  # mid-epoch; an epoch's end has its own
+            val = end_epoch(run, optim, state, logs)
+            path = checkpoint(run, optim, state, logs)
             if on_epoch is not None:
-                on_epoch(epoch, val, path)
-    finally:
-        tb.close()
-        mlog.close()
+                on_epoch(state.epoch, val, path)
+    return finish(run, optim, state, evaluate_test)
 
-    with torch.no_grad():                                       # back to the best epoch's weights
-        for n, t in best_state.items():
-            params[n].copy_(t)
-    best_val = next(h for h in history if h["epoch"] == best_epoch)
-    best_val = {k: v for k, v in best_val.items() if k not in ("epoch", "step")}
+
+def _epoch_batches(run: Run, epoch: int) -> list[np.ndarray]:
+    """The training batches of ``epoch`` (0-based) in order: the same for the same seed and epoch, so a
+    resumed run continues the very order it was in."""
+    cfg = run.cfg
+    return batch_order(run.data.train.lengths, cfg.batch_size, bucket=cfg.bucket, shuffle=True, seed=cfg.seed,
+                       epoch=epoch)
+
+
+def optimizer_step(run: Run, optim: Optim, state: TrainState, group: list[np.ndarray]) -> float:
+    """One AdamW step over the micro-batches ``group`` (index arrays into the training split); returns the
+    group's mean training loss.
+
+    Each micro-batch's loss counts by its share of the group's examples, so the accumulated gradient is that
+    of the group's mean loss: what one batch of all of them would give (with dropout off and no class
+    weights, to rounding). Then clipping, the step, the schedule's step. Advances ``state.step``,
+    ``state.next_batch`` (by ``len(group)``) and the throughput counters. Raises :class:`Diverged` when a
+    micro-batch's loss is not finite, before its backward pass.
+    """
+    t0 = time.perf_counter()
+    tr, n = run.data.train, sum(len(idx) for idx in group)
+    loss_sum = 0.0
+    for idx in group:
+        batch = collate(tr, idx, run.data.pad_id, run.levers.pad_to)
+        b = {k: v.to(run.device, non_blocking=True) for k, v in batch.items()}
+        with runtime.autocast(run.device, run.precision):
+            logits = run.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits  # (B, C)
+        loss = F.cross_entropy(logits.float(), b["labels"], weight=run.weight)
+        loss_item = loss.item()                                 # one host sync per micro-batch
+        if not math.isfinite(loss_item):
+            raise Diverged(state.step + 1, loss_item)
+        optim.scaler.scale(loss * (len(idx) / n)).backward()
+        loss_sum += loss_item * len(idx)
+        state.tokens += int(tr.lengths[idx].sum())
+        state.samples += len(idx)
+    if run.cfg.clip:
+        optim.scaler.unscale_(optim.optimizer)                  # clip the true gradient, not the fp16-scaled one
+        torch.nn.utils.clip_grad_norm_(optim.params.values(), run.cfg.clip)
+    optim.scaler.step(optim.optimizer)
+    optim.scaler.update()
+    optim.optimizer.zero_grad(set_to_none=True)
+    optim.scheduler.step()
+    state.step += 1
+    state.next_batch += len(group)
+    state.seconds += time.perf_counter() - t0
+    return loss_sum / n
+
+
+def end_epoch(run: Run, optim: Optim, state: TrainState, logs: _Logs) -> dict[str, float]:
+    """Evaluate on the validation split, keep the epoch if it is the best so far, log it, decide early stopping;
+    returns the validation metrics.
+
+    The best epoch is :func:`rundir.is_better`'s: a finite loss below the best so far (the earlier epoch on a
+    tie). A new best saves the adapter and a copy of the trainable tensors; any other epoch counts towards
+    ``early_stop``. A validation loss that is NaN or infinite means the weights blew up: the run has
+    diverged, and :class:`Diverged` is raised right after that evaluation is logged (metrics.jsonl shows the
+    loss as null), before a checkpoint or ``on_epoch`` sees the epoch.
+    """
+    val, _ = evaluate(run.model, run.data.validation, run.device, run.precision, run.data.pad_id)
+    runtime.release_memory()                                # the epoch's activations, freed, back to the OS
+    state.epoch += 1
+    state.next_batch = 0
+    improved = rundir.is_better(val["loss"], state.best)
+    if improved:
+        state.best, state.best_epoch, state.bad_epochs = val["loss"], state.epoch, 0
+        state.best_state = {n: p.detach().cpu().clone() for n, p in optim.params.items()}
+        cfg = run.cfg
+        save_adapter(run.model, run.out / "adapter", run.spec, run.targets, base_model=model_hint(cfg.model),
+                     meta={"id2label": run.data.label_names, "model": cfg.model, "max_length": cfg.max_length})
+    else:
+        state.bad_epochs += 1
+    state.history.append({"epoch": state.epoch, "step": state.step, **val})
+    logs.record({"type": "eval", "split": "validation", "epoch": state.epoch, "step": state.step, **val})
+    for k, v in val.items():
+        logs.tb.add_scalar(f"validation/{k}", v, state.step)
+    run.emit({"kind": "eval", "epoch": state.epoch, "epochs": run.epochs, "step": state.step, "metrics": val,
+              "best": improved})
+    if not math.isfinite(val["loss"]):
+        raise Diverged(state.step, val["loss"])
+    state.stopped_early = bool(run.cfg.early_stop and state.bad_epochs >= run.cfg.early_stop)
+    return val
+
+
+def checkpoint(run: Run, optim: Optim, state: TrainState, logs: _Logs) -> Path:
+    """Save ``state`` and ``optim`` as the checkpoint of this step (metrics.jsonl flushed first and its length
+    kept, so a resume cuts off what is logged later); returns its path."""
+    state.metrics_bytes = logs.flushed_size()
+    return save_checkpoint(run.out / "checkpoints", state.step, state.to_checkpoint(optim))
+
+
+def finish(run: Run, optim: Optim, state: TrainState, evaluate_test: bool) -> RunResult:
+    """Back to the best epoch's weights, the test split's metrics (if ``evaluate_test``), results.json, the
+    ``done`` event. The best epoch is :func:`rundir.best_evaluation` of the validation history."""
+    best = rundir.best_evaluation(state.history)
+    if best is None:                # every loss non-finite: only a checkpoint of an older version gets here
+        raise Diverged(state.step, math.nan)
+    with torch.no_grad():
+        for n, t in state.best_state.items():
+            optim.params[n].copy_(t)
+    best_val = {k: v for k, v in best.items() if k not in ("epoch", "step")}
     test = None
     if evaluate_test:
-        test, _ = evaluate(model, data.test, device, precision, data.pad_id)
-        emit({"kind": "test", "metrics": test})
-    trainable, total_params = count_parameters(model)
-    stats = {"tokens_per_s": tokens / max(seconds, 1e-9), "samples_per_s": samples / max(seconds, 1e-9),
-             "seconds": seconds, "steps": step, "epochs_run": epoch, "stopped_early": stopped_early,
-             "precision": precision, "threads": threads, "trainable_params": trainable, "all_params": total_params,
-             "adapter_bytes": file_size(out / "adapter"), "model_bytes": base_bytes,
-             "padding_fraction": padding_fraction(tr.lengths, batch_order(tr.lengths, cfg.batch_size, bucket=cfg.bucket,
-                                                                           shuffle=True, seed=cfg.seed, epoch=0))}
-    rundir.write_json(out / "results.json", {"validation": best_val, "test": test, "best_epoch": best_epoch,
-                                            "train": stats, "history": history})
-    emit({"kind": "done", "run_dir": str(out)})
-    return RunResult(out, best_val, test, best_epoch, stats)
+        test, _ = evaluate(run.model, run.data.test, run.device, run.precision, run.data.pad_id)
+        run.emit({"kind": "test", "metrics": test})
+    stats = _train_stats(run, state)
+    rundir.write_json(run.out / "results.json", {"validation": best_val, "test": test, "best_epoch": best["epoch"],
+                                                "train": stats, "history": state.history})
+    run.emit({"kind": "done", "run_dir": str(run.out)})
+    return RunResult(run.out, best_val, test, best["epoch"], stats)
 
 
-__all__ = ["train", "prepare_data", "build_model", "evaluate", "RunResult", "Prepared", "Diverged", "Interrupted",
-           "InputError"]
+def _train_stats(run: Run, state: TrainState) -> dict[str, Any]:
+    """results.json's ``train``: throughput, length, sizes, and the first epoch's padding share."""
+    seconds = max(state.seconds, 1e-9)
+    trainable, total_params = count_parameters(run.model)
+    return {"tokens_per_s": state.tokens / seconds, "samples_per_s": state.samples / seconds,
+            "seconds": state.seconds, "steps": state.step, "epochs_run": state.epoch,
+            "stopped_early": state.stopped_early, "precision": run.precision, "threads": run.threads,
+            "trainable_params": trainable, "all_params": total_params, "adapter_bytes": file_size(run.out / "adapter"),
+            "model_bytes": run.base_bytes,
+            "padding_fraction": padding_fraction(run.data.train.lengths, _epoch_batches(run, 0))}
+
+
+def _announce(run: Run, state: TrainState) -> None:
+    """The ``start`` event and log line."""
+    run.emit({"kind": "start", "total_steps": run.total, "epochs": run.epochs, "steps_per_epoch": run.steps_per_epoch,
+              "step": state.step, "train_size": len(run.data.train), "precision": run.precision,
+              "threads": run.threads, "device": str(run.device)})
+    log.info("training %d steps (%d epochs of %d), %s on %s with %d threads", run.total, run.epochs,
+             run.steps_per_epoch, run.precision, run.device, run.threads)
+
+
+def _log_step(run: Run, optim: Optim, state: TrainState, logs: _Logs, loss: float) -> None:
+    """A ``step`` event every step; metrics.jsonl and TensorBoard every ``log_every`` steps and at the last."""
+    speed = state.tokens / max(state.seconds, 1e-9)
+    if state.step % run.cfg.log_every == 0 or state.step == run.total:
+        lr = optim.scheduler.get_last_lr()[0]
+        logs.record({"type": "train", "step": state.step, "epoch": state.epoch + 1, "loss": loss, "lr": lr,
+                     "tokens_per_s": speed})
+        logs.tb.add_scalar("train/loss", loss, state.step)
+        logs.tb.add_scalar("train/lr", lr, state.step)
+    run.emit({"kind": "step", "step": state.step, "total_steps": run.total, "epoch": state.epoch + 1, "loss": loss,
+              "tokens_per_s": speed, "seconds": state.seconds})
+
+
+class _Logs:
+    """metrics.jsonl and TensorBoard of a training run, open while it trains."""
+
+    def __init__(self, run: Run, state: TrainState, resumed: bool) -> None:
+        """A fresh start empties metrics.jsonl; a resume cuts it back to the checkpoint's length (the lines a
+        killed run logged after it come again) and drops TensorBoard events past the checkpoint's step."""
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.path = run.out / "metrics.jsonl"
+        if resumed and self.path.exists():
+            with open(self.path, "r+b") as f:
+                f.truncate(state.metrics_bytes)
+        self.tb = SummaryWriter(str(run.out / "tb"), purge_step=state.step)
+        self.file = open(self.path, "a" if resumed else "w", encoding="utf-8")
+
+    def record(self, obj: dict[str, Any]) -> None:
+        """One line of metrics.jsonl (NaN as null), flushed: a killed run keeps what it logged."""
+        self.file.write(json.dumps(rundir._clean(obj)) + "\n")
+        self.file.flush()
+
+    def flushed_size(self) -> int:
+        """metrics.jsonl's length in bytes, all written lines included."""
+        self.file.flush()
+        return self.path.stat().st_size
+
+    def close(self) -> None:
+        """Flush and close both (a run that raised keeps everything it logged)."""
+        self.tb.close()
+        self.file.close()
+
+
+__all__ = ["train", "fit", "setup", "optimizer_step", "end_epoch", "checkpoint", "finish",
+           "class_weights", "prepare_data", "build_model", "evaluate", "Run", "RunResult", "Prepared", "Levers",
+           "TrainState", "Diverged", "Interrupted", "InputError"]

@@ -1,0 +1,108 @@
+"""Where a training run is, as one value: what a checkpoint saves and ``--resume`` puts back.
+
+:class:`TrainState` is the run's position and bookkeeping (plain numbers, lists and tensors); :class:`Optim`
+is the live objects an optimizer step changes. A checkpoint is both, as a dict of plain containers and
+tensors, so ``torch.load(weights_only=True)`` loads it and a checkpoint can't run code.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from loratune.training.options import TrainConfig
+
+
+@dataclass
+class Optim:
+    """The live objects an optimizer step changes: the trainable tensors (by parameter name), AdamW, the
+    learning-rate schedule and the fp16 loss scaler (disabled, and stateless, in other precisions)."""
+
+    params: dict[str, torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+
+    @classmethod
+    def create(cls, model: nn.Module, cfg: TrainConfig, *, total: int, device: torch.device, precision: str) -> Optim:
+        """AdamW over ``model``'s trainable tensors (no weight decay on biases and norms, as transformers'
+        Trainer), :func:`linear_schedule` over ``total`` steps with ``cfg.warmup`` of them warm-up, and a
+        loss scaler that is on for fp16 only."""
+        params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        decay = [p for n, p in params.items() if not (n.endswith("bias") or "norm" in n.lower())]
+        no_decay = [p for n, p in params.items() if n.endswith("bias") or "norm" in n.lower()]
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                 {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, linear_schedule(total, math.ceil(cfg.warmup * total)))
+        return cls(params, opt, sched, torch.amp.GradScaler(device.type, enabled=precision == "fp16"))
+
+
+def linear_schedule(total: int, warmup: int) -> Callable[[int], float]:
+    """The learning rate's factor at a step: linear warm-up from 0 to 1 over ``warmup`` steps, then linear
+    decay to 0 at ``total`` (transformers' linear schedule)."""
+    def f(step: int) -> float:
+        if step < warmup:
+            return step / max(1, warmup)
+        return max(0.0, (total - step) / max(1, total - warmup))
+    return f
+
+
+@dataclass
+class TrainState:
+    """Everything besides :class:`Optim` that makes a resumed run equal an uninterrupted one."""
+
+    step: int = 0
+    """Optimizer steps taken."""
+    epoch: int = 0
+    """Epochs finished (evaluated)."""
+    next_batch: int = 0
+    """The next batch of the current epoch's order (0 at an epoch's start)."""
+    best: float | None = None
+    """The best (lowest finite) validation loss so far; None: no epoch evaluated yet."""
+    best_epoch: int = 0
+    """The epoch (1-based) of ``best``; 0: none yet."""
+    bad_epochs: int = 0
+    """Epochs in a row without a new best (early stopping counts these)."""
+    stopped_early: bool = False
+    """Early stopping fired: no more epochs, even after a resume."""
+    best_state: dict[str, torch.Tensor] = field(default_factory=dict)
+    """The trainable tensors of the best epoch (CPU copies); the run ends on them."""
+    history: list[dict[str, Any]] = field(default_factory=list)
+    """Each epoch's validation metrics with its ``epoch`` and ``step``."""
+    seconds: float = 0.0
+    """Time spent in optimizer steps (evaluation and checkpoints excluded)."""
+    tokens: int = 0
+    """Real (non-padding) tokens trained on."""
+    samples: int = 0
+    """Examples trained on."""
+    metrics_bytes: int = 0
+    """The length of metrics.jsonl when this state was checkpointed: a resume cuts off lines logged later."""
+
+    def to_checkpoint(self, optim: Optim) -> dict[str, Any]:
+        """This state, ``optim``'s tensors and states and the torch RNG as one dict of plain containers and
+        tensors. The keys are this class's field names plus ``params``, ``optimizer``, ``scheduler``,
+        ``scaler`` and ``rng`` (the search reads ``epoch`` from a trial's checkpoint)."""
+        return {**{f.name: getattr(self, f.name) for f in fields(self)},
+                "params": {n: p.detach().cpu() for n, p in optim.params.items()},
+                "optimizer": optim.optimizer.state_dict(), "scheduler": optim.scheduler.state_dict(),
+                "scaler": optim.scaler.state_dict(), "rng": torch.get_rng_state()}
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: dict[str, Any], optim: Optim) -> TrainState:
+        """Put a checkpoint's tensors and states back into ``optim`` and the torch RNG; return its state.
+
+        A field a checkpoint lacks (one written before the field existed) takes its default; a checkpoint's
+        ``best`` of ``inf`` (older versions' "none yet") works as None does.
+        """
+        with torch.no_grad():
+            for name, t in ckpt["params"].items():
+                optim.params[name].copy_(t)
+        optim.optimizer.load_state_dict(ckpt["optimizer"])
+        optim.scheduler.load_state_dict(ckpt["scheduler"])
+        optim.scaler.load_state_dict(ckpt["scaler"])
+        torch.set_rng_state(ckpt["rng"])
+        return cls(**{f.name: ckpt[f.name] for f in fields(cls) if f.name in ckpt})
