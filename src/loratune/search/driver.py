@@ -41,7 +41,7 @@ from ray import tune as rt
 from ray.tune import Callback
 
 from loratune.errors import Diverged, InputError, Interrupted
-from loratune.runtime import available_cpus, release_memory
+from loratune.runtime import available_cpus, release_memory, require
 from loratune.search.space import METRICS, Space, check_device, validate
 from loratune.search.trials import (
     SearchResult,
@@ -52,11 +52,12 @@ from loratune.search.trials import (
     status_of,
     trial_record,
 )
-from loratune.training import rundir
+from loratune.training import lock, rundir
 from loratune.training.loop import Prepared, prepare_data, train
 from loratune.training.options import TrainConfig
 
 log = logging.getLogger(__name__)
+require("ray")                     # the private modules _ray_session uses: ray_constants, _raylet.Config
 Progress = Callable[[dict[str, Any]], None]
 
 STAGE = ".tune-checkpoint"           # in a trial's run directory: the file Ray copies to storage each epoch
@@ -96,18 +97,20 @@ def tune(config: TrainConfig | None = None, *, space: dict[str, Any] | None = No
     base = TrainConfig.from_dict(doc["options"])
     parsed = validate(doc["search"], base, search_alg=doc["search_alg"], load_model=resume is None)
     prepared = prepare_data(base)
-    if resume is None:
-        rundir.start(out, overwrite=overwrite)
-        (out / "search.yaml").write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
-    emit({"kind": "search_start", "out": str(out), "trials": _trial_total(parsed, doc), "resumed": resume is not None,
-          "keys": parsed.keys, "max_epochs": doc["max_epochs"]})
-    with _ray_session(address, out / "ray.log") as cluster:
-        grid = _fit(doc, parsed, base, prepared, out, cluster, emit, resume is not None)
-    trials = trial_records(grid, _LIVE.pop("view", None), parsed, base, out)
-    if any(t["status"] is None for t in trials) or len(trials) < _trial_total(parsed, doc):
-        raise Interrupted(f"search interrupted; its state is saved in {out}")
-    return finish(out, doc, parsed, trials, time.monotonic() - t0,
-                  lambda adapter: test_metrics(adapter, prepared, base), emit)
+    with lock.hold(out, flag="--out" if resume is None else "--resume"):   # one live process per search directory
+        if resume is None:
+            rundir.check_out(out, resume=False, overwrite=overwrite)        # again, now that no one else can write
+            rundir.start(out, overwrite=overwrite)
+            (out / "search.yaml").write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
+        emit({"kind": "search_start", "out": str(out), "trials": _trial_total(parsed, doc),
+              "resumed": resume is not None, "keys": parsed.keys, "max_epochs": doc["max_epochs"]})
+        with _ray_session(address, out / "ray.log") as cluster:
+            grid = _fit(doc, parsed, base, prepared, out, cluster, emit, resume is not None)
+        trials = trial_records(grid, _LIVE.pop("view", None), parsed, base, out)
+        if any(t["status"] is None for t in trials) or len(trials) < _trial_total(parsed, doc):
+            raise Interrupted(f"search interrupted; its state is saved in {out}")
+        return finish(out, doc, parsed, trials, time.monotonic() - t0,
+                      lambda adapter: test_metrics(adapter, prepared, base), emit)
 
 
 def trial_records(results: Iterable[Any], view: LiveView | None, space: Space, base: TrainConfig,

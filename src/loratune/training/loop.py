@@ -12,6 +12,7 @@ adapter as an uninterrupted run, and progress events for whoever draws them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -34,7 +35,7 @@ from loratune.core.inject import LoraSpec, count_parameters, expand_targets, inj
 from loratune.errors import Diverged, InputError, Interrupted
 from loratune.tasks.batches import Encoded, batch_order, collate, padding_fraction
 from loratune.tasks.classification import evaluate, tokenize
-from loratune.training import rundir
+from loratune.training import lock, rundir
 from loratune.training.checkpoint import load_checkpoint, load_latest, save_checkpoint
 from loratune.training.data import load_splits
 from loratune.training.levers import Levers
@@ -189,15 +190,20 @@ def train(config: TrainConfig | None = None, *, out: str | Path | None = None, r
     precision = runtime.resolve_precision(cfg.precision, device)
     data = prepared or prepare_data(cfg)
     run = setup(cfg, data, out, device=device, precision=precision, threads=threads, levers=levers, emit=emit)
-    rundir.start(out, overwrite=overwrite and resume_from is None)
-    if not resume:
-        rundir.write_config(out, cfg, label_names=data.label_names)
-    ckpt = load_checkpoint(Path(resume_from)) if resume_from else (load_latest(out / "checkpoints") if resume else None)
-    optim = Optim.create(run.model, run.cfg, total=run.total, device=run.device, precision=run.precision)
-    state = TrainState() if ckpt is None else TrainState.from_checkpoint(ckpt, optim)
-    if ckpt is not None:
-        log.info("resuming at step %d (epoch %d, batch %d)", state.step, state.epoch + 1, state.next_batch)
-    with _interrupt_flag() as stop:
+    # One live process per run directory (a search's trial is covered by the search's own lock).
+    claim = lock.hold(out, flag="--resume" if resume else "--out") if resume_from is None else contextlib.nullcontext()
+    with claim, _interrupt_flag() as stop:
+        if resume_from is None:
+            rundir.check_out(out, resume=resume, overwrite=overwrite)   # again, now that no one else can write
+        rundir.start(out, overwrite=overwrite and resume_from is None)
+        if not resume:
+            rundir.write_config(out, cfg, label_names=data.label_names)
+        ckpt = load_checkpoint(Path(resume_from)) if resume_from else (
+            load_latest(out / "checkpoints") if resume else None)
+        optim = Optim.create(run.model, run.cfg, total=run.total, device=run.device, precision=run.precision)
+        state = TrainState() if ckpt is None else TrainState.from_checkpoint(ckpt, optim)
+        if ckpt is not None:
+            log.info("resuming at step %d (epoch %d, batch %d)", state.step, state.epoch + 1, state.next_batch)
         return fit(run, optim, state, stop, resumed=ckpt is not None, on_epoch=on_epoch, evaluate_test=evaluate_test)
 
 

@@ -27,6 +27,7 @@ import yaml
 
 from loratune.errors import InputError
 from loratune.runtime import versions
+from loratune.training import lock
 from loratune.training.options import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -53,14 +54,16 @@ def check_out(out: Path, *, resume: bool, overwrite: bool) -> None:
         if not out.is_dir() or not (out / "config.yaml").is_file():
             raise InputError(f"--out: nothing to resume in {out} (no config.yaml there)")
         return
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
+    if out.is_dir() and any(p.name != lock.NAME for p in out.iterdir()) and not overwrite:
         raise InputError(f"--out: {out} exists and is not empty; use --resume to continue it or --overwrite to replace it")
 
 
 def start(out: Path, *, overwrite: bool) -> None:
-    """Create (or empty, with ``--overwrite``) the folder."""
+    """Create (or empty, with ``--overwrite``) the folder; the lock file stays (its holder is this process)."""
     if overwrite and out.is_dir():
         for child in out.iterdir():
+            if child.name == lock.NAME:
+                continue
             shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
     out.mkdir(parents=True, exist_ok=True)
 
