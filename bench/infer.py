@@ -10,7 +10,7 @@ from bench.common import quiet
 
 
 def run(adapter: Path, texts: list[str], repeats: int = 3) -> dict[str, float]:
-    """texts/s of :func:`loratune.inference.predict` (tokenize + classify + rows), best of ``repeats``, interleaved."""
+    """texts/s of :func:`loratune.infer.inference.predict` (tokenize + classify + rows), best of ``repeats``, interleaved."""
     from dataclasses import replace
 
     from loratune.core.inject import merge_and_unload

@@ -93,3 +93,18 @@ def test_two_trains_started_at_once_one_runs_one_is_refused(tmp_path: Path, tiny
     assert "in use by another loratune process (pid " in refused, refused
     evals = [line for line in (out / "metrics.jsonl").read_text().splitlines() if '"type": "eval"' in line]
     assert len(evals) == 2                        # one run's two evaluations, not two runs interleaved
+
+
+def test_a_filesystem_without_locks_warns_and_goes_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    import errno
+    import fcntl
+
+    def no_locks(fd: int, op: int) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with caplog.at_level("WARNING", logger="loratune.training.lock"), lock.hold(tmp_path / "run"):
+        ran = True
+    assert ran and "has no file locks" in caplog.text
+    assert lock.holder(tmp_path / "run") is None

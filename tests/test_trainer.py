@@ -291,7 +291,7 @@ def test_a_nonfinite_validation_loss_ends_the_run_as_diverged(tmp_path, tiny_mod
 
     monkeypatch.setattr(trainer, "evaluate", scripted_evaluate)
     run, seen, events = tmp_path / "run", [], []
-    with pytest.raises(Diverged, match="at step 80: loss is nan") as e:
+    with pytest.raises(Diverged, match="at step 80: validation loss is nan") as e:
         loratune.train(out=run, on_epoch=lambda epoch, val, ckpt: seen.append(epoch), progress=events.append,
                        **_opts(tiny_model_dir, tiny_data, epochs=3))
     assert e.value.step == 80                                   # 40 steps an epoch
@@ -324,7 +324,7 @@ def test_blown_up_weights_exit_1_as_diverged(tmp_path, tiny_model_dir, tiny_data
     argv = ["train", "--out", str(out), *_flags(_opts(tiny_model_dir, tiny_data, epochs=1))]
     assert main(argv) == 1
     err = capsys.readouterr().err
-    assert "training diverged at step 40: loss is nan" in err and "internal error" not in err, err
+    assert "training diverged at step 40: validation loss is nan" in err and "internal error" not in err, err
     assert not (out / "results.json").exists()
     assert '"loss": null' in (out / "metrics.jsonl").read_text().splitlines()[-1]
 
@@ -383,3 +383,31 @@ def test_resume_after_the_early_stop_checkpoint_trains_no_more(tmp_path, tiny_mo
     assert json.loads((run / "results.json").read_bytes()) == json.loads(finished["results.json"])
     assert all((run / name).read_bytes() == finished[name] for name in files[1:])
     assert (again.best_epoch, again.train, again.validation) == (r.best_epoch, r.train, r.validation)
+
+
+@pytest.mark.parametrize("epochs", [1, 2])
+def test_resume_from_a_checkpoint_at_the_last_step_still_evaluates_it(tmp_path, tiny_model_dir, tiny_data,
+                                                                      monkeypatch, epochs) -> None:
+    """``--max-steps`` ending mid-epoch with ``--checkpoint-every`` leaves a checkpoint at the last step, taken
+    before that epoch's evaluation; killed during the evaluation, ``--resume`` must run it (it once went
+    straight to the end: no history, "diverged") and end where the uninterrupted run did."""
+    steps = 40 * (epochs - 1) + 10                                  # 40 steps an epoch: the last one ends mid-way
+    opts = _opts(tiny_model_dir, tiny_data, epochs=epochs, max_steps=steps, checkpoint_every=5)
+    ref = loratune.train(out=tmp_path / "ref", **opts)
+    real_end, calls = trainer.end_epoch, []
+
+    def killed_in_the_last_evaluation(run, optim, state, logs):
+        calls.append(state.step)
+        if state.step == steps and len(calls) == epochs:
+            raise KeyboardInterrupt                                 # the kill, before the epoch's checkpoint
+        return real_end(run, optim, state, logs)
+
+    monkeypatch.setattr(trainer, "end_epoch", killed_in_the_last_evaluation)
+    with pytest.raises(KeyboardInterrupt):
+        loratune.train(out=tmp_path / "run", **opts)
+    monkeypatch.setattr(trainer, "end_epoch", real_end)
+    again = loratune.train(out=tmp_path / "run", resume=True)
+    assert (again.best_epoch, again.validation, again.test) == (ref.best_epoch, ref.validation, ref.test)
+    assert again.train["steps"] == ref.train["steps"] == steps
+    weights = "adapter/adapter_model.safetensors"
+    assert (tmp_path / "run" / weights).read_bytes() == (tmp_path / "ref" / weights).read_bytes()

@@ -20,6 +20,7 @@ _LAZY = {
     "train": ("training.loop", "train"),
     "tune": ("search.driver", "tune"),
     "TrainConfig": ("training.options", "TrainConfig"),
+    "Levers": ("training.levers", "Levers"),
     "InputError": ("errors", "InputError"),
     "evaluate": ("infer.inference", "evaluate_adapter"),
     "predict": ("infer.inference", "predict"),

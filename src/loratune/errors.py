@@ -12,10 +12,10 @@ class InputError(ValueError):
 
 
 class Diverged(RuntimeError):
-    """The training loss became NaN or infinite."""
+    """The training or validation loss became NaN or infinite."""
 
-    def __init__(self, step: int, loss: float) -> None:
-        super().__init__(f"training diverged at step {step}: loss is {loss}; try a lower --lr")
+    def __init__(self, step: int, loss: float, what: str = "loss") -> None:
+        super().__init__(f"training diverged at step {step}: {what} is {loss}; try a lower --lr")
         self.step, self.loss = step, loss
 
 

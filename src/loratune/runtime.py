@@ -75,6 +75,8 @@ def resolve_device(device: str) -> torch.device:
 
 def resolve_precision(precision: str, device: torch.device) -> str:
     """auto -> bf16 where native (these CPUs; CUDA with bf16), fp16 on older GPUs, else fp32."""
+    if precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise InputError(f"--precision: expected one of auto, fp32, bf16, fp16, got {precision!r}")
     if precision != "auto":
         if precision == "fp16" and device.type == "cpu":
             raise InputError("--precision: fp16 is for CUDA devices; use bf16 or fp32 on a CPU")

@@ -139,6 +139,7 @@ CASES: list[Case] = [
     ("range", "rank larger than the matrix", _train("--rank", "64"), "larger than min(d, k)"),
     # choices, targets and output folders
     ("choice", "fp16 on a CPU", _train("--precision", "fp16", "--device", "cpu"), "--precision"),
+    ("choice", "eval --precision that does not exist", lambda tmp, ctx: ["eval", "--adapter", ctx["adapter"], "--precision", "fp8"], "--precision: expected one of"),
     ("choice", "cuda without a GPU", _train("--device", "cuda"), "--device"),
     ("choice", "unknown target", _train("--targets", "q_proj"), "target 'q_proj' matches no linear layer"),
     ("choice", "bad target regex", _train("--targets", "re:(("), "bad regex"),
@@ -180,6 +181,7 @@ CASES: list[Case] = [
     ("space", "unknown hyperparameter", _tune("search:\n  rnak: {choice: [2, 4]}\n"), "search.rnak"),
     ("space", "rank larger than a target matrix", _tune("search:\n  rank: {choice: [4, 64]}\n"), "64"),
     ("space", "tie to an unknown option", _tune("search:\n  alpha: \"=rnak\"\n"), "search.alpha"),
+    ("space", "auto among searched values", _tune("search:\n  lr: {choice: [auto, 0.001]}\n"), "search.lr: auto is not a value to search"),
     ("range", "tune --samples 0", _tune("samples: 0\n"), "--samples"),
     ("output", "tune --resume on a folder that holds no search", lambda tmp, ctx: ["tune", "--resume", str(tmp)], "no search"),
     # report and analyze

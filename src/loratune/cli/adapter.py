@@ -78,7 +78,13 @@ def cmd_train(args: argparse.Namespace, ui: Renderer) -> int:
     if args.resume:
         check_resume(args)
     config = None if args.resume else TrainConfig.from_dict(train_options(args))
-    result = train(config, out=args.out, resume=args.resume, overwrite=args.overwrite, progress=ui.event)
+    train(config, out=args.out, resume=args.resume, overwrite=args.overwrite, progress=ui.event,
+          on_done=lambda result: show_run(ui, result))
+    return 0
+
+
+def show_run(ui: Renderer, result: Any) -> None:
+    """The run's numbers, then report.html (called by ``train`` while it still holds the run's lock)."""
     if result.already_done:
         ui.line(f"run {result.run_dir} already finished; nothing to resume")
     v, t, s = result.validation, result.test or {}, result.train
@@ -90,7 +96,6 @@ def cmd_train(args: argparse.Namespace, ui: Renderer) -> int:
     ui.line(f"run directory: {result.run_dir} (adapter in {result.run_dir / 'adapter'})")
     if not (result.run_dir / "report.html").exists() or not result.already_done:
         write_report_safely(result.run_dir, ui)
-    return 0
 
 
 def check_resume(args: argparse.Namespace) -> None:

@@ -1,6 +1,6 @@
-"""``loratune report`` and ``loratune analyze``: flags -> :mod:`loratune.report` / :mod:`loratune.analysis`.
+"""``loratune report`` and ``loratune analyze``: flags -> :mod:`loratune.report.write` / :mod:`loratune.report.analysis`.
 
-cli.py's ``build_parser`` calls :func:`register`; importing this module does nothing.
+cli/main.py's ``build_parser`` calls :func:`register`; importing this module does nothing.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""``loratune tune``: the search command (flags -> :func:`loratune.search.tune`, events -> lines).
+"""``loratune tune``: the search command (flags -> :func:`loratune.search.driver.tune`, events -> lines).
 
 cli/main.py's build_parser calls :func:`register`; importing this module does nothing (no Ray, no torch).
 Every training flag fixes that option for all trials; ``--config`` is a YAML file with training
@@ -79,19 +79,25 @@ def cmd_tune(args: argparse.Namespace, ui: Renderer) -> int:
         given += ["--" + k.replace("_", "-") for k in vars(args) if k in SEARCH_KEYS and k != "address"]
         if given:
             raise InputError(f"--resume: a search continues with the options it was started with; drop {given[0]}")
-        result = tune(resume=args.resume, address=getattr(args, "address", None), progress=view.event)
+        tune(resume=args.resume, address=getattr(args, "address", None), progress=view.event,
+             on_done=lambda result: show_search(ui, result))
     else:
         training, search = search_options(args)
         space = search.pop("search", None)
-        result = tune(space=space, out=args.out, overwrite=args.overwrite, progress=view.event, **search, **training)
+        tune(space=space, out=args.out, overwrite=args.overwrite, progress=view.event,
+             on_done=lambda result: show_search(ui, result), **search, **training)
+    return 0
+
+
+def show_search(ui: Renderer, result: Any) -> None:
+    """The trials table and the winner, then report.html (called by ``tune`` while it still holds the lock)."""
+    from loratune.cli.common import write_report_safely
+
     if result.already_done:
         ui.line(f"search {result.out} already finished; nothing to resume")
     print_results(ui, result)
     if not result.already_done or not (result.out / "report.html").exists():
-        from loratune.cli.common import write_report_safely
-
         write_report_safely(result.out, ui)
-    return 0
 
 
 class TrialLines:

@@ -203,7 +203,7 @@ def info(model: str, *, targets: Sequence[str] | str = ("qv",), rank: int = 8, a
     cfg = TrainConfig(model=model, targets=targets, rank=rank, alpha=alpha, layers=layers, bias=bias)
     base = load_model(cfg.model, [f"LABEL_{i}" for i in range(num_labels)])
     base_params = count_parameters(base)[1]
-    names = inject(base, LoraSpec(targets=cfg.targets, rank=cfg.rank, alpha=cfg.alpha, layers=cfg.layers, bias=bias))
+    names = inject(base, cfg.lora_spec())
     trainable, total = count_parameters(base)
     return {"model": type(base).__name__, "line": report_line(base), "trainable": trainable, "all": total,
             "base_params": base_params, "adapted": names, "adapter_bytes_fp32": trainable * 4,

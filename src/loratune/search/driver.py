@@ -1,7 +1,7 @@
 """Hyperparameter search on Ray Tune: the one module that imports Ray.
 
-``tune()`` validates the space (:mod:`loratune.space`) and prepares the data before Ray starts,
-then runs one :func:`loratune.trainer.train` per trial with ASHA early stopping:
+``tune()`` validates the space (:mod:`loratune.search.space`) and prepares the data before Ray starts,
+then runs one :func:`loratune.training.loop.train` per trial with ASHA early stopping:
 
 - The untuned config (the fixed options, every default) is always the first trial, so the search
   can only improve on it. Random search: ``BasicVariantGenerator(points_to_evaluate=[default])``,
@@ -70,35 +70,39 @@ def tune(config: TrainConfig | None = None, *, space: dict[str, Any] | None = No
          metric: str = "val_loss", mode: str = "min", max_failures: int = 2, address: str | None = None,
          storage: str | os.PathLike | None = None, out: str | os.PathLike | None = None,
          resume: str | os.PathLike | None = None, overwrite: bool = False, progress: Progress | None = None,
-         **options: Any) -> SearchResult:
+         on_done: Callable[[SearchResult], None] | None = None, **options: Any) -> SearchResult:
     """Search LoRA hyperparameters; ``options`` (or ``config``) fix training options for every trial.
 
-    ``space`` is the contract's ``search:`` mapping (default: :data:`loratune.space.DEFAULT_SPACE`).
+    ``space`` is the contract's ``search:`` mapping (default: :data:`loratune.search.space.DEFAULT_SPACE`).
     ``samples`` counts the default trial; grid values multiply the others. Each trial's schedule
     is ``max_epochs`` long; ASHA (grace 1, reduction 2) may stop it earlier on ``metric``/``mode``.
-    ``resume=DIR`` continues the search in DIR with the options it was started with.
+    ``resume=DIR`` continues the search in DIR with the options it was started with. The search holds
+    its directory's lock (training/lock.py) from its first write to the end of ``on_done(result)``.
     """
     t0 = time.monotonic()
     emit = progress or (lambda event: None)
-    if resume is not None:
-        out = Path(resume)
-        doc = read_search_yaml(out)
-        if (out / "search.json").is_file():
-            emit({"kind": "already_done", "out": str(out)})
-            return load_result(out, doc)
-        address = address or doc.get("address")
-    else:
-        doc = new_search(config, options, space, samples, max_epochs, cpus_per_trial, max_concurrent, search_alg,
-                          metric, mode, max_failures, address, storage)
-        out = Path(out) if out is not None else rundir.default_out("tune")
-        rundir.check_out(out, resume=False, overwrite=overwrite)
-        storage_dir = Path(doc["storage"]) if doc["storage"] else out.resolve()
-        doc["experiment"] = str(storage_dir / ("ray" if not doc["storage"] else f"{out.name}-{secrets.token_hex(3)}"))
-    base = TrainConfig.from_dict(doc["options"])
-    parsed = validate(doc["search"], base, search_alg=doc["search_alg"], load_model=resume is None)
-    prepared = prepare_data(base)
-    with lock.hold(out, flag="--out" if resume is None else "--resume"):   # one live process per search directory
+    with contextlib.ExitStack() as held:
+        if resume is not None:
+            out = Path(resume)
+            read_search_yaml(out)                                   # not a search: refused before the lock
+            held.enter_context(lock.hold(out, flag="--resume"))
+            doc = read_search_yaml(out)                             # as it is now that no one else writes
+            if (out / "search.json").is_file():
+                emit({"kind": "already_done", "out": str(out)})
+                return _done(load_result(out, doc), on_done)
+            address = address or doc.get("address")
+        else:
+            doc = new_search(config, options, space, samples, max_epochs, cpus_per_trial, max_concurrent, search_alg,
+                             metric, mode, max_failures, address, storage)
+            out = Path(out) if out is not None else rundir.default_out("tune")
+            rundir.check_out(out, resume=False, overwrite=overwrite)
+            storage_dir = Path(doc["storage"]) if doc["storage"] else out.resolve()
+            doc["experiment"] = str(storage_dir / ("ray" if not doc["storage"] else f"{out.name}-{secrets.token_hex(3)}"))
+        base = TrainConfig.from_dict(doc["options"])
+        parsed = validate(doc["search"], base, search_alg=doc["search_alg"], load_model=resume is None)
+        prepared = prepare_data(base)
         if resume is None:
+            held.enter_context(lock.hold(out, flag="--out"))
             rundir.check_out(out, resume=False, overwrite=overwrite)        # again, now that no one else can write
             rundir.start(out, overwrite=overwrite)
             (out / "search.yaml").write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
@@ -109,8 +113,14 @@ def tune(config: TrainConfig | None = None, *, space: dict[str, Any] | None = No
         trials = trial_records(grid, _LIVE.pop("view", None), parsed, base, out)
         if any(t["status"] is None for t in trials) or len(trials) < _trial_total(parsed, doc):
             raise Interrupted(f"search interrupted; its state is saved in {out}")
-        return finish(out, doc, parsed, trials, time.monotonic() - t0,
-                      lambda adapter: test_metrics(adapter, prepared, base), emit)
+        return _done(finish(out, doc, parsed, trials, time.monotonic() - t0,
+                            lambda adapter: test_metrics(adapter, prepared, base), emit), on_done)
+
+
+def _done(result: SearchResult, on_done: Callable[[SearchResult], None] | None) -> SearchResult:
+    if on_done is not None:
+        on_done(result)
+    return result
 
 
 def trial_records(results: Iterable[Any], view: LiveView | None, space: Space, base: TrainConfig,
@@ -418,7 +428,7 @@ def _trial(config: dict[str, Any], prepared: Prepared, setup: dict[str, Any]) ->
             state["epoch"] = int(load_checkpoint(resume_from)["epoch"])
         try:
             train(cfg, out=out, overwrite=resume_from is None, prepared=prepared, resume_from=resume_from,
-                  on_epoch=on_epoch, evaluate_test=False, progress=on_event)
+                  on_epoch=on_epoch, evaluate_test=False, progress=on_event, claim=False)   # the search holds its folder
         except Diverged as e:                    # no metric in this report: ASHA and the searcher skip it
             rt.report({"diverged": 1, "epoch": state["epoch"], "epochs_planned": state["planned"],
                        "diverged_step": e.step, "node_ip": node})

@@ -18,7 +18,7 @@ Values travel to Ray as scalars: a targets list ``[q, v]`` becomes ``"q,v"`` (pr
 are spelled out, so the default ``qv`` equals the choice ``[q, v]``) and a layers list ``"0,1"``;
 ``TrainConfig`` parses both spellings.
 
-The trials table and the best trial are in :mod:`loratune.trials`. This module never imports Ray.
+The trials table and the best trial are in :mod:`loratune.search.trials`. This module never imports Ray.
 """
 
 from __future__ import annotations
@@ -31,8 +31,10 @@ from typing import Any, Mapping
 
 from loratune.errors import InputError
 from loratune.training.options import (
+    AUTO,
     OPTIONS,
     TrainConfig,
+    auto_text,
     option_names,
     parse_layers,
     parse_targets,
@@ -153,6 +155,8 @@ def encode(key: str, value: Any) -> Any:
     if key == "layers":
         layers = parse_layers(value)
         return None if layers is None else ",".join(map(str, layers))
+    if value == AUTO and OPTIONS[key].auto:                # a trial's table row must show what it trained with
+        raise InputError(f"auto is not a value to search; list numbers ({auto_text(key)})")
     return value
 
 

@@ -113,7 +113,7 @@ def finish(out: Path, doc: Mapping[str, Any], space: Space, trials: list[dict[st
         emit({"kind": "message", "text": f"testing the best trial {best['trial']} on the test split"})
         dest = out / "best"
         shutil.rmtree(dest, ignore_errors=True)
-        shutil.copytree(best["run_dir"], dest, ignore=shutil.ignore_patterns(".tune-checkpoint"))
+        shutil.copytree(best["run_dir"], dest, ignore=shutil.ignore_patterns(".tune-checkpoint", ".lock"))
         summary["best"] = _brief(best, test(dest / "adapter"), dest)
         old = rundir.read_results(dest) or {}                          # the trainer's, if the trial ran to its end
         rundir.write_json(dest / "results.json", {

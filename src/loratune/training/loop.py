@@ -162,7 +162,8 @@ def _interrupt_flag() -> Iterator[threading.Event]:
 def train(config: TrainConfig | None = None, *, out: str | Path | None = None, resume: bool = False,
           overwrite: bool = False, progress: Progress | None = None, prepared: Prepared | None = None,
           resume_from: str | Path | None = None, on_epoch: OnEpoch | None = None, evaluate_test: bool = True,
-          levers: Levers = Levers(), **options: Any) -> RunResult:
+          levers: Levers = Levers(), claim: bool = True, on_done: Callable[[RunResult], None] | None = None,
+          **options: Any) -> RunResult:
     """Train one LoRA adapter; the run directory gets the contract's files.
 
     ``options`` override fields of ``config`` (``train(rank=4)``). With ``resume`` the run in ``out``
@@ -172,39 +173,61 @@ def train(config: TrainConfig | None = None, *, out: str | Path | None = None, r
     called after each epoch's checkpoint (the search reports through it). ``levers``: the speed levers
     (cost, not results; bench/ switches them off). Raises :class:`Diverged` when a training or validation
     loss is not finite (see :func:`optimizer_step`, :func:`end_epoch`).
+
+    ``claim``: check ``out`` and hold its lock (training/lock.py) from the first write to the last, so no
+    other process writes there meanwhile; a search's trials pass False (the search holds its directory).
+    A new run takes the lock once its inputs have checked out (a refused run writes nothing), a resumed
+    one before it reads the run's options. ``on_done(result)`` runs last, still under the lock (the CLI
+    writes report.html there).
     """
     emit = progress or (lambda event: None)
     out = Path(out) if out is not None else rundir.default_out("train")
-    if resume_from is None:                  # a trial restored by the search reuses its own folder
+    if claim:
         rundir.check_out(out, resume=resume, overwrite=overwrite)
-    if resume:
-        cfg, _ = rundir.read_config(out)
-        done = rundir.read_results(out)
-        if done is not None:
-            emit({"kind": "already_done", "run_dir": str(out)})
-            return RunResult(out, done["validation"], done.get("test"), done["best_epoch"], done.get("train", {}), True)
-    else:
-        cfg = config.replace(**options) if config is not None else TrainConfig.from_dict(options)
-    threads = runtime.set_threads(cfg.threads)
-    device = runtime.resolve_device(cfg.device)
-    precision = runtime.resolve_precision(cfg.precision, device)
-    data = prepared or prepare_data(cfg)
-    run = setup(cfg, data, out, device=device, precision=precision, threads=threads, levers=levers, emit=emit)
-    # One live process per run directory (a search's trial is covered by the search's own lock).
-    claim = lock.hold(out, flag="--resume" if resume else "--out") if resume_from is None else contextlib.nullcontext()
-    with claim, _interrupt_flag() as stop:
-        if resume_from is None:
-            rundir.check_out(out, resume=resume, overwrite=overwrite)   # again, now that no one else can write
-        rundir.start(out, overwrite=overwrite and resume_from is None)
-        if not resume:
-            rundir.write_config(out, cfg, label_names=data.label_names)
-        ckpt = load_checkpoint(Path(resume_from)) if resume_from else (
-            load_latest(out / "checkpoints") if resume else None)
-        optim = Optim.create(run.model, run.cfg, total=run.total, device=run.device, precision=run.precision)
-        state = TrainState() if ckpt is None else TrainState.from_checkpoint(ckpt, optim)
-        if ckpt is not None:
-            log.info("resuming at step %d (epoch %d, batch %d)", state.step, state.epoch + 1, state.next_batch)
-        return fit(run, optim, state, stop, resumed=ckpt is not None, on_epoch=on_epoch, evaluate_test=evaluate_test)
+    with contextlib.ExitStack() as held:
+        if claim and resume:
+            held.enter_context(lock.hold(out, flag="--resume"))
+        if resume:
+            cfg, _ = rundir.read_config(out)
+            if (done := rundir.read_results(out)) is not None:
+                emit({"kind": "already_done", "run_dir": str(out)})
+                return _done(RunResult(out, done["validation"], done.get("test"), done["best_epoch"],
+                                       done.get("train", {}), True), on_done)
+        else:
+            cfg = config.replace(**options) if config is not None else TrainConfig.from_dict(options)
+        device = runtime.resolve_device(cfg.device)
+        run = setup(cfg, prepared or prepare_data(cfg), out, device=device, threads=runtime.set_threads(cfg.threads),
+                    precision=runtime.resolve_precision(cfg.precision, device), levers=levers, emit=emit)
+        if claim and not resume:
+            held.enter_context(lock.hold(out, flag="--out"))
+            rundir.check_out(out, resume=False, overwrite=overwrite)     # again, now that no one else can write
+        with _interrupt_flag() as stop:
+            optim, state, ckpt = _start(run, out, resume=resume, overwrite=overwrite and resume_from is None,
+                                        resume_from=resume_from)
+            result = fit(run, optim, state, stop, resumed=ckpt, on_epoch=on_epoch, evaluate_test=evaluate_test)
+        return _done(result, on_done)
+
+
+def _start(run: Run, out: Path, *, resume: bool, overwrite: bool,
+           resume_from: str | Path | None) -> tuple[Optim, TrainState, bool]:
+    """The folder made (or emptied), config.yaml written for a new run, and the state to train from:
+    a fresh one, the newest checkpoint's (``resume``) or a named checkpoint's (a search's trial).
+    Returns (optimizer side, state, whether it came from a checkpoint)."""
+    rundir.start(out, overwrite=overwrite)
+    if not resume:
+        rundir.write_config(out, run.cfg, label_names=run.data.label_names)
+    ckpt = load_checkpoint(Path(resume_from)) if resume_from else (load_latest(out / "checkpoints") if resume else None)
+    optim = Optim.create(run.model, run.cfg, total=run.total, device=run.device, precision=run.precision)
+    state = TrainState() if ckpt is None else TrainState.from_checkpoint(ckpt, optim)
+    if ckpt is not None:
+        log.info("resuming at step %d (epoch %d, batch %d)", state.step, state.epoch + 1, state.next_batch)
+    return optim, state, ckpt is not None
+
+
+def _done(result: RunResult, on_done: Callable[[RunResult], None] | None) -> RunResult:
+    if on_done is not None:
+        on_done(result)
+    return result
 
 
 def fit(run: Run, optim: Optim, state: TrainState, stop: threading.Event, *, resumed: bool,
@@ -218,7 +241,9 @@ def fit(run: Run, optim: Optim, state: TrainState, stop: threading.Event, *, res
     cfg = run.cfg
     with closing(_Logs(run, state, resumed)) as logs:
         _announce(run, state)
-        while state.epoch < run.epochs and state.step < run.total and not state.stopped_early:
+        # No `step < total` here: a checkpoint taken at the last step (Ctrl-C, --checkpoint-every with
+        # --max-steps) comes before that epoch's evaluation, which a resume must still run.
+        while state.epoch < run.epochs and not state.stopped_early:
             run.model.train()
             order = _epoch_batches(run, state.epoch)
             while state.next_batch < len(order) and state.step < run.total:
@@ -314,7 +339,7 @@ def end_epoch(run: Run, optim: Optim, state: TrainState, logs: _Logs) -> dict[st
     run.emit({"kind": "eval", "epoch": state.epoch, "epochs": run.epochs, "step": state.step, "metrics": val,
               "best": improved})
     if not math.isfinite(val["loss"]):
-        raise Diverged(state.step, val["loss"])
+        raise Diverged(state.step, val["loss"], "validation loss")
     state.stopped_early = bool(run.cfg.early_stop and state.bad_epochs >= run.cfg.early_stop)
     return val
 
@@ -331,7 +356,7 @@ def finish(run: Run, optim: Optim, state: TrainState, evaluate_test: bool) -> Ru
     ``done`` event. The best epoch is :func:`rundir.best_evaluation` of the validation history."""
     best = rundir.best_evaluation(state.history)
     if best is None:                # every loss non-finite: only a checkpoint of an older version gets here
-        raise Diverged(state.step, math.nan)
+        raise Diverged(state.step, math.nan, "every validation loss")
     with torch.no_grad():
         for n, t in state.best_state.items():
             optim.params[n].copy_(t)

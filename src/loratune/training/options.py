@@ -324,11 +324,6 @@ OPTIONS: dict[str, Option] = {f.name: _spec(f) for f in fields(TrainConfig)}
 """Every training option's :class:`Option`, in declaration order."""
 
 
-def option_spec(name: str) -> Option:
-    """The :class:`Option` of one training option."""
-    return OPTIONS[name]
-
-
 def declared_default(name: str) -> Any:
     """The default as declared (``"auto"`` for an auto option; :data:`DEFAULTS` has it resolved)."""
     return TrainConfig.__dataclass_fields__[name].default

@@ -54,6 +54,9 @@ def check_out(out: Path, *, resume: bool, overwrite: bool) -> None:
         if not out.is_dir() or not (out / "config.yaml").is_file():
             raise InputError(f"--out: nothing to resume in {out} (no config.yaml there)")
         return
+    if (busy := lock.holder(out)) is not None:
+        raise InputError(f"--out: {out} is in use by another loratune process ({busy}); wait for it to end, "
+                         f"or give another --out")
     if out.is_dir() and any(p.name != lock.NAME for p in out.iterdir()) and not overwrite:
         raise InputError(f"--out: {out} exists and is not empty; use --resume to continue it or --overwrite to replace it")
 
