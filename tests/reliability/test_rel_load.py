@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import synthetic_rows
 
-RUN = ("import resource, sys; from loratune.cli import main; code = main(sys.argv[1:]); "
+RUN = ("import resource, sys; from loratune.cli.main import main; code = main(sys.argv[1:]); "
        "sys.stderr.write('PEAK_KB %d\\n' % resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(code)")
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 
