@@ -13,7 +13,6 @@ adapter as an uninterrupted run, and progress events for whoever draws them.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import signal
@@ -423,7 +422,7 @@ class _Logs:
 
     def record(self, obj: dict[str, Any]) -> None:
         """One line of metrics.jsonl (NaN as null), flushed: a killed run keeps what it logged."""
-        self.file.write(json.dumps(rundir._clean(obj)) + "\n")
+        self.file.write(rundir.json_line(obj))
         self.file.flush()
 
     def flushed_size(self) -> int:

@@ -28,7 +28,7 @@ import yaml
 from loratune.errors import InputError
 from loratune.runtime import versions
 from loratune.training import lock
-from loratune.training.options import TrainConfig
+from loratune.training.options import TrainConfig, option_names
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,11 @@ def start(out: Path, *, overwrite: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
+def json_line(obj: Any) -> str:
+    """One line of ``metrics.jsonl``: ``obj`` as JSON, NaN and infinities as null, with its newline."""
+    return json.dumps(_clean(obj)) + "\n"
+
+
 def write_json(path: Path, obj: Any) -> None:
     """Atomic JSON (temp file + rename); NaN becomes null so any JSON reader takes it."""
     _atomic_text(path, json.dumps(_clean(obj), indent=2) + "\n")
@@ -91,7 +96,7 @@ def read_config(out: Path) -> tuple[TrainConfig, dict[str, Any]]:
         raise InputError(f"{path}: cannot read ({e})") from None
     if not isinstance(doc, dict):
         raise InputError(f"{path}: expected a mapping of options")
-    names = set(TrainConfig.__dataclass_fields__)
+    names = set(option_names())
     extra = {k: v for k, v in doc.items() if k not in names}
     return TrainConfig.from_dict({k: v for k, v in doc.items() if k in names}), extra
 
