@@ -47,6 +47,8 @@ class LoraSpec:
     init: str = "kaiming"
     layers: tuple[int, ...] | None = None
     bias: str = "none"
+    modules_to_save: tuple[str, ...] = ()
+    """Modules besides the task head that train in full (peft's ``modules_to_save``, head names excluded)."""
 
 
 def is_linear(module: nn.Module) -> bool:

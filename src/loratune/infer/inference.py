@@ -100,7 +100,7 @@ def run_split(adapter: str | os.PathLike, *, split: str = "test", data: str | No
 
     The split is ``encoded`` when given (already tokenized, class ids in the adapter's label order, as a
     search prepares it), else ``split`` of ``data`` (default: the data of the run the adapter came from),
-    cut exactly as in training (stratified 80/10/10, seed 0) with the adapter's classes. ``threads`` sets
+    cut exactly as in training (stratified 80/10/10 by the run's ``--split-seed``) with the adapter's classes. ``threads`` sets
     torch's threads (None: the CPUs available).
     """
     if split not in ("validation", "test", "train"):

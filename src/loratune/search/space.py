@@ -61,6 +61,8 @@ FIXED_ONLY = {
     "validation_file": "the data is prepared once for all trials",
     "test_file": "the data is prepared once for all trials",
     "sample_pct": "the data is prepared once for all trials; fix it with --sample-pct",
+    "split_seed": "every trial is judged on the same validation split; fix it with --split-seed",
+    "method": "a search compares adapters of one method; fix it with --method (full fine-tuning is the baseline)",
     "max_length": "the data is tokenized once for all trials; fix it with --max-length",
     "epochs": "every trial trains --max-epochs epochs (ASHA's budget); set --max-epochs",
     "max_steps": "every trial trains --max-epochs epochs (ASHA's budget)",

@@ -2,8 +2,8 @@
 
 Splits: a dataset's own ``train`` / ``validation`` (``valid``, ``dev``, ``val``) / ``test`` splits and
 ``--validation-file`` / ``--test-file`` are used as given; a missing validation or test split is cut
-from the training data, stratified, 10% each with seed 0 (80/10/10 when both are missing), whatever
-``--seed`` is, so every run and trial sees the same split. Label names are the sorted distinct labels
+from the training data, stratified, 10% each, drawn with ``--split-seed`` (default 0; 80/10/10 when both
+are missing), whatever ``--seed`` is, so every run and trial with one split seed sees the same split. Label names are the sorted distinct labels
 of the training data (numerically when they are all integers); label ids index into them.
 
 Everything that can be wrong with user data raises :class:`InputError` naming the flag, the file, the
@@ -30,8 +30,6 @@ log = logging.getLogger(__name__)
 
 HELD_OUT_FRACTION = 0.1
 """Share of the data cut out for a missing validation or test split."""
-SPLIT_SEED = 0
-"""Seed of the stratified split and of the ``sample_pct`` subsample (fixed, as in the seed project)."""
 
 
 
@@ -59,7 +57,8 @@ def load_splits(cfg: TrainConfig, label_names: Sequence[str] | None = None) -> S
     """Load ``cfg.data`` (+ ``validation_file`` / ``test_file``) into train / validation / test.
 
     Missing validation / test splits are cut from the training data (module docstring), then
-    ``cfg.sample_pct`` < 1 keeps a stratified subsample of the training split only (seed 0).
+    ``cfg.sample_pct`` < 1 keeps a stratified subsample of the training split only; both draw with
+    ``cfg.split_seed`` (never ``cfg.seed``).
     ``label_names`` (an adapter's) fixes the classes instead of taking the training labels.
     Raises InputError for unusable data: fewer than two classes, validation or test labels not in
     training, or too few rows to split.
@@ -81,7 +80,10 @@ def load_splits(cfg: TrainConfig, label_names: Sequence[str] | None = None) -> S
     if missing and len(y) < len(missing) * held + len(set(y.tolist())):
         raise InputError(f"{where}: {len(y)} rows are too few to cut out {' and '.join(missing)} splits; "
                          f"give --validation-file and --test-file")
-    cut = stratified_parts(y, [held] * len(missing), SPLIT_SEED)
+    if not missing and cfg.split_seed:
+        raise InputError(f"--split-seed: {cfg.data} has its own validation and test splits, so nothing is cut; "
+                         "leave --split-seed at 0")
+    cut = stratified_parts(y, [held] * len(missing), cfg.split_seed)
     out = {"train": Split([texts[i] for i in cut[0]], y[cut[0]])}
     for name, idx in zip(missing, cut[1:]):
         out[name] = Split([texts[i] for i in idx], y[idx])
@@ -91,7 +93,7 @@ def load_splits(cfg: TrainConfig, label_names: Sequence[str] | None = None) -> S
     if cfg.sample_pct < 1.0:
         train = out["train"]
         keep = max(1, int(cfg.sample_pct * len(train) + 0.5))
-        rest = stratified_parts(train.labels, [len(train) - keep], SPLIT_SEED)[0]
+        rest = stratified_parts(train.labels, [len(train) - keep], cfg.split_seed)[0]
         out["train"] = Split([train.texts[i] for i in rest], train.labels[rest])
     log.info("data %s: train %d, validation %d, test %d; classes %s", cfg.data, len(out["train"]),
              len(out["validation"]), len(out["test"]), ", ".join(names))

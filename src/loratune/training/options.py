@@ -30,15 +30,19 @@ DEVICES = ("auto", "cpu", "cuda")
 BIAS_MODES = ("none", "all", "lora_only")
 INITS = ("kaiming", "gaussian")
 CLASS_WEIGHTS = ("none", "balanced")
+METHODS = ("lora", "full")
 
 AUTO = "auto"
 Kind = Literal["str", "int", "float", "bool", "list"]
 
 AUTO_DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
-    ("classification", "lora"): {"lr": 5e-4, "max_length": 128},
+    ("classification", "lora"): {"lr": 5e-4, "max_length": 128, "modules_to_save": ()},
+    ("classification", "full"): {"lr": 5e-5, "max_length": 128, "modules_to_save": ()},
 }
-"""(task, method) -> the value each ``auto`` option takes. A new task or method adds a row, e.g.
-``("causal-lm", "lora"): {"lr": 5e-4, "max_length": 512}`` or ``("classification", "full"): {"lr": 5e-5, ...}``."""
+"""(task, method) -> the value each ``auto`` option takes (BENCHMARKS.md, "Quality", has the evidence). A new
+task adds rows, e.g. ``("causal-lm", "lora"): {"lr": 5e-4, "max_length": 512, ...}``. A ``modules_to_save``
+name from this table that names no module of the model is skipped (BERT has a ``pooler``, DistilBERT none);
+one the user gives must exist."""
 AUTO_LABELS = {"classification": "classification", "causal-lm": "causal-LM", "lora": "LoRA", "full": "full fine-tuning"}
 """How ``--help`` names a task or method ("auto = 0.0005 for LoRA classification")."""
 
@@ -59,9 +63,15 @@ def resolve_auto(name: str, task: str = "classification", method: str = "lora") 
 
 def auto_text(name: str) -> str:
     """``auto = 0.0005 for LoRA classification`` (every row of :data:`AUTO_DEFAULTS` that sets ``name``)."""
-    rows = [f"{row[name]} for {AUTO_LABELS.get(m, m)} {AUTO_LABELS.get(t, t)}"
+    rows = [f"{_shown(row[name])} for {AUTO_LABELS.get(m, m)} {AUTO_LABELS.get(t, t)}"
             for (t, m), row in AUTO_DEFAULTS.items() if name in row]
     return "auto = " + ", ".join(rows)
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value)) or "none"
+    return str(value)
 
 
 @dataclass(frozen=True)
@@ -170,6 +180,21 @@ def parse_targets(value: Any) -> tuple[str, ...]:
     return tuple(items)
 
 
+def parse_modules(value: Any) -> tuple[str, ...]:
+    """``"pooler"``, ``"pooler,pre_classifier"``, ``["pooler"]``, ``"none"`` or ``[]`` -> module names (suffixes)."""
+    if value is None or value == "none" or value == "":
+        return ()
+    if isinstance(value, str):
+        items = [t.strip() for t in value.split(",")]
+    elif isinstance(value, (list, tuple)):
+        items = [str(t).strip() if isinstance(t, str) else t for t in value]
+    else:
+        raise InputError(f"--modules-to-save: expected a comma-separated list of module names, got {value!r}")
+    if any(not isinstance(t, str) or not t for t in items):
+        raise InputError(f"--modules-to-save: empty or non-text module name in {value!r}")
+    return tuple(dict.fromkeys(items))
+
+
 def parse_layers(value: Any) -> tuple[int, ...] | None:
     """``None``, ``"0,1,5"``, ``"0-3"`` or ``[0, 1]`` -> sorted layer indices (None: all layers)."""
     if value is None or value == "" or value == "all":
@@ -213,13 +238,18 @@ class TrainConfig:
     label_column: str = option("label", "str", "column holding the class label (strings or integers)",
                                metavar="COLUMN")
     validation_file: str | None = option(None, "str", "separate validation file; without it the data is split "
-                                         "80/10/10, stratified, seed 0", optional=True, metavar="FILE")
+                                         "80/10/10, stratified, by --split-seed", optional=True, metavar="FILE")
     test_file: str | None = option(None, "str", "separate test file (same rule as --validation-file)",
                                    optional=True, metavar="FILE")
+    split_seed: int = option(0, "int", "seed of the stratified train/validation/test cut and of the --sample-pct "
+                             "subsample (never of --seed's initialisation and order); refused with both "
+                             "--validation-file and --test-file", ge=0, le=2**32 - 1, metavar="SEED")
     sample_pct: float = option(1.0, "float", "fraction of the training split to use, stratified", gt=0, le=1,
                                metavar="FRACTION")
     max_length: int = option(AUTO, "int", "longest tokenized input; longer texts are truncated", ge=2, auto=True,
                              metavar="TOKENS")
+    method: str = option("lora", "str", "lora (train adapters, the base frozen) or full (every weight trains; "
+                         "the run writes model/, a transformers folder, instead of adapter/)", choices=METHODS)
     targets: tuple[str, ...] = option(("qv",), "list", "module-name suffixes (q_lin,v_lin), short names q,k,v,o, "
                                       "a preset (qv, attention, all-linear) or re:REGEX", parse=parse_targets,
                                       metavar="TARGETS")
@@ -234,6 +264,10 @@ class TrainConfig:
     init: str = option("kaiming", "str", "initialisation of A: kaiming (uniform, a=sqrt(5), as peft) or gaussian "
                        "(std 1/r)", choices=INITS)
     rslora: bool = option(False, "bool", "rank-stabilised scaling alpha/sqrt(r) instead of alpha/r")
+    modules_to_save: tuple[str, ...] = option(AUTO, "list", "modules besides the task head that train in full "
+                                              "and are saved in the adapter (peft's modules_to_save), e.g. pooler; "
+                                              "none for the head alone", parse=parse_modules, auto=True,
+                                              metavar="NAMES")
     lr: float = option(AUTO, "float", "peak learning rate of AdamW", gt=0, auto=True, metavar="LR")
     weight_decay: float = option(0.01, "float", "AdamW weight decay (not applied to biases and LayerNorm weights)",
                                  ge=0, metavar="WD")
@@ -273,13 +307,27 @@ class TrainConfig:
         for name in auto:                                   # after the rest: a resolution may read any option
             object.__setattr__(self, name, OPTIONS[name].check(name, resolve_auto(name, task, method)))
         object.__setattr__(self, "_auto", auto)
+        self._check_combinations()
+
+    def _check_combinations(self) -> None:
+        """Options that are valid alone but not together."""
+        if self.split_seed and self.validation_file is not None and self.test_file is not None:
+            raise InputError("--split-seed: with both --validation-file and --test-file nothing is cut from the "
+                             "training data; leave --split-seed at 0")
+        if self.method == "full":
+            for name in LORA_ONLY:
+                default = (resolve_auto(name, *self.auto_key()) if declared_default(name) == AUTO
+                           else _declared(name))
+                if name not in self.auto_fields and getattr(self, name) != OPTIONS[name].check(name, default):
+                    raise InputError(f"{flag(name)}: a LoRA option, but --method full trains every weight and "
+                                     f"has no adapter; leave it out or use --method lora")
 
     def auto_key(self) -> tuple[str, str]:
         """(task, method): the row of :data:`AUTO_DEFAULTS` this config's ``auto`` options take.
 
-        One task (classification) and one method (LoRA) exist today; ``--task`` and ``--method`` return theirs here.
+        One task (classification) exists today; ``--task`` returns its own here.
         """
-        return "classification", "lora"
+        return "classification", self.method
 
     @property
     def auto_fields(self) -> frozenset[str]:
@@ -300,6 +348,7 @@ class TrainConfig:
         out = dataclasses.asdict(self)
         out["targets"] = list(self.targets)
         out["layers"] = None if self.layers is None else list(self.layers)
+        out["modules_to_save"] = list(self.modules_to_save)
         return out
 
     def lora_spec(self) -> LoraSpec:
@@ -307,7 +356,8 @@ class TrainConfig:
         from loratune.core.inject import LoraSpec  # torch: only when a model is built
 
         return LoraSpec(targets=self.targets, rank=self.rank, alpha=self.alpha, dropout=self.dropout,
-                        rslora=self.rslora, init=self.init, layers=self.layers, bias=self.bias)
+                        rslora=self.rslora, init=self.init, layers=self.layers, bias=self.bias,
+                        modules_to_save=self.modules_to_save)
 
     def replace(self, **changes: Any) -> "TrainConfig":
         """A copy with some options changed (validated again); options that were ``auto`` and are not
@@ -322,6 +372,15 @@ def _spec(f: dataclasses.Field) -> Option:  # type: ignore[type-arg]
 
 OPTIONS: dict[str, Option] = {f.name: _spec(f) for f in fields(TrainConfig)}
 """Every training option's :class:`Option`, in declaration order."""
+
+
+LORA_ONLY = ("targets", "layers", "rank", "alpha", "dropout", "bias", "init", "rslora", "modules_to_save")
+"""Options that describe the adapter: refused at a non-default value with ``--method full``."""
+
+
+def _declared(name: str) -> Any:
+    """The declared default as the option's checks normalise it (``"qv"`` -> ``("qv",)``)."""
+    return OPTIONS[name].check(name, declared_default(name))
 
 
 def declared_default(name: str) -> Any:
