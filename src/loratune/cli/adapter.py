@@ -33,7 +33,7 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     s.add_argument("-v", "--verbose", action="store_true", help="list the adapted matrices")
     s.set_defaults(func=cmd_info)
 
-    s = sub.add_parser("train", parents=[common], help="train one LoRA adapter")
+    s = sub.add_parser("train", parents=[common], help="train one LoRA adapter (or fine-tune every weight: --method full)")
     add_train_options(s)
     s.add_argument("--out", type=Path, metavar="DIR", help="run directory (default: runs/train-<timestamp>)")
     s.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint, "
@@ -42,7 +42,8 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("eval", parents=[common], help="metrics of an adapter on a split")
-    s.add_argument("--adapter", required=True, metavar="DIR", help="adapter folder (a run's adapter/)")
+    s.add_argument("--adapter", required=True, metavar="DIR",
+                   help="adapter folder (a run's adapter/), or a full fine-tuning run's model/")
     s.add_argument("--data", metavar="DATA", help="data to evaluate on (default: the run's own)")
     s.add_argument("--split", default="test", choices=["validation", "test"],
                    help="which split, cut as in training (default: %(default)s)")
@@ -54,7 +55,8 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("predict", parents=[common], help="classify texts (arguments, --file, or stdin)")
-    s.add_argument("--adapter", required=True, metavar="DIR", help="adapter folder (a run's adapter/)")
+    s.add_argument("--adapter", required=True, metavar="DIR",
+                   help="adapter folder (a run's adapter/), or a full fine-tuning run's model/")
     s.add_argument("texts", nargs="*", metavar="TEXT", help="texts to classify (default: --file or stdin)")
     s.add_argument("--file", metavar="FILE", help="one text per line ('-': stdin)")
     add_option(s, "precision", default=DEFAULTS["precision"])
@@ -65,7 +67,8 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     s.set_defaults(func=cmd_predict)
 
     s = sub.add_parser("merge", parents=[common], help="export a plain transformers model with the adapter merged")
-    s.add_argument("--adapter", required=True, metavar="DIR", help="adapter folder (a run's adapter/)")
+    s.add_argument("--adapter", required=True, metavar="DIR",
+                   help="adapter folder (a run's adapter/), or a full fine-tuning run's model/")
     s.add_argument("--out", required=True, type=Path, metavar="DIR", help="folder for the merged transformers model")
     s.add_argument("--base", metavar="MODEL", help="base model (default: the one the adapter was trained on)")
     s.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
@@ -90,10 +93,13 @@ def show_run(ui: Renderer, result: Any) -> None:
     v, t, s = result.validation, result.test or {}, result.train
     ui.line(f"best epoch {result.best_epoch}: validation accuracy {v['accuracy']:.4f} (loss {v['loss']:.4f}), "
             f"test accuracy {t.get('accuracy', float('nan')):.4f}")
+    full = (result.run_dir / "model").is_dir() and not (result.run_dir / "adapter").is_dir()
+    what = "model" if full else "adapter"
     ui.line(f"training: {s.get('tokens_per_s', 0):,.0f} tokens/s, {s.get('seconds', 0):.1f} s, "
-            f"{s.get('trainable_params', 0):,} trainable parameters; adapter {s.get('adapter_bytes', 0) / 1e6:.2f} MB "
-            f"vs model {s.get('model_bytes', 0) / 1e6:.1f} MB")
-    ui.line(f"run directory: {result.run_dir} (adapter in {result.run_dir / 'adapter'})")
+            f"{s.get('trainable_params', 0):,} trainable parameters" + (
+                f"; model {s.get('adapter_bytes', 0) / 1e6:.1f} MB (full fine-tuning)" if full else
+                f"; adapter {s.get('adapter_bytes', 0) / 1e6:.2f} MB vs model {s.get('model_bytes', 0) / 1e6:.1f} MB"))
+    ui.line(f"run directory: {result.run_dir} ({what} in {result.run_dir / what})")
     if not (result.run_dir / "report.html").exists() or not result.already_done:
         write_report_safely(result.run_dir, ui)
 

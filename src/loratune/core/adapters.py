@@ -2,8 +2,9 @@
 
 A folder holds ``adapter_config.json`` (peft's LoraConfig fields), ``adapter_model.safetensors``
 (peft's key names: ``base_model.model.<module>.lora_A.weight``, the task head as
-``base_model.model.classifier.weight``) and, from loratune, ``loratune.json`` with the label names
-and the base model we trained on. peft loads the first two as its own; we load peft's.
+``base_model.model.classifier.weight``, a module of ``modules_to_save`` whole under its own names, e.g.
+``base_model.model.bert.pooler.dense.weight``) and, from loratune, ``loratune.json`` with the label
+names and the base model we trained on. peft loads the first two as its own; we load peft's.
 """
 
 from __future__ import annotations
@@ -25,12 +26,16 @@ from torch import nn
 
 from loratune import __version__
 from loratune.core.inject import (
+    HEAD_SUFFIXES,
     LoraSpec,
+    full_modules,
     head_names,
     inject,
     lora_layers,
     mark_trainable,
+    saved_modules,
     trains,
+    within,
 )
 from loratune.errors import InputError
 
@@ -57,7 +62,9 @@ _NEUTRAL: dict[str, Any] = {
 
 def peft_config(spec: LoraSpec, targets: list[str], *, base_model: str | None, fan_in_fan_out: bool,
                 has_head: bool) -> dict[str, Any]:
-    """The ``adapter_config.json`` peft 0.21 writes for the same LoraConfig (fields we don't use at defaults)."""
+    """The ``adapter_config.json`` peft 0.21 writes for the same LoraConfig (fields we don't use at defaults).
+
+    ``modules_to_save`` as peft's SEQ_CLS writes it: the user's names, then ``classifier`` and ``score``."""
     regex = len(targets) == 1 and targets[0].startswith("re:")
     return {
         "alpha_pattern": {}, "auto_mapping": None, "base_model_name_or_path": base_model,
@@ -67,21 +74,26 @@ def peft_config(spec: LoraSpec, targets: list[str], *, base_model: str | None, f
         "layers_to_transform": list(spec.layers) if spec.layers is not None else None,
         "loftq_config": {}, "lora_alpha": spec.alpha, "lora_bias": False, "lora_dropout": spec.dropout,
         "megatron_config": None, "megatron_core": "megatron.core",
-        "modules_to_save": ["classifier", "score"] if has_head else None,
+        "modules_to_save": ([*spec.modules_to_save, *HEAD_SUFFIXES] if has_head
+                            else list(spec.modules_to_save) or None),
         "peft_type": "LORA", "r": spec.rank, "rank_pattern": {}, "revision": None,
         "target_modules": targets[0][3:] if regex else list(targets),
         "task_type": "SEQ_CLS" if has_head else None, "use_dora": False, "use_rslora": spec.rslora,
     }
 
 
-def adapter_state(model: nn.Module, name: str = "default", bias: str = "none") -> dict[str, torch.Tensor]:
+def adapter_state(model: nn.Module, name: str = "default", bias: str = "none",
+                  modules_to_save: tuple[str, ...] | list[str] = ()) -> dict[str, torch.Tensor]:
     """peft-named CPU tensors of what trains (:func:`loratune.core.inject.trains`): LoRA A/B of adapter
     ``name`` (``<module>.adapters.<name>.lora_A`` -> ``base_model.model.<module>.lora_A.weight``), the task
-    head and the trained biases (``base_model.model.<parameter name>``)."""
-    heads = head_names(model)
+    head, the modules ``modules_to_save`` and the trained biases (``base_model.model.<parameter name>``),
+    plus the persistent buffers of the head and saved modules (a BatchNorm's running statistics), as peft."""
+    full = full_modules(model, modules_to_save)
     out: dict[str, torch.Tensor] = {}
+    for bname, b in _buffers(model, full).items():
+        out[PREFIX + bname] = b
     for pname, p in model.named_parameters():
-        if not trains(pname, heads, bias):
+        if not trains(pname, full, bias):
             continue
         module, lora, rest = pname.partition(".adapters.")
         if not lora:
@@ -89,6 +101,17 @@ def adapter_state(model: nn.Module, name: str = "default", bias: str = "none") -
         elif rest.startswith(name + "."):                  # rest: "<adapter name>.lora_A"
             out[f"{PREFIX}{module}.{rest.removeprefix(name + '.')}.weight"] = p
     return {k: v.detach().to("cpu").contiguous() for k, v in out.items()}
+
+
+def _buffers(model: nn.Module, modules: list[str]) -> dict[str, torch.Tensor]:
+    """The persistent buffers (those in a state dict) of ``modules`` and everything inside them, by full name."""
+    out: dict[str, torch.Tensor] = {}
+    for mname, m in model.named_modules():
+        if mname and within(mname, modules):
+            for bname, b in m._buffers.items():
+                if b is not None and bname not in m._non_persistent_buffers_set:
+                    out[f"{mname}.{bname}"] = b
+    return out
 
 
 def save_adapter(model: nn.Module, out_dir: str | os.PathLike, spec: LoraSpec, targets: list[str], *,
@@ -104,7 +127,8 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, spec: LoraSpec, t
                       has_head=bool(head_names(model)))
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        save_file(adapter_state(model, name, spec.bias), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        save_file(adapter_state(model, name, spec.bias, spec.modules_to_save), str(tmp / WEIGHTS_NAME),
+                  metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         (tmp / META_NAME).write_text(json.dumps({"loratune_version": __version__, **(meta or {})}, indent=2) + "\n")
         if out.exists():
@@ -204,10 +228,14 @@ def read_adapter_config(adapter_dir: str | os.PathLike) -> tuple[LoraSpec, dict[
     init = field("init_lora_weights", (bool, str), default=True)
     rslora = field("use_rslora", bool, default=False)
     field("base_model_name_or_path", str)
-    field("modules_to_save", list)
+    saved = field("modules_to_save", list, default=[])
+    if not all(isinstance(m, str) and m for m in saved):
+        raise InputError(f"{path}: field 'modules_to_save' must be a list of module names or null, got "
+                         f"{json.dumps(saved)[:60]}")
     spec = LoraSpec(targets=tuple(targets), rank=r, alpha=float(alpha), dropout=float(dropout), rslora=rslora,
                     init="gaussian" if init == "gaussian" else "kaiming",
-                    layers=tuple(layers) if layers is not None else None, bias=bias)
+                    layers=tuple(layers) if layers is not None else None, bias=bias,
+                    modules_to_save=tuple(dict.fromkeys(m for m in saved if m not in HEAD_SUFFIXES)))
     return spec, raw
 
 
@@ -253,7 +281,12 @@ def num_labels_of(weights: dict[str, torch.Tensor]) -> int | None:
 
 @torch.no_grad()
 def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike, name: str = "default") -> LoraSpec:
-    """Inject adapter ``name`` as the folder describes and load its tensors; shapes must match exactly."""
+    """Inject adapter ``name`` as the folder describes and load its tensors; shapes must match exactly.
+
+    The modules of ``modules_to_save`` must be in the file whole; they are loaded into the model's own
+    modules and train. Like the head, they are shared by every adapter of the model: a second adapter
+    with the same modules overwrites them (peft keeps one copy per adapter; loratune does not).
+    """
     spec, raw = read_adapter_config(adapter_dir)
     weights = read_weights(adapter_dir)
     wpath = Path(adapter_dir) / WEIGHTS_NAME
@@ -261,7 +294,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike, name: str = "
         inject(model, spec, name)
     except InputError as e:
         raise InputError(f"{Path(adapter_dir) / CONFIG_NAME}: does not fit {type(model).__name__}: {e}") from None
-    params = dict(model.named_parameters())
+    params = model.state_dict(keep_vars=True)          # parameters and persistent buffers by name
     expected: dict[str, torch.Tensor] = {}
     for path, layer in lora_layers(model).items():
         if name in layer.adapters:
@@ -277,6 +310,12 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike, name: str = "
     missing = [k for k in expected if k not in weights and ".lora_" in k]
     if missing:
         raise InputError(f"{wpath}: tensor {missing[0]!r} is missing ({len(missing)} LoRA tensors missing)")
+    saved = saved_modules(model, spec.modules_to_save)
+    have = {_model_param_name(k) for k in weights}
+    missing = [PREFIX + k for k in params if within(k.rpartition(".")[0], saved) and k not in have]
+    if missing:
+        raise InputError(f"{wpath}: tensor {missing[0]!r} is missing ({len(missing)} tensors of modules_to_save "
+                         f"{', '.join(saved)} missing; a saved module is stored whole)")
     for key, tensor in weights.items():
         target = expected[key]
         if tuple(tensor.shape) != tuple(target.shape):
@@ -285,7 +324,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike, name: str = "
         if not torch.isfinite(tensor).all():
             raise InputError(f"{wpath}: {key} holds NaN or infinite values")
         target.copy_(tensor.to(target.dtype))
-    mark_trainable(model, spec.bias)
+    mark_trainable(model, spec.bias, spec.modules_to_save)
     hint = raw.get("base_model_name_or_path")
     base = getattr(getattr(model, "config", None), "_name_or_path", None)
     if hint and base and Path(str(hint)).name != Path(str(base)).name:

@@ -5,6 +5,11 @@ name equals it or ends with ``"." + name`` (so ``dense`` also takes BERT's ``poo
 ``re:<regex>`` must match the whole module name (peft's string form). Short names q/k/v/o and the
 presets ``qv``, ``attention``, ``all-linear`` are resolved from the model's own layer names, so they
 work on DistilBERT, BERT/RoBERTa, GPT-2, Llama-style and any model that uses one of those namings.
+
+Besides LoRA's A and B, whole modules train: the task head (:func:`head_names`) always, and the modules
+the user names in ``--modules-to-save`` (peft's ``modules_to_save``, :func:`saved_modules`), e.g. BERT's
+``pooler``. LoRA never goes inside a module that trains in full (as peft), and the adapter file holds
+these modules whole.
 """
 
 from __future__ import annotations
@@ -48,7 +53,8 @@ class LoraSpec:
     layers: tuple[int, ...] | None = None
     bias: str = "none"
     modules_to_save: tuple[str, ...] = ()
-    """Modules besides the task head that train in full (peft's ``modules_to_save``, head names excluded)."""
+    """Modules besides the task head that train in full (peft's ``modules_to_save``, head names excluded);
+    names as targets: a module whose full name equals one or ends with ``"." + name`` (:func:`saved_modules`)."""
 
 
 def is_linear(module: nn.Module) -> bool:
@@ -83,18 +89,79 @@ def head_names(model: nn.Module) -> list[str]:
     return heads
 
 
-def _in_head(name: str, heads: Sequence[str]) -> bool:
-    return any(name == h or name.startswith(h + ".") for h in heads)
+def within(name: str, modules: Sequence[str]) -> bool:
+    """Whether module ``name`` is one of ``modules`` (full names) or lies inside one."""
+    return any(name == h or name.startswith(h + ".") for h in modules)
 
 
-def expand_targets(model: nn.Module, targets: Sequence[str]) -> list[str]:
-    """Presets and short names -> peft-style target specs (suffixes or one ``re:`` regex)."""
+def _module_names(model: nn.Module) -> list[str]:
+    """Full names of every module but the root and the insides of LoRA layers, in model order."""
+    names: list[str] = []
+    wrapped: tuple[str, ...] = ()
+    for n, m in model.named_modules():
+        if not n or n.startswith(wrapped):
+            continue
+        names.append(n)
+        if isinstance(m, LoraLinear):
+            wrapped += (n + ".",)
+    return names
+
+
+def _main_modules(model: nn.Module) -> list[str]:
+    """The names a user would pick from: the base model's children and the model's own (the head), with weights."""
+    base = getattr(model, "base_model", None)
+    base = base if isinstance(base, nn.Module) and base is not model else None
+    has_weights = lambda m: next(m.parameters(), None) is not None  # noqa: E731
+    names = [n for n, c in base.named_children() if has_weights(c)] if base is not None else []
+    return names + [n for n, c in model.named_children() if c is not base and has_weights(c)]
+
+
+def saved_modules(model: nn.Module, names: Sequence[str]) -> list[str]:
+    """Full names of the modules ``names`` (``--modules-to-save``, peft's ``modules_to_save``) in model order.
+
+    A name takes every module whose full name equals it or ends with ``"." + name`` (the rule of
+    targets; peft's own test is a plain ``str.endswith``, the same for whole names), the outermost
+    ones only. A name of the task head or of a module inside it adds nothing: the head trains in full
+    anyway (peft's SEQ_CLS config lists ``classifier`` and ``score`` itself). A name that matches no
+    module is an :class:`InputError` that lists the model's main modules.
+    """
+    heads = head_names(model)
+    modules = _module_names(model)
+    chosen: set[str] = set()
+    for name in names:
+        hits = [n for n in modules if _suffix_match(n, name)]
+        if not hits:
+            main = _main_modules(model)
+            listed = ", ".join(n for n in main if n not in heads)
+            head = (f"; the task head {' and '.join(heads)} train{'s' if len(heads) == 1 else ''} in full anyway"
+                    if heads else "")
+            raise InputError(f"--modules-to-save: {name!r} matches no module of {type(model).__name__}; "
+                             f"its main modules are {listed}{head}")
+        chosen.update(n for n in hits if not within(n, heads))
+    out: list[str] = []
+    for n in modules:                                     # parents come before their children
+        if n in chosen and not within(n, out):
+            out.append(n)
+    return out
+
+
+def full_modules(model: nn.Module, modules_to_save: Sequence[str] = ()) -> list[str]:
+    """The modules that train in full: the task head (:func:`head_names`) and the saved modules
+    (:func:`saved_modules` of ``modules_to_save``); the ``heads`` argument of :func:`trains`."""
+    return head_names(model) + saved_modules(model, modules_to_save)
+
+
+def expand_targets(model: nn.Module, targets: Sequence[str], modules_to_save: Sequence[str] = ()) -> list[str]:
+    """Presets and short names -> peft-style target specs (suffixes or one ``re:`` regex).
+
+    ``all-linear`` takes the short names of the linear layers outside the modules that train in full
+    (the head and ``modules_to_save``)."""
     linears = linear_names(model)
     out: list[str] = []
     for t in targets:
         if t == "all-linear":
-            heads = head_names(model)
-            out.extend(short for short in short_names([n for n in linears if not _in_head(n, heads)]))
+            full = full_modules(model, modules_to_save)
+            out.extend(short for short in short_names([n for n in linears if not within(n, full)]))
             continue
         for short in PRESETS.get(t, (t,)):
             if short in ("q", "k", "v", "o"):
@@ -119,14 +186,17 @@ def _suffix_match(name: str, target: str) -> bool:
     return name == target or name.endswith("." + target)
 
 
-def resolve_targets(model: nn.Module, targets: Sequence[str], layers: Sequence[int] | None = None) -> list[str]:
-    """Full names of the linear layers to adapt. Every target must match at least one."""
+def resolve_targets(model: nn.Module, targets: Sequence[str], layers: Sequence[int] | None = None,
+                    modules_to_save: Sequence[str] = ()) -> list[str]:
+    """Full names of the linear layers to adapt. Every target must match at least one.
+
+    Layers inside a module that trains in full (the head, ``modules_to_save``) are never adapted, as in peft."""
     model_cls = type(model).__name__
     linears = linear_names(model)
-    heads = head_names(model)
-    candidates = [n for n in linears if not _in_head(n, heads)]   # the head trains fully anyway
+    full = full_modules(model, modules_to_save)
+    candidates = [n for n in linears if not within(n, full)]   # these train fully anyway
     chosen: list[str] = []
-    for t in expand_targets(model, targets):
+    for t in expand_targets(model, targets, modules_to_save):
         if t.startswith("re:"):
             try:
                 rx = re.compile(t[3:])
@@ -141,7 +211,14 @@ def resolve_targets(model: nn.Module, targets: Sequence[str], layers: Sequence[i
                 raise InputError(f"--targets: {t!r} matches {bad[0]}, a {type(m).__name__}, not a linear layer "
                                  f"of {model_cls}; its linear layers are {', '.join(short_names(linears))}")
         if not hits:
-            raise InputError(f"target {t.removeprefix('re:')!r} matches no linear layer of {model_cls}; "
+            inside = [n for n in linears if within(n, full)
+                      and (rx.fullmatch(n) if t.startswith("re:") else _suffix_match(n, t))]
+            why = ""
+            if inside:
+                owner = next(f for f in full if within(inside[0], [f]))
+                why = (f" that LoRA may adapt: {inside[0]} lies in {owner}, which trains in full "
+                       "(the task head or --modules-to-save)")
+            raise InputError(f"target {t.removeprefix('re:')!r} matches no linear layer of {model_cls}{why}; "
                              f"its linear layers are {', '.join(short_names(linears))}")
         chosen.extend(hits)
     chosen = [n for n in linears if n in set(chosen)]                  # model order, no duplicates
@@ -161,9 +238,17 @@ def resolve_targets(model: nn.Module, targets: Sequence[str], layers: Sequence[i
 def inject(model: nn.Module, spec: LoraSpec, name: str = "default") -> list[str]:
     """Add adapter ``name`` to every targeted layer (wrapping it once), make it active, set trainables.
 
-    Returns the adapted module names. Rank must fit every targeted matrix: r <= min(d, k).
+    Returns the adapted module names. Rank must fit every targeted matrix: r <= min(d, k). The modules
+    ``spec.modules_to_save`` train in full and get no LoRA; like the head, they are shared by every
+    adapter of the model (one copy, no per-adapter copies as peft keeps), and the trainable set is the
+    one of the last adapter injected or loaded.
     """
-    names = resolve_targets(model, spec.targets, spec.layers)
+    saved = saved_modules(model, spec.modules_to_save)
+    for n, layer in lora_layers(model).items():
+        if within(n, saved):
+            raise InputError(f"--modules-to-save: {n} already holds LoRA adapters {list(layer.adapters)}; a module "
+                             "cannot both train in full and hold LoRA")
+    names = resolve_targets(model, spec.targets, spec.layers, spec.modules_to_save)
     for n in names:
         d, k = linear_shape(_unwrapped(model.get_submodule(n)))
         if spec.rank > min(d, k):
@@ -176,7 +261,7 @@ def inject(model: nn.Module, spec: LoraSpec, name: str = "default") -> list[str]
             setattr(model.get_submodule(parent) if parent else model, child, layer)
         layer.add_adapter(name, spec.rank, spec.alpha, spec.dropout, rslora=spec.rslora, init=spec.init)
     set_active(model, name)
-    mark_trainable(model, spec.bias)
+    mark_trainable(model, spec.bias, spec.modules_to_save)
     return names
 
 
@@ -228,20 +313,21 @@ def routed(model: nn.Module, per_row: Sequence[str | None]) -> Iterator[None]:
 
 def trains(param_name: str, heads: Sequence[str], bias: str = "none") -> bool:
     """The one rule for which parameters train (and so which an adapter file holds): LoRA's A and B of
-    every adapter, the task head ``heads`` (:func:`head_names`) whole, and biases per ``bias`` — ``all``:
-    every bias, ``lora_only``: the biases of adapted layers, ``none``: no other. As peft's SEQ_CLS."""
+    every adapter, the modules ``heads`` whole — the task head and the saved modules, :func:`full_modules`
+    (:func:`head_names` alone without ``modules_to_save``) — and biases per ``bias`` — ``all``: every bias,
+    ``lora_only``: the biases of adapted layers, ``none``: no other. As peft's SEQ_CLS."""
     module = param_name.rpartition(".")[0]
     return (".adapters." in param_name
-            or _in_head(module, heads)
+            or within(module, heads)
             or (bias == "all" and param_name.endswith("bias"))
             or (bias == "lora_only" and param_name.endswith(".base_layer.bias")))
 
 
-def mark_trainable(model: nn.Module, bias: str = "none") -> None:
-    """Unfreeze exactly the parameters :func:`trains` names; freeze the rest."""
-    heads = head_names(model)
+def mark_trainable(model: nn.Module, bias: str = "none", modules_to_save: Sequence[str] = ()) -> None:
+    """Unfreeze exactly the parameters :func:`trains` names (the head and ``modules_to_save`` whole); freeze the rest."""
+    full = full_modules(model, modules_to_save)
     for pname, p in model.named_parameters():
-        p.requires_grad_(trains(pname, heads, bias))
+        p.requires_grad_(trains(pname, full, bias))
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

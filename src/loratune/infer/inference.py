@@ -1,5 +1,8 @@
 """Using a trained adapter: run it over a split, predict with it, export it merged, report parameter counts.
 
+Everything that takes an adapter folder also takes a full fine-tuning run's ``model/`` (a transformers
+folder with loratune's ``loratune.json``): it is loaded as it is, with no adapter (``Loaded.spec`` is None).
+
 Each function here is what one CLI command calls (``eval``, ``predict``, ``merge``, ``info``);
 :func:`run_split` is also how the report and the search run an adapter over a labelled split.
 The base model comes from the adapter's own ``loratune.json`` (the ``--model`` it was trained
@@ -40,7 +43,7 @@ from loratune.tasks.batches import Encoded
 from loratune.tasks.classification import Split, evaluate, predict_probs, tokenize
 from loratune.training import rundir
 from loratune.training.data import load_splits
-from loratune.training.models import load_model, load_tokenizer
+from loratune.training.models import is_model_folder, load_model, load_tokenizer
 from loratune.training.options import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -48,19 +51,23 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Loaded:
-    """A base model with the adapter loaded (active, unmerged), its tokenizer and label names."""
+    """A base model with the adapter loaded (active, unmerged), its tokenizer and label names; or a fully
+    fine-tuned model (``spec`` None)."""
 
     model: nn.Module
     tokenizer: Any
     label_names: list[str]
-    spec: LoraSpec
+    spec: LoraSpec | None
     base: str
     max_length: int
     pad_id: int
 
 
 def load(adapter: str | os.PathLike, *, base: str | None = None, device: str = "auto") -> Loaded:
-    """Load ``adapter`` onto its base model (``base`` overrides the one the adapter names)."""
+    """Load ``adapter`` onto its base model (``base`` overrides the one the adapter names); a full fine-tuning
+    ``model/`` folder is loaded as it is (``base`` must then be None)."""
+    if is_model_folder(adapter):
+        return _load_full(adapter, base=base, device=device)
     spec, raw = read_adapter_config(adapter)
     meta = read_meta(adapter)
     download = base is not None                       # only a base the user names may be fetched
@@ -77,6 +84,28 @@ def load(adapter: str | os.PathLike, *, base: str | None = None, device: str = "
     tok = load_tokenizer(base, download=download)
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     return Loaded(model, tok, list(labels), spec, str(base), int(meta.get("max_length", 128)), int(pad))
+
+
+def _load_full(folder: str | os.PathLike, *, base: str | None, device: str) -> Loaded:
+    """A fully fine-tuned classifier (a run's ``model/``), its label names from config.json."""
+    import json
+
+    if base is not None:
+        raise InputError(f"--base: {folder} is a fully fine-tuned model (no adapter), so it has no base to replace")
+    meta = read_meta(folder)
+    try:
+        id2label = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8")).get("id2label") or {}
+        labels = meta.get("id2label") or [str(id2label[k]) for k in sorted(id2label, key=int)]
+    except (ValueError, AttributeError, TypeError) as e:
+        raise InputError(f"{Path(folder) / 'config.json'}: unreadable label names ({e})") from None
+    if len(labels) < 2:
+        raise InputError(f"{Path(folder) / 'config.json'}: a classifier needs id2label with two or more labels")
+    model = load_model(str(folder), labels, download=False)
+    model.to(resolve_device(device)).eval()
+    tok = load_tokenizer(str(folder), download=False)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    return Loaded(model, tok, list(labels), None, str(meta.get("model") or folder), int(meta.get("max_length", 128)),
+                  int(pad))
 
 
 @dataclass(frozen=True, eq=False)
@@ -180,6 +209,9 @@ def merge_export(adapter: str | os.PathLike, out: str | os.PathLike, *, base: st
     without loratune or peft installed. Written to a temp folder, then renamed into place.
     """
     out = Path(out)
+    if is_model_folder(adapter):
+        raise InputError(f"--adapter: {adapter} is a fully fine-tuned model, already a transformers folder with "
+                         "nothing to merge; load it with AutoModelForSequenceClassification.from_pretrained as it is")
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise InputError(f"--out: {out} exists and is not empty; use --overwrite to replace it")
     loaded = load(adapter, base=base, device="cpu")

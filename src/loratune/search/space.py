@@ -51,6 +51,13 @@ DEFAULT_SPACE: dict[str, Any] = {
     "alpha": "=rank",
 }
 """The seed project's space: lr, r, target modules, dropout; alpha tied to r."""
+FULL_SPACE: dict[str, Any] = {"lr": {"loguniform": [1e-5, 2e-4]}}
+"""``--method full`` has no adapter to shape: the default space is its learning rate alone."""
+
+
+def default_space(base: TrainConfig) -> dict[str, Any]:
+    """The space searched when none is given: :data:`DEFAULT_SPACE`, or :data:`FULL_SPACE` for ``--method full``."""
+    return FULL_SPACE if base.method == "full" else DEFAULT_SPACE
 
 # Options a search cannot vary, and why (the message tells the user what to do instead).
 FIXED_ONLY = {
@@ -298,24 +305,28 @@ def check_model(space: Space, base: TrainConfig) -> None:
     A LoRA pair B (d x r), A (r x k) only makes sense for r <= min(d, k) of the adapted matrix. The
     default trial (the fixed options' targets, layers and rank) is checked as well as the samples.
     """
-    from loratune.training.models import load_model
+    from loratune.training.models import load_model, modules_to_save
 
+    if base.method == "full":                               # no adapter: nothing to fit into the model
+        return
     model = load_model(base.model, ["0", "1"])
+    saved = modules_to_save(base, model)
     fixed = {k: encode(k, getattr(base, k)) for k in ("targets", "layers")}
-    _check_combo(model, fixed["targets"], fixed["layers"], base.rank, "--rank", "--targets")
+    _check_combo(model, fixed["targets"], fixed["layers"], base.rank, "--rank", "--targets", saved)
     rank_where = "search.rank" if "rank" in space.keys else "--rank"
     where = next((f"search.{k}" for k in ("targets", "layers") if k in space.keys), "--targets")
     max_rank = max(int(r) for r in candidates(space, "rank", base))
     for targets, layers in itertools.product(candidates(space, "targets", base), candidates(space, "layers", base)):
-        _check_combo(model, targets, layers, max_rank, rank_where, where)
+        _check_combo(model, targets, layers, max_rank, rank_where, where, saved)
 
 
-def _check_combo(model: Any, targets: str, layers: str | None, rank: int, rank_where: str, where: str) -> None:
+def _check_combo(model: Any, targets: str, layers: str | None, rank: int, rank_where: str, where: str,
+                 saved: tuple[str, ...] = ()) -> None:
     from loratune.core.inject import resolve_targets
     from loratune.core.lora import linear_shape
 
     try:
-        names = resolve_targets(model, parse_targets(targets), parse_layers(layers))
+        names = resolve_targets(model, parse_targets(targets), parse_layers(layers), saved)
     except InputError as e:
         raise InputError(f"{where}: {targets!r}" + (f" (layers {layers})" if layers else "") + f": {e}") from None
     for name in names:

@@ -23,11 +23,11 @@ import yaml
 
 from loratune.errors import InputError
 from loratune.search.space import (
-    DEFAULT_SPACE,
     METRICS,
     OK_STATUSES,
     Space,
     columns,
+    default_space,
     option_kind,
 )
 from loratune.training import rundir
@@ -114,7 +114,7 @@ def finish(out: Path, doc: Mapping[str, Any], space: Space, trials: list[dict[st
         dest = out / "best"
         shutil.rmtree(dest, ignore_errors=True)
         shutil.copytree(best["run_dir"], dest, ignore=shutil.ignore_patterns(".tune-checkpoint", ".lock"))
-        summary["best"] = _brief(best, test(dest / "adapter"), dest)
+        summary["best"] = _brief(best, test(artifact(dest)), dest)
         old = rundir.read_results(dest) or {}                          # the trainer's, if the trial ran to its end
         rundir.write_json(dest / "results.json", {
             "validation": summary["best"]["validation"], "test": summary["best"]["test"],
@@ -125,11 +125,16 @@ def finish(out: Path, doc: Mapping[str, Any], space: Space, trials: list[dict[st
         if best is not None and first["trial"] == best["trial"]:
             summary["default"] = dict(summary["best"])
         else:
-            tested = first["best"] and (first["run_dir"] / "adapter").is_dir()
-            summary["default"] = _brief(first, test(first["run_dir"] / "adapter") if tested else None, first["run_dir"])
+            tested = first["best"] and artifact(first["run_dir"]).is_dir()
+            summary["default"] = _brief(first, test(artifact(first["run_dir"])) if tested else None, first["run_dir"])
     rundir.write_json(out / "search.json", summary)
     return SearchResult(out, cols, rows, summary["best"], summary["default"], doc["metric"], doc["mode"], seconds,
                         summary=summary)
+
+
+def artifact(run_dir: Path) -> Path:
+    """A trial's ``adapter/``, or ``model/`` where it fine-tuned every weight (``--method full``)."""
+    return run_dir / "model" if (run_dir / "model").is_dir() else run_dir / "adapter"
 
 
 def _brief(trial: dict[str, Any], test: dict[str, float] | None, run_dir: Path) -> dict[str, Any]:
@@ -173,7 +178,7 @@ def new_search(config: TrainConfig | None, options: dict[str, Any], space: dict[
         raise InputError(f"--threads: a trial's torch threads equal its CPUs; set --cpus-per-trial {base.threads}")
     base = _absolute_paths(base)
     try:
-        raw = json.loads(json.dumps(DEFAULT_SPACE if space is None else space))     # plain values, as in YAML
+        raw = json.loads(json.dumps(default_space(base) if space is None else space))     # plain values, as in YAML
     except (TypeError, ValueError) as e:
         raise InputError(f"search: expected plain YAML values (numbers, strings, lists, mappings): {e}") from None
     if storage is not None and Path(storage).expanduser().resolve() == Path.home().resolve():

@@ -13,6 +13,7 @@ adapter as an uninterrupted run, and progress events for whoever draws them.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import signal
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loratune import runtime
-from loratune.core.adapters import file_size, save_adapter
+from loratune.core.adapters import save_adapter
 from loratune.core.inject import LoraSpec, count_parameters, expand_targets, inject
 from loratune.errors import Diverged, InputError, Interrupted
 from loratune.tasks.batches import Encoded, batch_order, collate, padding_fraction
@@ -38,7 +39,13 @@ from loratune.training import lock, rundir
 from loratune.training.checkpoint import load_checkpoint, load_latest, save_checkpoint
 from loratune.training.data import load_splits
 from loratune.training.levers import Levers
-from loratune.training.models import load_model, load_tokenizer, model_hint
+from loratune.training.models import (
+    load_model,
+    load_tokenizer,
+    model_hint,
+    modules_to_save,
+    save_model,
+)
 from loratune.training.options import TrainConfig
 from loratune.training.state import Optim, TrainState
 
@@ -78,7 +85,7 @@ class Run:
     cfg: TrainConfig
     data: Prepared
     model: nn.Module
-    spec: LoraSpec
+    spec: LoraSpec | None                               # None: full fine-tuning (every weight trains, no adapter)
     targets: list[str]                                  # the adapted modules, peft-style (the adapter's config)
     out: Path
     device: torch.device
@@ -91,6 +98,12 @@ class Run:
     steps_per_epoch: int
     epochs: int
     base_bytes: int                                     # the base model's weights as loaded (before any bf16 cast)
+    tokenizer: Any = None                               # full fine-tuning: saved with the model
+
+    @property
+    def artifact(self) -> Path:
+        """What the run leaves to use: ``adapter/`` (LoRA) or ``model/`` (full fine-tuning)."""
+        return self.out / ("adapter" if self.spec is not None else "model")
 
 
 def prepare_data(cfg: TrainConfig) -> Prepared:
@@ -102,13 +115,20 @@ def prepare_data(cfg: TrainConfig) -> Prepared:
     return Prepared(splits.label_names, enc["train"], enc["validation"], enc["test"], int(pad))
 
 
-def build_model(cfg: TrainConfig, label_names: list[str]) -> tuple[nn.Module, LoraSpec, list[str]]:
-    """The base classifier with a fresh adapter ``default``; returns (model, spec, peft-style targets)."""
+def build_model(cfg: TrainConfig, label_names: list[str]) -> tuple[nn.Module, LoraSpec | None, list[str]]:
+    """The base classifier with a fresh adapter ``default``; returns (model, spec, peft-style targets).
+
+    ``--method full``: every weight trains and there is no adapter (spec None, no targets). A default
+    ``--modules-to-save`` name (``auto``) that names no module of this model is dropped; a given one must exist.
+    """
     model = load_model(cfg.model, label_names, seed=cfg.seed)
-    spec = cfg.lora_spec()
+    if cfg.method == "full":
+        model.requires_grad_(True)
+        return model, None, []
+    spec = dataclasses.replace(cfg.lora_spec(), modules_to_save=modules_to_save(cfg, model))
     torch.manual_seed(cfg.seed)
     inject(model, spec)
-    return model, spec, expand_targets(model, cfg.targets)
+    return model, spec, expand_targets(model, cfg.targets, spec.modules_to_save)
 
 
 def class_weights(labels: np.ndarray, n_classes: int) -> torch.Tensor:
@@ -122,6 +142,8 @@ def setup(cfg: TrainConfig, data: Prepared, out: Path, *, device: torch.device, 
           levers: Levers, emit: Progress) -> Run:
     """The model with a fresh adapter on ``device``, the levers switched on, and the run's length."""
     model, spec, targets = build_model(cfg, data.label_names)
+    if spec is not None and tuple(cfg.modules_to_save) != spec.modules_to_save:
+        cfg = cfg.replace(modules_to_save=spec.modules_to_save)   # config.yaml: what this model trains
     model.to(device)
     base_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if ".adapters." not in n)
     levers.apply(model, precision)                          # after inject: the adapters took the fp32 dtype
@@ -131,7 +153,8 @@ def setup(cfg: TrainConfig, data: Prepared, out: Path, *, device: torch.device, 
     if cfg.class_weights == "balanced":
         weight = class_weights(data.train.labels, len(data.label_names)).to(device)
     return Run(cfg, data, model, spec, targets, out, device, precision, threads, levers, emit, weight, total,
-               steps_per_epoch, math.ceil(total / steps_per_epoch), base_bytes)
+               steps_per_epoch, math.ceil(total / steps_per_epoch), base_bytes,
+               tokenizer=load_tokenizer(cfg.model) if spec is None else None)
 
 
 @contextmanager
@@ -326,9 +349,7 @@ def end_epoch(run: Run, optim: Optim, state: TrainState, logs: _Logs) -> dict[st
     if improved:
         state.best, state.best_epoch, state.bad_epochs = val["loss"], state.epoch, 0
         state.best_state = {n: p.detach().cpu().clone() for n, p in optim.params.items()}
-        cfg = run.cfg
-        save_adapter(run.model, run.out / "adapter", run.spec, run.targets, base_model=model_hint(cfg.model),
-                     meta={"id2label": run.data.label_names, "model": cfg.model, "max_length": cfg.max_length})
+        save_artifact(run)
     else:
         state.bad_epochs += 1
     state.history.append({"epoch": state.epoch, "step": state.step, **val})
@@ -341,6 +362,17 @@ def end_epoch(run: Run, optim: Optim, state: TrainState, logs: _Logs) -> dict[st
         raise Diverged(state.step, val["loss"], "validation loss")
     state.stopped_early = bool(run.cfg.early_stop and state.bad_epochs >= run.cfg.early_stop)
     return val
+
+
+def save_artifact(run: Run) -> Path:
+    """The current weights as what the run leaves: the adapter (PEFT's files) or, for full fine-tuning, a
+    transformers folder (safetensors, config with the label names, tokenizer); written atomically."""
+    cfg = run.cfg
+    meta = {"id2label": run.data.label_names, "model": cfg.model, "max_length": cfg.max_length}
+    if run.spec is None:
+        return save_model(run.model, run.artifact, tokenizer=run.tokenizer, label_names=run.data.label_names,
+                          meta={**meta, "method": "full"})
+    return save_adapter(run.model, run.artifact, run.spec, run.targets, base_model=model_hint(cfg.model), meta=meta)
 
 
 def checkpoint(run: Run, optim: Optim, state: TrainState, logs: _Logs) -> Path:
@@ -378,9 +410,14 @@ def _train_stats(run: Run, state: TrainState) -> dict[str, Any]:
     return {"tokens_per_s": state.tokens / seconds, "samples_per_s": state.samples / seconds,
             "seconds": state.seconds, "steps": state.step, "epochs_run": state.epoch,
             "stopped_early": state.stopped_early, "precision": run.precision, "threads": run.threads,
-            "trainable_params": trainable, "all_params": total_params, "adapter_bytes": file_size(run.out / "adapter"),
+            "trainable_params": trainable, "all_params": total_params, "adapter_bytes": artifact_bytes(run.artifact),
             "model_bytes": run.base_bytes,
             "padding_fraction": padding_fraction(run.data.train.lengths, _epoch_batches(run, 0))}
+
+
+def artifact_bytes(folder: Path) -> int:
+    """Bytes of the weights file(s) of an adapter or model folder (``*.safetensors``)."""
+    return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
 
 
 def _announce(run: Run, state: TrainState) -> None:

@@ -6,8 +6,11 @@ only when ``HF_HUB_OFFLINE`` is not set, and a failure says the model is not cac
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -113,6 +116,72 @@ def load_model(spec: str, label_names: Sequence[str], *, seed: int = 0, download
     return model
 
 
+def modules_to_save(cfg: Any, model: nn.Module) -> tuple[str, ...]:
+    """``cfg.modules_to_save`` for this model: a default (``auto``) name that names no module of it is dropped
+    (BERT has a ``pooler``, DistilBERT none); a name the user gave stays, and must exist (inject checks)."""
+    names = tuple(cfg.modules_to_save)
+    if "modules_to_save" not in cfg.auto_fields:
+        return names
+    found = [n for n, _ in model.named_modules() if n]
+    kept = tuple(m for m in names if any(n == m or n.endswith("." + m) for n in found))
+    if kept != names:
+        log.info("modules to save: %s (the default's %s not in %s)", ",".join(kept) or "none",
+                 ",".join(m for m in names if m not in kept), type(model).__name__)
+    return kept
+
+
 def model_hint(spec: str) -> str:
     """What we write as ``base_model_name_or_path``: the hub id for a built-in, else the spec as given."""
     return builtin_hub_id(spec) or spec
+
+
+def save_model(model: nn.Module, out: Path, *, tokenizer: Any, label_names: Sequence[str],
+               meta: dict[str, Any]) -> Path:
+    """A fully fine-tuned classifier as a transformers folder that ``AutoModelForSequenceClassification`` and
+    ``AutoTokenizer`` load alone: safetensors weights, config.json with the label names (and the attention
+    implementation it was loaded with, not a training-only one), the tokenizer, and ``loratune.json`` (``meta``).
+    Written to a temp folder beside ``out``, then renamed into place (a crash leaves the previous one)."""
+    from loratune import __version__
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    config = model.config
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    impl = getattr(config, "_attn_implementation", None)
+    import transformers
+
+    try:
+        tmp.chmod(0o777 & ~_umask())                        # mkdtemp makes it private; a run's files are not
+        config.id2label = {i: str(n) for i, n in enumerate(label_names)}
+        config.label2id = {str(n): i for i, n in enumerate(label_names)}
+        if impl is not None and impl not in ("eager", "sdpa", "flash_attention_2"):
+            config._attn_implementation = "sdpa"            # the training-only attention is ours, not a loader's
+        transformers.logging.disable_progress_bar()         # the CLI shows progress, not the writer
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+        (tmp / "loratune.json").write_text(json.dumps({"loratune_version": __version__, **meta}, indent=2) + "\n")
+        for f in tmp.iterdir():
+            f.chmod(0o666 & ~_umask())
+        old = out.with_name(f".{out.name}.old")
+        if out.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        transformers.logging.enable_progress_bar()
+        if impl is not None:
+            config._attn_implementation = impl
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def is_model_folder(path: str | os.PathLike) -> bool:
+    """A transformers model folder (config.json) that is not an adapter folder: a full fine-tuning run's model/."""
+    p = Path(path)
+    return (p / "config.json").is_file() and not (p / "adapter_config.json").exists()

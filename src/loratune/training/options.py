@@ -344,11 +344,16 @@ class TrainConfig:
         return cls(**dict(values))
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain YAML-friendly values, ``auto`` resolved (tuples become lists): what config.yaml stores."""
+        """Plain YAML-friendly values (tuples become lists): what config.yaml stores. ``auto`` is resolved,
+        except where the value depends on the model (:data:`MODEL_DEPENDENT`): the training loop resolves
+        those once the model is loaded and writes config.yaml with what it found."""
         out = dataclasses.asdict(self)
         out["targets"] = list(self.targets)
         out["layers"] = None if self.layers is None else list(self.layers)
         out["modules_to_save"] = list(self.modules_to_save)
+        for name in MODEL_DEPENDENT:
+            if name in self.auto_fields:
+                out[name] = AUTO
         return out
 
     def lora_spec(self) -> LoraSpec:
@@ -374,6 +379,9 @@ OPTIONS: dict[str, Option] = {f.name: _spec(f) for f in fields(TrainConfig)}
 """Every training option's :class:`Option`, in declaration order."""
 
 
+MODEL_DEPENDENT = ("modules_to_save",)
+"""``auto`` options whose value the model decides (a default name the model lacks is dropped): kept as ``auto``
+by :meth:`TrainConfig.to_dict` until the model is known."""
 LORA_ONLY = ("targets", "layers", "rank", "alpha", "dropout", "bias", "init", "rslora", "modules_to_save")
 """Options that describe the adapter: refused at a non-default value with ``--method full``."""
 
