@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.loratune-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup data browser demo test test-fast bench bench-levers clean
+.PHONY: setup data browser demo test test-fast bench bench-levers bench-quality clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,9 @@ bench: data                     ## benchmarks against the seed pipeline (≈36 m
 
 bench-levers: data              ## each training lever switched off alone, and the micro-benchmarks (≈11 min)
 	$(BIN)/python -m bench --levers-only
+
+bench-quality: data             ## accuracy, 3 split seeds × default, full, old default, a candidate (≈40 min; QUALITY_ARGS=--configs ...)
+	$(BIN)/python -m bench.quality $(QUALITY_ARGS)
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info src/*.egg-info

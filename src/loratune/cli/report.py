@@ -12,6 +12,11 @@ from typing import Any
 
 from loratune.cli.progress import Renderer
 
+BASELINE_HELP = ("a finished `loratune train --method full` run on the same data and split: its accuracy, "
+                 "parameters and file size beside LoRA's (a search: its best trial's), e.g. \"LoRA reaches 99%% of "
+                 "full fine-tuning's accuracy with 0.65%% of the parameters\"; remembered in RUN_DIR/baseline.json "
+                 "for later reports")
+
 
 def register(sub: Any, common: argparse.ArgumentParser) -> None:
     """Add the ``report`` and ``analyze`` subcommands to cli/main.py's subparsers."""
@@ -20,6 +25,7 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
                                    "for a training run or a search directory.")
     s.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run directory (loratune train) or a search "
                                                                  "directory (loratune tune)")
+    s.add_argument("--baseline", type=Path, metavar="FULL_RUN_DIR", help=BASELINE_HELP)
     s.set_defaults(func=cmd_report)
 
     s = sub.add_parser("analyze", parents=[common], help="singular values, effective rank and amplification of ΔW",
@@ -37,7 +43,7 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
 def cmd_report(args: argparse.Namespace, ui: Renderer) -> int:
     from loratune.report.write import write_report
 
-    path = write_report(args.run_dir)
+    path = write_report(args.run_dir, baseline=args.baseline)
     ui.line(f"report written to {path} (open it in a browser: file://{path.resolve()})")
     return 0
 

@@ -54,6 +54,10 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     s.add_argument("--out", type=Path, metavar="DIR", help="search directory (default: runs/tune-<timestamp>)")
     s.add_argument("--resume", type=Path, metavar="DIR", help="continue the search in DIR (with its own options)")
     s.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    s.add_argument("--baseline", type=Path, metavar="FULL_RUN_DIR",
+                   help="a finished `loratune train --method full` run on the same data and split (checked before "
+                        "the search starts): the report puts the best trial's accuracy, parameters and file size "
+                        "beside it")
     s.set_defaults(func=cmd_tune)
 
 
@@ -74,29 +78,73 @@ def cmd_tune(args: argparse.Namespace, ui: Renderer) -> int:
     from loratune.search.driver import tune
 
     view = TrialLines(ui)
+    baseline = getattr(args, "baseline", None)
     if args.resume is not None:
         given = given_training_flags(args) + (["--out"] if args.out else [])
         given += ["--" + k.replace("_", "-") for k in vars(args) if k in SEARCH_KEYS and k != "address"]
         if given:
             raise InputError(f"--resume: a search continues with the options it was started with; drop {given[0]}")
-        tune(resume=args.resume, address=getattr(args, "address", None), progress=view.event,
-             on_done=lambda result: show_search(ui, result))
+        if baseline is not None:
+            check_baseline(baseline, _resumed_options(args.resume), f"the search in {args.resume}")
+        tune(resume=args.resume, address=getattr(args, "address", None), progress=_progress(view, baseline),
+             on_done=lambda result: show_search(ui, result, baseline))
     else:
         training, search = search_options(args)
         space = search.pop("search", None)
-        tune(space=space, out=args.out, overwrite=args.overwrite, progress=view.event,
-             on_done=lambda result: show_search(ui, result), **search, **training)
+        if baseline is not None:
+            from loratune.training.options import TrainConfig
+
+            check_baseline(baseline, TrainConfig.from_dict(training).to_dict(), "this search")
+        tune(space=space, out=args.out, overwrite=args.overwrite, progress=_progress(view, baseline),
+             on_done=lambda result: show_search(ui, result, baseline), **search, **training)
     return 0
 
 
-def show_search(ui: Renderer, result: Any) -> None:
-    """The trials table and the winner, then report.html (called by ``tune`` while it still holds the lock)."""
+def check_baseline(baseline: Path, options: dict[str, Any], against: str) -> None:
+    """``--baseline`` checked before the search starts: a finished --method full run on the search's data and
+    split (:func:`loratune.report.baseline.load_baseline`; InputError otherwise)."""
+    from loratune.report.baseline import load_baseline
+
+    load_baseline(baseline, options, against)
+
+
+def _resumed_options(search_dir: Path) -> dict[str, Any]:
+    """The training options a search was started with (its search.yaml; {} where unreadable: tune says why)."""
+    from loratune.training import rundir
+
+    options = rundir.read_yaml(search_dir / "search.yaml").get("options")
+    return options if isinstance(options, dict) else {}
+
+
+def _progress(view: "TrialLines", baseline: Path | None) -> Any:
+    """The search's events to lines; with --baseline, the search directory remembers it as soon as it exists (a
+    report of an interrupted search, or of its --resume, compares with it too)."""
+    if baseline is None:
+        return view.event
+
+    def event(ev: dict[str, Any]) -> None:
+        if ev.get("kind") == "search_start":
+            from loratune.report.baseline import remember
+
+            remember(Path(ev["out"]), baseline)
+        view.event(ev)
+
+    return event
+
+
+def show_search(ui: Renderer, result: Any, baseline: Path | None = None) -> None:
+    """The trials table and the winner, then report.html (called by ``tune`` while it still holds the lock);
+    ``baseline`` is recorded in the search directory, where the report finds it (RUN_DIR/baseline.json)."""
     from loratune.cli.common import write_report_safely
 
     if result.already_done:
         ui.line(f"search {result.out} already finished; nothing to resume")
     print_results(ui, result)
-    if not result.already_done or not (result.out / "report.html").exists():
+    if baseline is not None:
+        from loratune.report.baseline import remember
+
+        remember(result.out, baseline)
+    if not result.already_done or baseline is not None or not (result.out / "report.html").exists():
         write_report_safely(result.out, ui)
 
 

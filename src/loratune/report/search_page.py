@@ -1,4 +1,5 @@
-"""The search page of the report: the winner at a glance, the trials table, what each option did.
+"""The search page of the report: the winner at a glance, the trials table, what each option did, and the best
+trial beside full fine-tuning where there is a baseline (:mod:`loratune.report.baseline`).
 
 Reads ``trials.json`` (else ``trials.csv``), ``search.json``, ``search.yaml``, ``trials/<id>/`` and
 ``best/``; every missing piece becomes one line saying so (:func:`loratune.report.sections.guarded`).
@@ -14,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from loratune.report import baseline as bl
 from loratune.report import plots
 from loratune.report.html import card, esc, finite, fmt, img, note, table
 from loratune.report.sections import (
@@ -100,6 +102,8 @@ class _Search:
     default: dict[str, Any]                      # search.json's untuned default trial
     statuses: dict[str, str]
     seconds: float | None
+    cmp: bl.Comparison | None = None             # the best trial against full fine-tuning (--baseline)
+    baseline_note: str | None = None             # why a remembered baseline is not shown
 
     @property
     def mname(self) -> str:
@@ -107,9 +111,14 @@ class _Search:
         return self.metric.removeprefix("val_")
 
 
-def search_page(run: Path) -> tuple[str, list[str], list[str]]:
-    """(title, glance, body) of a search directory's page."""
+def search_page(run: Path, baseline: bl.Baseline | None = None, baseline_note: str | None = None
+                ) -> tuple[str, list[str], list[str]]:
+    """(title, glance, body) of a search directory's page; ``baseline``: a checked full fine-tuning run to
+    compare the best trial with (``baseline_note``: why a remembered one is not shown)."""
     s = _gather(run)
+    if baseline is not None and s.best is not None:
+        s.cmp = bl.compare({"validation": s.val, "test": s.test, "train": s.stats}, baseline)
+    s.baseline_note = baseline_note
     return s.title, _glance(s), _body(s)
 
 
@@ -147,6 +156,8 @@ def _glance(s: _Search) -> list[str]:
     r = ratio(s.stats)
     glance += _winner(s, r) if s.best is not None else [
         "<div class=glance>" + card("winner", "none", "no trial finished with a finite metric")]
+    if s.cmp is not None:
+        glance.append(bl.glance_card(s.cmp))
     if r:
         t, a = s.stats.get("trainable_params"), s.stats.get("all_params")
         glance.append(card("adapter size", f"{r:,.0f}× smaller", size_facts(s.stats)
@@ -166,7 +177,8 @@ def _winner(s: _Search, r: float | None) -> list[str]:
     test_acc = f", test accuracy {fmt(s.test.get('accuracy'))}" if s.test else ""
     sentence = (f"Rank {fmt(s.cfg.get('rank'))} on {describe_targets(s.run / 'best', s.cfg.get('targets'))} won: "
                 f"validation {s.mname} {fmt(s.val.get(s.mname))}" + (f" ({vs})" if vs else "") + test_acc
-                + (f". Its adapter is {r:,.0f}× smaller than the model." if r else "."))
+                + (f". Its adapter is {r:,.0f}× smaller than the model." if r else ".")
+                + (f" {s.cmp.sentence}." if s.cmp is not None else ""))
     others = " · ".join(f"{k} {fmt(s.cfg[k], True)}" for k in s.keys if k not in ("rank", "targets") and k in s.cfg)
     scores = " · ".join(x for x in (
         f"test accuracy {fmt(s.test.get('accuracy'))}, F1 {fmt(s.test.get('f1'))}" if s.test else "", vs) if x)
@@ -179,6 +191,10 @@ def _winner(s: _Search, r: float | None) -> list[str]:
 def _body(s: _Search) -> list[str]:
     """The sections below the glance, in page order."""
     body = _best_configuration(s) if s.best is not None else []
+    if s.cmp is not None:
+        body += bl.section(s.cmp, f"The best trial ({s.best}) vs full fine-tuning")
+    elif s.baseline_note:
+        body.append(note(s.baseline_note))
     body += ["<h2>Trials</h2><p>Click a column header to sort.</p>"] + guarded(
         "trials table", _trials_table, s.run, s.rows, s.keys, s.best)
     no_best = [t for t, ev in s.evals.items() if ev and rundir.best_evaluation(ev) is None]

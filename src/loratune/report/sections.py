@@ -11,6 +11,7 @@ from typing import Any, Callable
 import yaml
 
 from loratune.report import plots
+from loratune.report.baseline import weights_dir
 from loratune.report.html import esc, fmt, human_bytes, img, note, table
 from loratune.training import rundir
 
@@ -58,24 +59,33 @@ def ratio(train: dict[str, Any]) -> float | None:
     return m / a if a and m else None
 
 
-def size_section(train: dict[str, Any]) -> list[str]:
-    """Trained vs all parameters and adapter vs model bytes, from ``results.json``'s ``train``."""
+def size_section(train: dict[str, Any], full: bool = False) -> list[str]:
+    """Trained vs all parameters and adapter vs model bytes, from ``results.json``'s ``train``; for a full
+    fine-tuning run (``full``: no adapter) the parameters trained and the model file, without a figure."""
     if not any(train.get(k) for k in SIZE_KEYS):
         return [note("sizes: not recorded (the run did not finish)")]
     t, a = train.get("trainable_params"), train.get("all_params")
+    if full:
+        trained = f"{t:,} of {a:,} parameters trained ({100 * t / a:.3g}%)" if t and a else \
+            f"{t:,} parameters trained" if t else ""
+        size = f"the fine-tuned model's file (model/) is {human_bytes(train['adapter_bytes'])}" \
+            if train.get("adapter_bytes") else ""
+        return ["<h2>Size</h2>", f"<p>Full fine-tuning: {esc('; '.join(x for x in (trained, size) if x))}. "
+                "There is no adapter: every weight is saved.</p>"]
     share = f"{t:,} of {a:,} parameters trained ({100 * t / a:.3g}%, the task head included)" if t and a else ""
     return ["<h2>Size</h2>", img(plots.size_plot(t, a, train.get("adapter_bytes"), train.get("model_bytes")), "sizes"),
             f"<p>{esc(share)}. {esc(size_facts(train))}.</p>"]
 
 
 def test_section(run: Path) -> list[str]:
-    """Confusion matrix, per-class scores and ROC of the run's adapter on its test split, cut from its data
-    exactly as in training, on the device and at the precision of the run's ``config.yaml``."""
+    """Confusion matrix, per-class scores and ROC of the run's adapter (a full fine-tuning run's model/) on its
+    test split, cut from its data exactly as in training, on the device and at the precision of the run's
+    ``config.yaml``."""
     from loratune.infer.inference import run_split
     from loratune.tasks.metrics import confusion, per_class
 
     cfg = rundir.read_config_doc(run)
-    res = run_split(run / "adapter", split="test", precision=cfg.get("precision") or "auto",
+    res = run_split(weights_dir(run, cfg), split="test", precision=cfg.get("precision") or "auto",
                     device=cfg.get("device") or "auto")
     labels, probs, names = res.labels, res.probs, res.label_names
     preds = probs.argmax(axis=1)

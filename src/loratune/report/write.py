@@ -12,6 +12,9 @@ What it reads (missing optional pieces are skipped, with a line saying so):
   :mod:`loratune.training.rundir`, which also decides each run's best epoch.
 - a search directory: ``trials.json`` (else ``trials.csv``), ``search.json``, ``search.yaml``,
   ``trials/<id>/`` (each trial's run directory), ``best/`` (the best trial's, test-evaluated).
+- with ``baseline=FULL_RUN_DIR`` (``--baseline``), or one remembered in the directory's ``baseline.json``:
+  a finished ``--method full`` run on the same data, beside the run's or the best trial's numbers
+  (:mod:`loratune.report.baseline`). A full fine-tuning run's own page has ``model/`` and no ΔW.
 
 The top of the page answers at a glance: which rank and targets won, the metrics, and how much
 smaller the adapter is than the model.
@@ -24,6 +27,7 @@ import os
 from pathlib import Path
 
 from loratune.errors import InputError
+from loratune.report import baseline as bl
 from loratune.report.html import page
 from loratune.report.run_page import run_page
 from loratune.report.search_page import search_page
@@ -31,14 +35,17 @@ from loratune.report.search_page import search_page
 log = logging.getLogger(__name__)
 
 
-def write_report(run_dir: str | os.PathLike) -> Path:
-    """Write ``RUN_DIR/report.html`` (a run or a search directory) and return its path."""
+def write_report(run_dir: str | os.PathLike, baseline: str | os.PathLike | None = None) -> Path:
+    """Write ``RUN_DIR/report.html`` (a run or a search directory) and return its path. ``baseline``: a finished
+    full fine-tuning run to compare with (an InputError naming --baseline when it is not one; remembered in
+    ``RUN_DIR/baseline.json`` for later reports)."""
     run = Path(run_dir)
     kind = directory_kind(run)
+    base, why = bl.resolve(run, kind, baseline)
     if kind == "search":
-        title, glance, body = search_page(run)
+        title, glance, body = search_page(run, base, why)
     else:
-        title, glance, body = run_page(run)
+        title, glance, body = run_page(run, base, why)
     out = run / "report.html"
     tmp = out.with_name(".report.html.tmp")
     tmp.write_text(page(title, glance, body), encoding="utf-8")
