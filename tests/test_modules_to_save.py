@@ -244,3 +244,36 @@ def test_saved_buffers_travel_both_ways_without_a_head(tmp_path) -> None:
     assert set(load_file(str(out / WEIGHTS_NAME))) == set(load_file(str(tmp_path / "p" / WEIGHTS_NAME)))
     ref = PeftModel.from_pretrained(_Net().eval(), str(out)).eval()
     _close(ref(x), ours(x))
+
+
+# --- the default (``auto``): names from the table that a model lacks are dropped; given names must exist ----------
+
+def test_default_modules_to_save_fit_each_model_and_config_yaml_records_them(tmp_path, tiny_model_dir,
+                                                                            monkeypatch) -> None:
+    import yaml
+
+    from loratune.training.loop import build_model
+    from loratune.training.options import AUTO_DEFAULTS, TrainConfig
+
+    row = ("classification", "lora")
+    monkeypatch.setitem(AUTO_DEFAULTS, row, {**AUTO_DEFAULTS[row], "modules_to_save": ("pooler",)})
+    model, spec, _ = build_model(TrainConfig(model=tiny_model_dir), ["neg", "pos"])
+    assert spec.modules_to_save == ("pooler",)
+    pooler = [p for n, p in model.named_parameters() if ".pooler." in n]
+    assert pooler and all(p.requires_grad for p in pooler)
+    distil = tmp_path / "distil"
+    tiny_model("distilbert").save_pretrained(str(distil))
+    model, spec, _ = build_model(TrainConfig(model=str(distil)), ["neg", "pos"])      # no pooler: dropped
+    assert spec.modules_to_save == ()
+    with pytest.raises(InputError, match="--modules-to-save: 'pooler' matches no module"):
+        build_model(TrainConfig(model=str(distil), modules_to_save="pooler"), ["neg", "pos"])
+
+    from conftest import synthetic_rows, write_csv
+
+    import loratune
+    data = write_csv(tmp_path / "d.csv", synthetic_rows(80))
+    out = tmp_path / "run"
+    loratune.train(model=tiny_model_dir, data=data, out=out, max_steps=2, batch_size=8, max_length=32, threads=1)
+    assert yaml.safe_load((out / "config.yaml").read_text())["modules_to_save"] == ["pooler"]   # resolved
+    assert "pooler" in json.loads((out / "adapter" / "adapter_config.json").read_text())["modules_to_save"]
+    assert any(".pooler." in k for k in load_file(str(out / "adapter" / "adapter_model.safetensors")))

@@ -142,7 +142,7 @@ def setup(cfg: TrainConfig, data: Prepared, out: Path, *, device: torch.device, 
           levers: Levers, emit: Progress) -> Run:
     """The model with a fresh adapter on ``device``, the levers switched on, and the run's length."""
     model, spec, targets = build_model(cfg, data.label_names)
-    if spec is not None and tuple(cfg.modules_to_save) != spec.modules_to_save:
+    if spec is not None and "modules_to_save" in cfg.auto_fields:
         cfg = cfg.replace(modules_to_save=spec.modules_to_save)   # config.yaml: what this model trains
     model.to(device)
     base_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if ".adapters." not in n)
