@@ -97,6 +97,7 @@ def test_share(x: float, text: str) -> None:
 
 def test_percent() -> None:
     assert bl.percent(0.81 / 0.82) == "99%" and bl.percent(1.012) == "101%"
+    assert bl.percent(0.9961) == "99.6%" and bl.percent(0.99999) == "99.9%" and bl.percent(1.0) == "100%"
 
 
 def test_the_baseline_is_remembered(lora: Path, full: Path) -> None:

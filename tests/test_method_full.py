@@ -140,6 +140,27 @@ def test_lora_options_are_refused_with_full(flag, cli_main, capsys, tmp_path, ti
     assert flag[0] in err and "--method full" in err and not out.exists()
 
 
+def test_a_stored_full_run_reads_back_whatever_the_lora_defaults_are_now(full_ref, tmp_path, cli_main,
+                                                                          tiny_model_dir) -> None:
+    """config.yaml of a full run holds the LoRA options at the defaults of its day; they may move since."""
+    import shutil
+
+    import yaml
+
+    from loratune.training import rundir
+
+    ref, _ = full_ref
+    run = tmp_path / "old"
+    shutil.copytree(ref, run, ignore=shutil.ignore_patterns(".lock"))
+    doc = yaml.safe_load((run / "config.yaml").read_text())
+    doc.update(rank=4, targets=["attention"], alpha=8.0, modules_to_save=["pooler"])     # "older defaults"
+    (run / "config.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    cfg, _ = rundir.read_config(run)
+    assert cfg.method == "full" and cfg.rank == TrainConfig().rank
+    assert cli_main(["eval", "--adapter", str(run / "model"), "--json"]) == 0
+    assert cli_main(["eval", "--adapter", tiny_model_dir]) == 2                 # a base model folder: no adapter
+
+
 def test_full_auto_lr_is_its_own() -> None:
     assert TrainConfig(method="full").lr == 5e-5 and TrainConfig().lr != 5e-5
     assert TrainConfig(method="full", lr=1e-4).lr == 1e-4
@@ -203,6 +224,7 @@ def test_split_seed_is_refused_where_nothing_is_cut(tmp_path, tiny_data) -> None
     with pytest.raises(InputError, match="--split-seed"):
         TrainConfig(split_seed=1, validation_file=tiny_data, test_file=tiny_data)
     TrainConfig(split_seed=1, validation_file=tiny_data)                               # test is still cut
+    TrainConfig(split_seed=1, validation_file=tiny_data, test_file=tiny_data, sample_pct=0.5)  # seeds the subsample
     data = _dataset_with_splits(tmp_path)
     load_splits(TrainConfig(data=data))
     with pytest.raises(InputError, match="--split-seed: .* has its own validation and test splits"):

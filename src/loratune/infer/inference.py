@@ -152,11 +152,11 @@ def _encode(loaded: Loaded, adapter: str | os.PathLike, split: str, data: str | 
     for key, value in (("data", data), ("text_column", text_column), ("label_column", label_column)):
         if value is not None:
             opts[key] = value
-    if data is not None and run_cfg is not None:        # another data set: no files of the old one
-        opts.update(validation_file=None, test_file=None, sample_pct=1.0)
+    if data is not None and run_cfg is not None:        # another data set: no files or split seed of the old one
+        opts.update(validation_file=None, test_file=None, sample_pct=1.0, split_seed=0)
     if "data" not in opts:
         raise InputError("--data: this adapter is not inside a run directory; say which data to evaluate on")
-    splits = load_splits(TrainConfig.from_dict(opts), label_names=loaded.label_names)
+    splits = load_splits(TrainConfig.from_stored(opts), label_names=loaded.label_names)
     return tokenize(getattr(splits, split), loaded.tokenizer, loaded.max_length)
 
 

@@ -157,8 +157,11 @@ def resolve(run: Path, kind: str, given: str | Path | None) -> tuple[Baseline | 
 # --- the numbers ----------------------------------------------------------------------------------------
 
 def percent(x: float) -> str:
-    """A ratio as a whole percent: 0.9878 -> '99%'."""
-    return f"{100 * x:.0f}%"
+    """A ratio as a whole percent: 0.9878 -> '99%'; below 1 it never reads 100% (0.9961 -> '99.6%')."""
+    whole = f"{100 * x:.0f}%"
+    if x < 1 and whole == "100%":
+        return f"{min(100 * x, 99.9):.1f}%"
+    return whole
 
 
 def share(x: float) -> str:

@@ -98,7 +98,7 @@ def tune(config: TrainConfig | None = None, *, space: dict[str, Any] | None = No
             rundir.check_out(out, resume=False, overwrite=overwrite)
             storage_dir = Path(doc["storage"]) if doc["storage"] else out.resolve()
             doc["experiment"] = str(storage_dir / ("ray" if not doc["storage"] else f"{out.name}-{secrets.token_hex(3)}"))
-        base = TrainConfig.from_dict(doc["options"])
+        base = TrainConfig.from_stored(doc["options"])
         parsed = validate(doc["search"], base, search_alg=doc["search_alg"], load_model=resume is None)
         prepared = prepare_data(base)
         if resume is None:
@@ -399,7 +399,7 @@ def _trial(config: dict[str, Any], prepared: Prepared, setup: dict[str, Any]) ->
     from loratune.training.checkpoint import load_checkpoint
 
     out = Path(setup["trials_dir"]) / rt.get_context().get_trial_id()
-    cfg = TrainConfig.from_dict({**setup["options"], **setup["space"].resolve(config)})
+    cfg = TrainConfig.from_stored({**setup["options"], **setup["space"].resolve(config)})
     node = ray.util.get_node_ip_address()
     state = {"epoch": 0, "planned": cfg.epochs}
     stage = out / STAGE                           # what Ray copies to storage: a link to this epoch's checkpoint

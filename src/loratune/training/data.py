@@ -80,8 +80,9 @@ def load_splits(cfg: TrainConfig, label_names: Sequence[str] | None = None) -> S
     if missing and len(y) < len(missing) * held + len(set(y.tolist())):
         raise InputError(f"{where}: {len(y)} rows are too few to cut out {' and '.join(missing)} splits; "
                          f"give --validation-file and --test-file")
-    if not missing and cfg.split_seed:
-        raise InputError(f"--split-seed: {cfg.data} has its own validation and test splits, so nothing is cut; "
+    if not missing and cfg.split_seed and cfg.sample_pct == 1.0:
+        raise InputError(f"--split-seed: {cfg.data} has its own validation and test splits, so nothing is cut "
+                         "(and no --sample-pct subsample drawn); "
                          "leave --split-seed at 0")
     cut = stratified_parts(y, [held] * len(missing), cfg.split_seed)
     out = {"train": Split([texts[i] for i in cut[0]], y[cut[0]])}

@@ -182,6 +182,12 @@ def _umask() -> int:
 
 
 def is_model_folder(path: str | os.PathLike) -> bool:
-    """A transformers model folder (config.json) that is not an adapter folder: a full fine-tuning run's model/."""
+    """A full fine-tuning run's ``model/``: a transformers folder (config.json) with loratune's ``loratune.json``
+    saying ``method: full`` (any other transformers folder is a base model, not something loratune trained)."""
     p = Path(path)
-    return (p / "config.json").is_file() and not (p / "adapter_config.json").exists()
+    if not (p / "config.json").is_file() or (p / "adapter_config.json").exists():
+        return False
+    try:
+        return json.loads((p / "loratune.json").read_text(encoding="utf-8")).get("method") == "full"
+    except (OSError, ValueError, AttributeError):
+        return False

@@ -242,8 +242,8 @@ class TrainConfig:
     test_file: str | None = option(None, "str", "separate test file (same rule as --validation-file)",
                                    optional=True, metavar="FILE")
     split_seed: int = option(0, "int", "seed of the stratified train/validation/test cut and of the --sample-pct "
-                             "subsample (never of --seed's initialisation and order); refused with both "
-                             "--validation-file and --test-file", ge=0, le=2**32 - 1, metavar="SEED")
+                             "subsample (never of --seed's initialisation and order); refused where nothing is cut "
+                             "(both --validation-file and --test-file, no --sample-pct)", ge=0, le=2**32 - 1, metavar="SEED")
     sample_pct: float = option(1.0, "float", "fraction of the training split to use, stratified", gt=0, le=1,
                                metavar="FRACTION")
     max_length: int = option(AUTO, "int", "longest tokenized input; longer texts are truncated", ge=2, auto=True,
@@ -311,9 +311,10 @@ class TrainConfig:
 
     def _check_combinations(self) -> None:
         """Options that are valid alone but not together."""
-        if self.split_seed and self.validation_file is not None and self.test_file is not None:
-            raise InputError("--split-seed: with both --validation-file and --test-file nothing is cut from the "
-                             "training data; leave --split-seed at 0")
+        if self.split_seed and self.validation_file is not None and self.test_file is not None \
+                and self.sample_pct == 1.0:
+            raise InputError("--split-seed: with both --validation-file and --test-file (and no --sample-pct) "
+                             "nothing is cut from the training data; leave --split-seed at 0")
         if self.method == "full":
             for name in LORA_ONLY:
                 default = (resolve_auto(name, *self.auto_key()) if declared_default(name) == AUTO
@@ -342,6 +343,15 @@ class TrainConfig:
         if unknown:
             raise InputError(f"unknown training option {unknown[0]!r}; known options: {', '.join(sorted(known))}")
         return cls(**dict(values))
+
+    @classmethod
+    def from_stored(cls, values: Mapping[str, Any]) -> "TrainConfig":
+        """Options as a run or search stored them (config.yaml, search.yaml): :meth:`from_dict`, except that a
+        ``--method full`` run's LoRA-only options, written at the defaults of their day, are not read (the
+        defaults may have moved since; they never meant anything for full fine-tuning)."""
+        if values.get("method") == "full":
+            values = {k: v for k, v in values.items() if k not in LORA_ONLY}
+        return cls.from_dict(values)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain YAML-friendly values (tuples become lists): what config.yaml stores. ``auto`` is resolved,

@@ -98,7 +98,7 @@ def read_config(out: Path) -> tuple[TrainConfig, dict[str, Any]]:
         raise InputError(f"{path}: expected a mapping of options")
     names = set(option_names())
     extra = {k: v for k, v in doc.items() if k not in names}
-    return TrainConfig.from_dict({k: v for k, v in doc.items() if k in names}), extra
+    return TrainConfig.from_stored({k: v for k, v in doc.items() if k in names}), extra
 
 
 def _atomic_text(path: Path, text: str) -> None:
