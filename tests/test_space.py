@@ -247,3 +247,14 @@ def test_the_default_trial_sees_auto_options_as_numbers() -> None:
     assert point == {"lr": 5e-4, "rank": 8} and isinstance(point["lr"], float)
     assert space.default_point(base.replace(rank=4)) == {"lr": 5e-4, "rank": 4}   # lr stays auto, resolved again
     assert space.default_point(TrainConfig(lr=2e-3)) == {"lr": 2e-3, "rank": 8}
+
+
+def test_searched_modules_to_save_are_checked_against_the_model(tiny_model_dir) -> None:
+    from loratune.search.space import candidates
+
+    base = TrainConfig(model=tiny_model_dir)
+    space = validate({"modules_to_save": {"choice": [["pooler"], "none"]}}, base)
+    assert candidates(space, "modules_to_save", base) == ["pooler", "none"]
+    assert TrainConfig(model=tiny_model_dir, modules_to_save="none").modules_to_save == ()
+    with pytest.raises(InputError, match=r"search.modules_to_save: 'poolr': --modules-to-save: 'poolr' matches no"):
+        validate({"modules_to_save": {"choice": ["pooler", "poolr"]}}, base)

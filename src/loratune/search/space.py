@@ -37,6 +37,7 @@ from loratune.training.options import (
     auto_text,
     option_names,
     parse_layers,
+    parse_modules,
     parse_targets,
 )
 
@@ -164,6 +165,8 @@ def encode(key: str, value: Any) -> Any:
     if key == "layers":
         layers = parse_layers(value)
         return None if layers is None else ",".join(map(str, layers))
+    if key == "modules_to_save" and value != AUTO:
+        return ",".join(parse_modules(value)) or "none"
     if value == AUTO and OPTIONS[key].auto:                # a trial's table row must show what it trained with
         raise InputError(f"auto is not a value to search; list numbers ({auto_text(key)})")
     return value
@@ -318,6 +321,14 @@ def check_model(space: Space, base: TrainConfig) -> None:
     max_rank = max(int(r) for r in candidates(space, "rank", base))
     for targets, layers in itertools.product(candidates(space, "targets", base), candidates(space, "layers", base)):
         _check_combo(model, targets, layers, max_rank, rank_where, where, saved)
+    if "modules_to_save" in space.keys:                     # a name the model lacks would fail every trial
+        from loratune.core.inject import saved_modules
+
+        for value in candidates(space, "modules_to_save", base):
+            try:
+                saved_modules(model, parse_modules(value))
+            except InputError as e:
+                raise InputError(f"search.modules_to_save: {value!r}: {e}") from None
 
 
 def _check_combo(model: Any, targets: str, layers: str | None, rank: int, rank_where: str, where: str,
