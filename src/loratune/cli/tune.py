@@ -224,4 +224,9 @@ def print_results(ui: Renderer, result: Any) -> None:
         shown = dict.fromkeys([metric, "loss", "accuracy"])
         ui.line(f"{name:>15} (trial {t['trial']}): validation " + ", ".join(f"{k} {_num(v.get(k))}" for k in shown)
                 + f"; test accuracy {_num(test.get('accuracy'))}")
-    ui.line(f"best adapter: {result.out / 'best' / 'adapter'}; table: {result.out / 'trials.csv'}")
+    from loratune.report import (
+        baseline as bl,  # a --method full search keeps model/, not adapter/
+    )
+
+    kept = "model" if bl.method_of(bl.lora_config(result.out, "search")) == "full" else "adapter"
+    ui.line(f"best {kept}: {result.out / 'best' / kept}; table: {result.out / 'trials.csv'}")

@@ -3,6 +3,11 @@ trial beside full fine-tuning where there is a baseline (:mod:`loratune.report.b
 
 Reads ``trials.json`` (else ``trials.csv``), ``search.json``, ``search.yaml``, ``trials/<id>/`` and
 ``best/``; every missing piece becomes one line saying so (:func:`loratune.report.sections.guarded`).
+
+A ``--method full`` search (``method: full`` under search.yaml's ``options:``; a search from before ``--method``
+has no key and is LoRA, :func:`loratune.report.baseline.method_of`) has no adapters: its page names the
+searched options that won (the learning rate by default) instead of rank and targets, says how many
+parameters trained, runs ``best/model`` on the test split and has no adapter sizes or ΔW.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from loratune.report.sections import (
     test_section,
 )
 from loratune.training import rundir
+from loratune.training.options import LORA_ONLY
 
 STANDARD = ("trial", "status", "epochs_run", "val_loss", "val_accuracy", "val_f1")
 OPTION_PLOTS = ("rank", "lr", "dropout")
@@ -102,6 +108,7 @@ class _Search:
     default: dict[str, Any]                      # search.json's untuned default trial
     statuses: dict[str, str]
     seconds: float | None
+    full: bool = False                           # a --method full search: no adapters, trials keep model/
     cmp: bl.Comparison | None = None             # the best trial against full fine-tuning (--baseline)
     baseline_note: str | None = None             # why a remembered baseline is not shown
 
@@ -109,6 +116,10 @@ class _Search:
     def mname(self) -> str:
         """The metric without its ``val_`` prefix: the key in a metrics object."""
         return self.metric.removeprefix("val_")
+
+    def shown_options(self, keys: list[str]) -> list[str]:
+        """``keys`` without the adapter's options where there is no adapter (a full search)."""
+        return [k for k in keys if not (self.full and k in LORA_ONLY)]
 
 
 def search_page(run: Path, baseline: bl.Baseline | None = None, baseline_note: str | None = None
@@ -120,6 +131,12 @@ def search_page(run: Path, baseline: bl.Baseline | None = None, baseline_note: s
         s.cmp = bl.compare({"validation": s.val, "test": s.test, "train": s.stats}, baseline)
     s.baseline_note = baseline_note
     return s.title, _glance(s), _body(s)
+
+
+def search_method(run: Path) -> str:
+    """``lora`` or ``full``: the method under search.yaml's ``options:`` (the best trial's config.yaml where
+    search.yaml is missing); a search from before ``--method`` has no key: LoRA."""
+    return bl.method_of(bl.lora_config(run, "search"))
 
 
 def _gather(run: Path) -> _Search:
@@ -146,19 +163,27 @@ def _gather(run: Path) -> _Search:
     return _Search(run, f"loratune search {run.resolve().name}", doc, rows, evals, metric, mode, keys, ok, best, cfg,
                    best_res.get("train") or {}, info.get("validation") or best_res.get("validation") or {},
                    info.get("test") or best_res.get("test") or {}, summary.get("default") or {},
-                   {str(r.get("trial")): str(r.get("status")) for r in rows}, summary.get("seconds"))
+                   {str(r.get("trial")): str(r.get("status")) for r in rows}, summary.get("seconds"),
+                   full=search_method(run) == "full")
 
 
 def _glance(s: _Search) -> list[str]:
-    """The answers above the first section: which rank and targets won, by how much, how small the adapter is."""
-    glance = [f"<h1>{esc(s.title)}</h1><div class=sub>{len(s.rows)} trials · best by {esc(s.metric)} "
-              f"({esc(s.mode)}) · model {esc(s.cfg.get('model', '-'))} · data {esc(s.cfg.get('data', '-'))}</div>"]
-    r = ratio(s.stats)
+    """The answers above the first section: which rank and targets won (a full search: which learning rate),
+    by how much, how small the adapter is (a full search: how many parameters trained)."""
+    glance = [f"<h1>{esc(s.title)}</h1><div class=sub>{'full fine-tuning · ' if s.full else ''}{len(s.rows)} trials"
+              f" · best by {esc(s.metric)} ({esc(s.mode)}) · model {esc(s.cfg.get('model', '-'))} · data "
+              f"{esc(s.cfg.get('data', '-'))}</div>"]
+    r = None if s.full else ratio(s.stats)
     glance += _winner(s, r) if s.best is not None else [
         "<div class=glance>" + card("winner", "none", "no trial finished with a finite metric")]
     if s.cmp is not None:
         glance.append(bl.glance_card(s.cmp))
-    if r:
+    if s.full:
+        t, a = s.stats.get("trainable_params"), s.stats.get("all_params")
+        glance.append(card("full fine-tuning", f"{t:,} parameters trained" if t else "every weight trains",
+                           ("every weight of the model · " if t and t == a else f"{100 * t / a:.3g}% of {a:,} · "
+                            if t and a else "") + "each trial saves its whole fine-tuned model/"))
+    elif r:
         t, a = s.stats.get("trainable_params"), s.stats.get("all_params")
         glance.append(card("adapter size", f"{r:,.0f}× smaller", size_facts(s.stats)
                            + (f" · {100 * t / a:.2g}% of the parameters trained" if t and a else "")))
@@ -175,17 +200,31 @@ def _winner(s: _Search, r: float | None) -> list[str]:
     vs = ("the untuned default was already the best" if s.default.get("trial") == s.best else
           f"untuned default {fmt(dval)}" if dval is not None else "")
     test_acc = f", test accuracy {fmt(s.test.get('accuracy'))}" if s.test else ""
-    sentence = (f"Rank {fmt(s.cfg.get('rank'))} on {describe_targets(s.run / 'best', s.cfg.get('targets'))} won: "
-                f"validation {s.mname} {fmt(s.val.get(s.mname))}" + (f" ({vs})" if vs else "") + test_acc
-                + (f". Its adapter is {r:,.0f}× smaller than the model." if r else ".")
-                + (f" {s.cmp.sentence}." if s.cmp is not None else ""))
-    others = " · ".join(f"{k} {fmt(s.cfg[k], True)}" for k in s.keys if k not in ("rank", "targets") and k in s.cfg)
     scores = " · ".join(x for x in (
         f"test accuracy {fmt(s.test.get('accuracy'))}, F1 {fmt(s.test.get('f1'))}" if s.test else "", vs) if x)
-    return ["<p style='font-size:16px'><b>" + esc(sentence) + "</b></p><div class=glance>",
-            card("winner", f"rank {fmt(s.cfg.get('rank'))} · {fmt(s.cfg.get('targets'))}", f"{others} — trial {s.best}",
-                 win=True),
+    result = (f"validation {s.mname} {fmt(s.val.get(s.mname))}" + (f" ({vs})" if vs else "") + test_acc)
+    if s.full:
+        won = _full_winner(s)
+        sentence = (f"Full fine-tuning with {won or 'the fixed options'} won: " + result + "."
+                    + (f" {s.cmp.sentence}." if s.cmp is not None else ""))
+        winner = card("winner", won or "the fixed options", f"every weight trained — trial {s.best}", win=True)
+    else:
+        sentence = (f"Rank {fmt(s.cfg.get('rank'))} on {describe_targets(s.run / 'best', s.cfg.get('targets'))} "
+                    "won: " + result + (f". Its adapter is {r:,.0f}× smaller than the model." if r else ".")
+                    + (f" {s.cmp.sentence}." if s.cmp is not None else ""))
+        others = " · ".join(f"{k} {fmt(s.cfg[k], True)}" for k in s.keys
+                            if k not in ("rank", "targets") and k in s.cfg)
+        winner = card("winner", f"rank {fmt(s.cfg.get('rank'))} · {fmt(s.cfg.get('targets'))}",
+                      f"{others} — trial {s.best}", win=True)
+    return ["<p style='font-size:16px'><b>" + esc(sentence) + "</b></p><div class=glance>", winner,
             card(f"validation {s.mname}", fmt(s.val.get(s.mname)), scores)]
+
+
+def _full_winner(s: _Search) -> str:
+    """'learning rate 5e-05 · batch_size 16': the best trial's searched options (the learning rate first, and
+    always named) in a full search."""
+    keys = ["lr"] + [k for k in s.shown_options(s.keys) if k != "lr"]
+    return " · ".join(f"{'learning rate' if k == 'lr' else k} {fmt(s.cfg[k], True)}" for k in keys if k in s.cfg)
 
 
 def _body(s: _Search) -> list[str]:
@@ -196,18 +235,20 @@ def _body(s: _Search) -> list[str]:
     elif s.baseline_note:
         body.append(note(s.baseline_note))
     body += ["<h2>Trials</h2><p>Click a column header to sort.</p>"] + guarded(
-        "trials table", _trials_table, s.run, s.rows, s.keys, s.best)
+        "trials table", _trials_table, s.run, s.rows, s.keys, s.best, s.full)
     no_best = [t for t, ev in s.evals.items() if ev and rundir.best_evaluation(ev) is None]
     if no_best:
         body.append(note(f"{NO_FINITE_LOSS} in trial{'s' if len(no_best) > 1 else ''} {', '.join(no_best)}: "
                          "no best epoch, validation columns empty"))
     body += _what_mattered(s) + _trial_curves(s)
     if s.best is not None:
-        body += size_section(s.stats)
+        body += size_section(s.stats, full=s.full)
     if s.seconds:
         body.append(f"<h2>Wall time</h2><p>The search took {esc(_duration(s.seconds))} for "
                     f"{len(s.rows)} trials; the table shows each trial's training seconds where it finished.</p>")
-    if s.best is not None and (s.run / "best" / "adapter").is_dir():
+    if s.best is not None and s.full and (s.run / "best" / "model").is_dir():
+        body += _best_model(s)
+    elif s.best is not None and not s.full and (s.run / "best" / "adapter").is_dir():
         body += _best_adapter(s)
     if s.doc:
         body.append(f"<details><summary>Search settings (search.yaml)</summary><pre>"
@@ -217,8 +258,8 @@ def _body(s: _Search) -> list[str]:
 
 def _best_configuration(s: _Search) -> list[str]:
     """The best trial's options, and its (and the untuned default's) validation and test metrics."""
-    shown = s.keys + [k for k in ("rank", "alpha", "targets", "lr", "dropout", "epochs", "batch_size")
-                      if k not in s.keys]
+    shown = s.shown_options(s.keys + [k for k in ("rank", "alpha", "targets", "lr", "dropout", "epochs", "batch_size")
+                                      if k not in s.keys])
     mk = ["loss", "accuracy", "f1", "f1_macro", "roc_auc"]
     results = [(f"best (trial {s.best})", {"validation": s.val, "test": s.test})]
     if s.default and s.default.get("trial") != s.best:
@@ -267,20 +308,38 @@ def _best_adapter(s: _Search) -> list[str]:
     return out
 
 
-def _trials_table(run: Path, rows: list[dict[str, Any]], keys: list[str], best: str | None) -> list[str]:
-    """Every column of the rows, plus each trial's adapter size and training seconds (where it finished)."""
+def _best_model(s: _Search) -> list[str]:
+    """A full search's best model (best/model) on the test split; no ΔW: there is no adapter."""
+    out = [f"<h2>The best model (trial {esc(s.best)})</h2>"]
+    if (s.run / "best" / "config.yaml").is_file():
+        out += guarded("test-split predictions", test_section, s.run / "best")
+    return out
+
+
+def _trials_table(run: Path, rows: list[dict[str, Any]], keys: list[str], best: str | None,
+                  full: bool = False) -> list[str]:
+    """Every column of the rows, plus each trial's adapter size (a full search: its model file's) and training
+    seconds (where it finished)."""
     cols = list(dict.fromkeys(c for r in rows for c in r))
     cells, classes = [], []
     for row in rows:
         tdir = run / "trials" / str(row.get("trial"))
-        weights = tdir / "adapter" / "adapter_model.safetensors"
         secs = ((rundir.read_results(tdir) or {}).get("train") or {}).get("seconds")
-        cells.append([row.get(c) for c in cols] + [weights.stat().st_size if weights.is_file() else None,
+        cells.append([row.get(c) for c in cols] + [_weights_bytes(tdir, full),
                                                    round(secs, 1) if isinstance(secs, (int, float)) else None])
         classes.append("best" if str(row.get("trial")) == best else "")
-    html_table = table(cols + ["adapter bytes", "train s"], cells, sortable=True, text_cols=2, row_class=classes,
-                       options=tuple(keys))
+    html_table = table(cols + ["model bytes" if full else "adapter bytes", "train s"], cells, sortable=True,
+                       text_cols=2, row_class=classes, options=tuple(keys))
     return [f"<div class=scroll>{html_table}</div>"]
+
+
+def _weights_bytes(tdir: Path, full: bool) -> int | None:
+    """A trial's adapter file, or (full) its model/'s weights files, in bytes (None: not there)."""
+    if not full:
+        weights = tdir / "adapter" / "adapter_model.safetensors"
+        return weights.stat().st_size if weights.is_file() else None
+    files = list((tdir / "model").glob("*.safetensors"))
+    return sum(p.stat().st_size for p in files) if files else None
 
 
 def _duration(seconds: float) -> str:
