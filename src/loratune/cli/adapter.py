@@ -25,7 +25,7 @@ from loratune.training.options import DEFAULTS, TrainConfig
 def register(sub: Any, common: argparse.ArgumentParser) -> None:
     """Add the adapter commands to cli/main.py's subparsers."""
     s = sub.add_parser("info", parents=[common], help="trainable-parameter report, no training")
-    for name in ("model", "targets", "rank", "alpha", "layers", "bias"):     # as train's flags, same defaults
+    for name in ("model", "targets", "rank", "alpha", "layers", "bias", "modules_to_save"):   # as train's flags
         default = DEFAULTS[name]
         add_option(s, name, default=",".join(default) if isinstance(default, list) else default)
     s.add_argument("--num-labels", type=int, metavar="N", default=2,
@@ -158,11 +158,12 @@ def cmd_info(args: argparse.Namespace, ui: Renderer) -> int:
     from loratune.infer.inference import info
 
     r = info(args.model, targets=args.targets, rank=args.rank, alpha=args.alpha, layers=args.layers,
-             num_labels=args.num_labels, bias=args.bias)
+             num_labels=args.num_labels, bias=args.bias, modules_to_save=args.modules_to_save)
     ui.out(r["line"])
     if args.verbose:
         ui.out(f"{r['model']}: {len(r['adapted'])} adapted matrices: " + ", ".join(r["adapted"]))
     else:
-        ui.out(f"{r['model']}: {len(r['adapted'])} adapted matrices; adapter ≈ {r['adapter_bytes_fp32'] / 1e6:.2f} MB "
-               f"vs model {r['model_bytes_fp32'] / 1e6:.1f} MB (fp32)")
+        saved = f", {','.join(r['modules_to_save'])} trained in full" if r["modules_to_save"] else ""
+        ui.out(f"{r['model']}: {len(r['adapted'])} adapted matrices{saved}; adapter ≈ "
+               f"{r['adapter_bytes_fp32'] / 1e6:.2f} MB vs model {r['model_bytes_fp32'] / 1e6:.1f} MB (fp32)")
     return 0

@@ -12,6 +12,7 @@ folder, a built-in, or a cached hub id; never remote code), else from ``base=`` 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -44,6 +45,7 @@ from loratune.tasks.classification import Split, evaluate, predict_probs, tokeni
 from loratune.training import rundir
 from loratune.training.data import load_splits
 from loratune.training.models import is_model_folder, load_model, load_tokenizer
+from loratune.training.models import modules_to_save as saved_for
 from loratune.training.options import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -230,15 +232,19 @@ def merge_export(adapter: str | os.PathLike, out: str | os.PathLike, *, base: st
 
 
 def info(model: str, *, targets: Sequence[str] | str = ("qv",), rank: int = 8, alpha: float = 16.0,
-         layers: Sequence[int] | None = None, num_labels: int = 2, bias: str = "none") -> dict[str, Any]:
-    """The trainable-parameter report for a model and LoRA settings, without training."""
-    cfg = TrainConfig(model=model, targets=targets, rank=rank, alpha=alpha, layers=layers, bias=bias)
+         layers: Sequence[int] | None = None, num_labels: int = 2, bias: str = "none",
+         modules_to_save: Sequence[str] | str = "auto") -> dict[str, Any]:
+    """The trainable-parameter report for a model and LoRA settings, without training (``modules_to_save``
+    as ``train``'s: ``auto`` takes the default's names the model has)."""
+    cfg = TrainConfig(model=model, targets=targets, rank=rank, alpha=alpha, layers=layers, bias=bias,
+                      modules_to_save=modules_to_save)
     base = load_model(cfg.model, [f"LABEL_{i}" for i in range(num_labels)])
     base_params = count_parameters(base)[1]
-    names = inject(base, cfg.lora_spec())
+    spec = dataclasses.replace(cfg.lora_spec(), modules_to_save=saved_for(cfg, base))
+    names = inject(base, spec)
     trainable, total = count_parameters(base)
     return {"model": type(base).__name__, "line": report_line(base), "trainable": trainable, "all": total,
-            "base_params": base_params, "adapted": names, "adapter_bytes_fp32": trainable * 4,
+            "base_params": base_params, "adapted": names, "modules_to_save": list(spec.modules_to_save), "adapter_bytes_fp32": trainable * 4,
             "model_bytes_fp32": base_params * 4}
 
 
