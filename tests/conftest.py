@@ -134,3 +134,22 @@ def finished_run(tmp_path_factory, tiny_model_dir, tiny_data):
             "--batch-size", "8", "--max-length", "32", "--rank", "4", "--threads", "1"]
     assert main(argv) == 0
     return out
+
+
+def kill_at_logged_step(proc, run, target: int, extra: float = 0.0, timeout: float = 300) -> None:
+    """SIGKILL the training process ``proc`` once ``run/metrics.jsonl`` logs a step >= ``target`` (then
+    ``extra`` seconds more), or at ``timeout``; waits for it to die."""
+    import json
+    import signal
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        log = run / "metrics.jsonl"
+        lines = log.read_text().splitlines() if log.exists() else []
+        if any(json.loads(x)["step"] >= target for x in lines[-3:] if x.endswith("}")):
+            time.sleep(extra)
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()

@@ -6,16 +6,14 @@ from __future__ import annotations
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import synthetic_rows, write_csv
+from conftest import kill_at_logged_step, synthetic_rows, write_csv
 from safetensors.torch import load_file
 
 from loratune.errors import InputError
@@ -97,15 +95,7 @@ def test_full_resumes_after_sigkill_to_the_same_weights(seed, full_ref, tiny_mod
     target = random.Random(seed).randrange(10, 110, 5)
     proc = subprocess.Popen(CLI + ["train", "--out", str(run), *_flags(tiny_model_dir, data, checkpoint_every=10)],
                             env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        log = run / "metrics.jsonl"
-        lines = log.read_text().splitlines() if log.exists() else []
-        if any(json.loads(x)["step"] >= target for x in lines[-3:] if x.endswith("}")):
-            break
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_at_logged_step(proc, run, target)
     assert not (run / "results.json").exists(), f"the run finished before the kill at step {target}"
     out = subprocess.run(CLI + ["train", "--out", str(run), "--resume"], env=ENV, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr

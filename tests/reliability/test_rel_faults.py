@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import synthetic_rows, tiny_model, write_csv
+from conftest import kill_at_logged_step, synthetic_rows, tiny_model, write_csv
 from safetensors.torch import load_file
 
 import loratune
@@ -63,16 +63,7 @@ def test_sigkill_at_a_random_moment_then_resume(seed, reference, tmp_path) -> No
     extra = rng.uniform(0.0, 0.1)
     proc = subprocess.Popen(CLI + ["train", "--out", str(run), *_flags(opts)], env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        log = run / "metrics.jsonl"
-        lines = log.read_text().splitlines() if log.exists() else []
-        if any(json.loads(x)["step"] >= target for x in lines[-3:] if x.endswith("}")):
-            time.sleep(extra)
-            break
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_at_logged_step(proc, run, target, extra)
     assert not (run / "results.json").exists(), f"the run finished before the kill at step {target}"
     out = subprocess.run(CLI + ["train", "--out", str(run), "--resume"], env=ENV, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr

@@ -131,17 +131,27 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, spec: LoraSpec, t
                   metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         (tmp / META_NAME).write_text(json.dumps({"loratune_version": __version__, **(meta or {})}, indent=2) + "\n")
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        publish_folder(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def publish_folder(tmp: Path, out: Path) -> None:
+    """Put the finished folder ``tmp`` (a ``mkdtemp`` beside ``out``) in place of ``out``: the umask's usual
+    permissions (mkdtemp and safetensors make things private), then renames, so a reader or a crash sees the
+    old folder or the new one, never half of either. Every folder loratune writes whole goes through here."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for f in tmp.iterdir():
+        f.chmod(0o666 & ~mask)
+    tmp.chmod(0o777 & ~mask)
+    old = out.with_name(f".{out.name}.old")
+    if out.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 # --- loading ------------------------------------------------------------------------------------

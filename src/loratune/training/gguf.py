@@ -263,25 +263,18 @@ def _settle_tokenizer(tokenizer: Any, config: Any) -> None:
 
 def _write_folder(model: Any, tokenizer: Any, dest: Path, meta: dict[str, Any]) -> None:
     """Save into a temporary folder beside ``dest``, then swap it in (the marker is written last)."""
+    from loratune.core.adapters import publish_folder
+
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    old = dest.with_name(f".{dest.name}.old")
-    mask = os.umask(0)
-    os.umask(mask)
     try:
         with _quiet_transformers():
             model.save_pretrained(str(tmp), safe_serialization=True)
             tokenizer.save_pretrained(str(tmp))
         (tmp / MARKER).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         for f in tmp.iterdir():
-            f.chmod(0o666 & ~mask)                          # safetensors writes 0600; the cache is the user's
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-        tmp.chmod(0o777 & ~mask)                            # mkdtemp makes it private
-        if dest.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(dest, old)
-        os.replace(tmp, dest)
-        shutil.rmtree(old, ignore_errors=True)
+        publish_folder(tmp, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

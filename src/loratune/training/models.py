@@ -17,6 +17,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from loratune.core.adapters import publish_folder
+from loratune.core.inject import saved_modules
 from loratune.errors import InputError
 from loratune.runtime import require
 
@@ -148,12 +150,20 @@ def modules_to_save(cfg: Any, model: nn.Module) -> tuple[str, ...]:
     names = tuple(cfg.modules_to_save)
     if "modules_to_save" not in cfg.auto_fields:
         return names
-    found = [n for n, _ in model.named_modules() if n]
-    kept = tuple(m for m in names if any(n == m or n.endswith("." + m) for n in found))
+    kept = tuple(m for m in names if _has_module(model, m))
     if kept != names:
         log.info("modules to save: %s (the default's %s not in %s)", ",".join(kept) or "none",
                  ",".join(m for m in names if m not in kept), type(model).__name__)
     return kept
+
+
+def _has_module(model: nn.Module, name: str) -> bool:
+    """``name`` picks a module of ``model`` by the ``--modules-to-save`` rule (core.inject.saved_modules)."""
+    try:
+        saved_modules(model, [name])
+    except InputError:
+        return False
+    return True
 
 
 def model_hint(spec: str) -> str:
@@ -176,7 +186,6 @@ def save_model(model: nn.Module, out: Path, *, tokenizer: Any, label_names: Sequ
     import transformers
 
     try:
-        tmp.chmod(0o777 & ~_umask())                        # mkdtemp makes it private; a run's files are not
         config.id2label = {i: str(n) for i, n in enumerate(label_names)}
         config.label2id = {str(n): i for i, n in enumerate(label_names)}
         if impl is not None and impl not in ("eager", "sdpa", "flash_attention_2"):
@@ -185,26 +194,13 @@ def save_model(model: nn.Module, out: Path, *, tokenizer: Any, label_names: Sequ
         model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
         (tmp / "loratune.json").write_text(json.dumps({"loratune_version": __version__, **meta}, indent=2) + "\n")
-        for f in tmp.iterdir():
-            f.chmod(0o666 & ~_umask())
-        old = out.with_name(f".{out.name}.old")
-        if out.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
+        publish_folder(tmp, out)
     finally:
         transformers.logging.enable_progress_bar()
         if impl is not None:
             config._attn_implementation = impl
         shutil.rmtree(tmp, ignore_errors=True)
     return out
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def is_model_folder(path: str | os.PathLike) -> bool:
