@@ -209,7 +209,11 @@ def test_help_lists_every_training_option_with_its_help_and_auto_defaults(comman
         assert f" {flag(name)} " in text or f" {flag(name)}, " in text, name
         assert OPTIONS[name].help in text, name
     assert ("peak learning rate of AdamW, > 0 (default: auto = 0.0005 for LoRA classification, 5e-05 for full "
-            "fine-tuning classification)") in text
+            "fine-tuning classification, 0.0005 for LoRA causal-LM)") in text
+    assert "(default: auto = minilm-l6 for LoRA classification, minilm-l6 for full fine-tuning classification, " \
+           "smollm2-135m for LoRA causal-LM)" in text
+    assert "(default: auto = 3 for LoRA classification, 3 for full fine-tuning classification, 1 for LoRA " \
+           "causal-LM)" in text
     assert "truncated, >= 2 (default: auto = 128 for LoRA classification, 128 for full fine-tuning" in text
     assert "--rslora, --no-rslora rank-stabilised" in text
     assert "gradient-norm clipping (0: off), >= 0 (default: 1.0)" in text
@@ -221,7 +225,7 @@ def test_flags_take_auto_and_are_typed_by_their_option(capsys) -> None:
     cfg = TrainConfig.from_dict(train_options(args))
     assert (cfg.lr, cfg.max_length, cfg.rank, cfg.clip, cfg.bucket, cfg.layers, cfg.targets) == (
         5e-4, 128, 4, None, False, (0, 1), ("q", "v"))
-    assert cfg.auto_fields == {"lr", "max_length", "modules_to_save"}
+    assert cfg.auto_fields == {"model", "task", "lr", "max_length", "modules_to_save", "epochs"}
     assert train_options(build_parser().parse_args(["train"])) == {}          # unset flags stay unset
     for argv, fragment in ((["--lr", "fast"], "argument --lr: expected a number or auto, got 'fast'"),
                            (["--rank", "auto"], "argument --rank: expected an integer, got 'auto'")):

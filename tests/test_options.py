@@ -18,10 +18,12 @@ from loratune.training.options import (
 )
 
 # The contract's defaults (DESIGN.md, TRAIN OPTIONS), with the quality issue's split_seed, method and
-# modules_to_save: auto options appear resolved, except modules_to_save, which the model decides.
+# modules_to_save and the causal-LM issue's task and columns: auto options appear resolved (the task
+# of the built-in data is classification), except modules_to_save, which the model decides.
 CONTRACT_DEFAULTS = {
-    "model": "minilm-l6", "data": "rotten-tomatoes-4k", "text_column": "text", "label_column": "label",
-    "validation_file": None, "test_file": None, "split_seed": 0, "sample_pct": 1.0, "max_length": 128,
+    "model": "minilm-l6", "data": "rotten-tomatoes-4k", "task": "classification", "text_column": "text",
+    "label_column": "label", "prompt_column": "prompt", "completion_column": "completion",
+    "messages_column": "messages", "system_prompt": None, "validation_file": None, "test_file": None, "split_seed": 0, "sample_pct": 1.0, "max_length": 128,
     "method": "lora", "targets": ["qv"],
     "layers": None, "rank": 8, "alpha": 16.0, "dropout": 0.1, "bias": "none", "init": "kaiming", "rslora": False,
     "modules_to_save": "auto", "lr": 5e-4, "weight_decay": 0.01, "warmup": 0.06, "epochs": 3, "max_steps": None, "batch_size": 16,
@@ -94,10 +96,10 @@ def test_auto_resolves_to_numbers_at_construction() -> None:
     cfg = TrainConfig()
     assert declared_default("lr") == declared_default("max_length") == "auto"
     assert cfg.lr == 5e-4 and isinstance(cfg.lr, float) and cfg.max_length == 128 and isinstance(cfg.max_length, int)
-    assert cfg.auto_fields == {"lr", "max_length", "modules_to_save"}
+    assert cfg.auto_fields == {"model", "task", "lr", "max_length", "modules_to_save", "epochs"}
     assert TrainConfig.from_dict({"lr": "auto", "max_length": "auto"}) == cfg              # YAML `lr: auto`
     explicit = TrainConfig(lr=1e-3, max_length=64, modules_to_save="none")
-    assert explicit.auto_fields == frozenset() and explicit.lr == 1e-3 and explicit.modules_to_save == ()
+    assert explicit.auto_fields == {"model", "task", "epochs"} and explicit.lr == 1e-3 and explicit.modules_to_save == ()
     assert cfg.to_dict()["lr"] == 5e-4 and cfg.to_dict()["max_length"] == 128             # config.yaml: numbers
     assert cfg.to_dict()["modules_to_save"] == "auto"                  # the model decides (training writes the list)
     again = TrainConfig.from_dict(cfg.to_dict())                                           # a resume: the same run
@@ -106,8 +108,8 @@ def test_auto_resolves_to_numbers_at_construction() -> None:
 
 def test_replace_keeps_auto_options_auto() -> None:
     cfg = TrainConfig()
-    assert cfg.replace(rank=4).auto_fields == {"lr", "max_length", "modules_to_save"}
-    assert cfg.replace(lr=2e-3).auto_fields == {"max_length", "modules_to_save"} and cfg.replace(lr=2e-3).lr == 2e-3
+    assert cfg.replace(rank=4).auto_fields == {"model", "task", "lr", "max_length", "modules_to_save", "epochs"}
+    assert cfg.replace(lr=2e-3).auto_fields == cfg.auto_fields - {"lr"} and cfg.replace(lr=2e-3).lr == 2e-3
     assert cfg.replace(lr=2e-3).replace(lr="auto").lr == 5e-4
     with pytest.raises(InputError, match="--lr: must be > 0"):
         cfg.replace(lr=0)
@@ -115,8 +117,9 @@ def test_replace_keeps_auto_options_auto() -> None:
 
 def test_replace_resolves_auto_again_for_another_task_or_method(monkeypatch) -> None:
     """What a later ``replace(method="full")`` does: auto options follow, explicit ones stay."""
-    monkeypatch.setitem(AUTO_DEFAULTS, ("classification", "other"), {"lr": 7e-5, "max_length": 64,
-                                                                      "modules_to_save": ()})
+    monkeypatch.setitem(AUTO_DEFAULTS, ("classification", "other"), {"model": "minilm-l6", "lr": 7e-5,
+                                                                      "max_length": 64, "modules_to_save": (),
+                                                                      "epochs": 3})
     monkeypatch.setattr(TrainConfig, "auto_key",
                         lambda self: ("classification", "other" if self.rank == 99 else "lora"))
     cfg = TrainConfig()
@@ -126,9 +129,13 @@ def test_replace_resolves_auto_again_for_another_task_or_method(monkeypatch) -> 
 
 def test_resolve_auto_is_a_table_keyed_by_task_and_method() -> None:
     assert resolve_auto("lr") == 5e-4 and resolve_auto("max_length", "classification", "lora") == 128
-    assert auto_text("lr") == "auto = 0.0005 for LoRA classification, 5e-05 for full fine-tuning classification"
+    assert auto_text("lr") == ("auto = 0.0005 for LoRA classification, 5e-05 for full fine-tuning classification, "
+                               "0.0005 for LoRA causal-LM")
     assert resolve_auto("lr", "classification", "full") == 5e-5
-    with pytest.raises(InputError, match="--max-length: no automatic value for LoRA causal-LM; give a value"):
-        resolve_auto("max_length", "causal-lm", "lora")
-    assert {n for n, spec in OPTIONS.items() if spec.auto} == {"lr", "max_length", "modules_to_save"}
+    assert resolve_auto("epochs", "causal-lm", "lora") == 1 and resolve_auto("model", "causal-lm") == "smollm2-135m"
+    with pytest.raises(InputError, match="--max-length: no automatic value for full fine-tuning causal-LM; give a "
+                                         "value"):
+        resolve_auto("max_length", "causal-lm", "full")
+    assert {n for n, spec in OPTIONS.items() if spec.auto} == {"model", "lr", "max_length", "modules_to_save",
+                                                               "epochs"}
     assert options.flag("batch_size") == "--batch-size"

@@ -6,6 +6,7 @@ The library functions behind the CLI commands::
     loratune.tune(samples=8, max_epochs=3, out="runs/s")  # loratune tune (Ray Tune, ASHA)
     loratune.evaluate(adapter_dir, split="test")          # loratune eval
     loratune.predict(adapter_dir, ["a fine film"])        # loratune predict
+    loratune.generate(adapter_dir, ["Name a colour."])    # loratune generate (a causal-LM adapter)
     loratune.merge(adapter_dir, out_dir)                  # loratune merge
     loratune.info("minilm-l6", targets="qv", rank=8)      # loratune info
 """
@@ -24,6 +25,7 @@ _LAZY = {
     "InputError": ("errors", "InputError"),
     "evaluate": ("infer.inference", "evaluate_adapter"),
     "predict": ("infer.inference", "predict"),
+    "generate": ("infer.generate", "generate"),
     "merge": ("infer.inference", "merge_export"),
     "info": ("infer.inference", "info"),
     "LoraLinear": ("core.lora", "LoraLinear"),

@@ -1,4 +1,4 @@
-"""``loratune info``, ``train``, ``eval``, ``predict`` and ``merge``: one adapter, made or used.
+"""``loratune info``, ``train``, ``eval``, ``predict``, ``generate`` and ``merge``: one adapter, made or used.
 
 cli/main.py's ``build_parser`` calls :func:`register`; importing this module does nothing (no torch).
 """
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +67,30 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     s.add_argument("--json", action="store_true", help="JSON lines: text, label, score, probabilities")
     s.set_defaults(func=cmd_predict)
 
+    s = sub.add_parser("generate", parents=[common],
+                       help="write completions with a causal-LM adapter (prompts as arguments, --file, or stdin)")
+    s.add_argument("--adapter", required=True, metavar="DIR", help="causal-LM adapter folder (a run's adapter/)")
+    s.add_argument("prompts", nargs="*", metavar="PROMPT", help="prompts, each a user turn (default: --file or stdin)")
+    s.add_argument("--file", metavar="FILE", help="one prompt per line ('-': stdin)")
+    s.add_argument("--max-new-tokens", type=int, default=128, metavar="N",
+                   help="most tokens written per prompt (default: %(default)s)")
+    s.add_argument("--temperature", type=float, default=0.0, metavar="T",
+                   help="0: greedy (the most likely token each time); above 0: sampled, flatter as T grows "
+                        "(default: %(default)s)")
+    s.add_argument("--top-p", type=float, default=1.0, metavar="P",
+                   help="sample only from the most likely tokens that together hold P of the probability "
+                        "(default: %(default)s)")
+    s.add_argument("--seed", type=int, default=0, metavar="SEED",
+                   help="seed of sampling: the same prompts and seed give the same completions (default: %(default)s)")
+    s.add_argument("--system-prompt", metavar="TEXT",
+                   help="system turn before each prompt (default: the one the adapter was trained with; '': none)")
+    add_option(s, "precision", default=DEFAULTS["precision"])
+    s.add_argument("--base", metavar="MODEL", help="base model (default: the one the adapter was trained on)")
+    s.add_argument("--json", action="store_true",
+                   help="JSON lines, one per prompt in input order: prompt, completion, finish_reason (stop or "
+                        "length), tokens (default: the completions' text as it is written)")
+    s.set_defaults(func=cmd_generate)
+
     s = sub.add_parser("merge", parents=[common], help="export a plain transformers model with the adapter merged")
     s.add_argument("--adapter", required=True, metavar="DIR",
                    help="adapter folder (a run's adapter/), or a full fine-tuning run's model/")
@@ -91,8 +116,15 @@ def show_run(ui: Renderer, result: Any) -> None:
     if result.already_done:
         ui.line(f"run {result.run_dir} already finished; nothing to resume")
     v, t, s = result.validation, result.test or {}, result.train
-    ui.line(f"best epoch {result.best_epoch}: validation accuracy {v['accuracy']:.4f} (loss {v['loss']:.4f}), "
-            f"test accuracy {t.get('accuracy', float('nan')):.4f}")
+    if is_causal_metrics(v):
+        ui.line(f"best epoch {result.best_epoch}:")
+        baseline = run_baseline(result)
+        for split, metrics in (("validation", v), ("test", result.test)):
+            if metrics:
+                ui.line(f"  {split}: {causal_line(metrics, baseline.get(split))}")
+    else:
+        ui.line(f"best epoch {result.best_epoch}: validation accuracy {v['accuracy']:.4f} (loss {v['loss']:.4f}), "
+                f"test accuracy {t.get('accuracy', float('nan')):.4f}")
     full = (result.run_dir / "model").is_dir() and not (result.run_dir / "adapter").is_dir()
     what = "model" if full else "adapter"
     ui.line(f"training: {s.get('tokens_per_s', 0):,.0f} tokens/s, {s.get('seconds', 0):.1f} s, "
@@ -102,6 +134,39 @@ def show_run(ui: Renderer, result: Any) -> None:
     ui.line(f"run directory: {result.run_dir} ({what} in {result.run_dir / what})")
     if not (result.run_dir / "report.html").exists() or not result.already_done:
         write_report_safely(result.run_dir, ui)
+
+
+CAUSAL_METRICS = (("accuracy", "accuracy", ".3f"), ("exact_match", "exact match", ".3f"), ("loss", "loss", ".3f"),
+                  ("perplexity", "perplexity", ".2f"))
+"""A causal-LM run's metrics as :func:`causal_line` shows them: (key, name, format), in this order; accuracy
+only where the data has a set of candidate completions (multiple choice)."""
+
+
+def is_causal_metrics(metrics: dict[str, Any]) -> bool:
+    """A causal-LM run's split metrics (loss, perplexity, exact match; accuracy maybe), not a classifier's."""
+    return "perplexity" in metrics or "exact_match" in metrics
+
+
+def run_baseline(result: Any) -> dict[str, dict[str, Any]]:
+    """The base model's metrics before training by split (results.json's ``baseline``: ``{"validation": {...},
+    "test": {...}}``), or {} when the run has none."""
+    from loratune.training import rundir
+
+    baseline = (rundir.read_results(Path(result.run_dir)) or {}).get("baseline")
+    return {k: m for k, m in baseline.items() if isinstance(m, dict)} if isinstance(baseline, dict) else {}
+
+
+def causal_line(metrics: dict[str, Any], before: dict[str, Any] | None = None) -> str:
+    """``accuracy 0.645 -> 0.835, exact match 0.610 -> 0.830, loss 1.230 -> 0.080, perplexity 3.42 -> 1.08``:
+    each metric the split has, from ``before`` (the untrained base's, when known) to after training."""
+    parts = []
+    for key, name, fmt in CAUSAL_METRICS:
+        if key not in metrics or metrics[key] is None:
+            continue
+        was = (before or {}).get(key)
+        then = f"{float(was):{fmt}} -> " if isinstance(was, (int, float)) else ""
+        parts.append(f"{name} {then}{float(metrics[key]):{fmt}}")
+    return ", ".join(parts)
 
 
 def check_resume(args: argparse.Namespace) -> None:
@@ -134,23 +199,55 @@ def cmd_predict(args: argparse.Namespace, ui: Renderer) -> int:
 
     if args.texts and args.file:
         raise InputError("predict: give texts as arguments or --file, not both")
-    bad: list[int] = []
-
-    def on_bad(no: int, why: str) -> None:
-        bad.append(no)
-        ui.err(f"loratune: {args.file or 'stdin'}: line {no}: {why}")
-
-    texts = args.texts if args.texts else read_lines(args.file, on_bad)
+    texts = args.texts if args.texts else read_lines(args.file, _bad_line_reporter(ui, args.file))
     for row in predict(args.adapter, texts, precision=args.precision, base=args.base, chunk=args.batch_size):
         ui.out(json.dumps(row, ensure_ascii=False) if args.json else f"{row['label']}\t{row['score']:.4f}\t{row['text']}")
     return 0
 
 
+def _bad_line_reporter(ui: Renderer, file: str | None) -> Any:
+    """``read_lines``'s ``on_bad_line``: one stderr line per skipped line, and the run goes on."""
+    def on_bad(no: int, why: str) -> None:
+        ui.err(f"loratune: {file or 'stdin'}: line {no}: {why}")
+    return on_bad
+
+
+def cmd_generate(args: argparse.Namespace, ui: Renderer) -> int:
+    """Completions one prompt after another: streamed as text (a blank line between two), or ``--json`` lines."""
+    from loratune.infer.generate import generate
+    from loratune.infer.inference import read_lines
+
+    if args.prompts and args.file:
+        raise InputError("generate: give prompts as arguments or --file, not both")
+    prompts = args.prompts if args.prompts else read_lines(args.file, _bad_line_reporter(ui, args.file))
+    apart = False                                       # a blank line is owed before the next completion
+
+    def show(text: str) -> None:
+        nonlocal apart
+        ui.close()
+        sys.stdout.write(("\n" if apart else "") + text)
+        sys.stdout.flush()
+        apart = False
+
+    rows = generate(args.adapter, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                    top_p=args.top_p, seed=args.seed, system_prompt=args.system_prompt, precision=args.precision,
+                    base=args.base, on_text=None if args.json else show)
+    for row in rows:
+        if args.json:
+            ui.out(json.dumps(row, ensure_ascii=False))
+            sys.stdout.flush()
+        else:
+            show("\n")
+            apart = True
+    return 0
+
+
 def cmd_merge(args: argparse.Namespace, ui: Renderer) -> int:
-    from loratune.infer.inference import merge_export
+    from loratune.infer.inference import merge_export, task_of
 
     out = merge_export(args.adapter, args.out, base=args.base, overwrite=args.overwrite)
-    ui.line(f"merged model written to {out} (load it with AutoModelForSequenceClassification.from_pretrained)")
+    loader = "AutoModelForCausalLM" if task_of(args.adapter) == "causal-lm" else "AutoModelForSequenceClassification"
+    ui.line(f"merged model written to {out} (load it with {loader}.from_pretrained)")
     return 0
 
 

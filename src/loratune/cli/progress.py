@@ -49,12 +49,16 @@ class Renderer:
             elif done % self._every == 0 or done == total:
                 self._write(text)
         elif kind == "eval":
-            m = ev["metrics"]
-            self._write(f"epoch {ev['epoch']}/{ev['epochs']}: validation loss {m['loss']:.4f} accuracy {m['accuracy']:.4f} "
-                        f"f1 {m['f1']:.4f} roc_auc {m['roc_auc']:.4f}" + (" (best so far)" if ev["best"] else ""))
+            self._write(f"epoch {ev['epoch']}/{ev['epochs']}: validation {metrics_text(ev['metrics'])}"
+                        + (" (best so far)" if ev["best"] else ""))
         elif kind == "test":
-            m = ev["metrics"]
-            self._write(f"test (best epoch): loss {m['loss']:.4f} accuracy {m['accuracy']:.4f} f1 {m['f1']:.4f}")
+            self._write(f"test (best epoch): {metrics_text(ev['metrics'])}")
+        elif kind == "baseline":
+            self._write("evaluating the base model before training (validation and test)")
+        elif kind == "baseline_done":
+            self._start = time.monotonic()                  # the ETA counts training steps, not this evaluation
+            for split, m in ev["metrics"].items():
+                self._write(f"base model, {split}: {metrics_text(m)}")
         elif kind == "message":
             self._write(ev["text"])
 
@@ -90,3 +94,12 @@ class Renderer:
             self.stream.write("\n")
             self.stream.flush()
             self._bar_open = False
+
+
+METRIC_ORDER = ("loss", "accuracy", "f1", "roc_auc", "perplexity", "exact_match")
+
+
+def metrics_text(m: dict[str, Any]) -> str:
+    """``loss 0.4123 accuracy 0.8125 f1 0.8100`` for whichever of the known metrics ``m`` holds (classification:
+    loss, accuracy, f1, roc_auc; causal LM: loss, accuracy where a label set, perplexity, exact_match)."""
+    return " ".join(f"{k} {m[k]:.4f}" for k in METRIC_ORDER if isinstance(m.get(k), (int, float)))

@@ -31,6 +31,7 @@ from loratune.core.inject import (
     full_modules,
     head_names,
     inject,
+    is_causal_lm,
     lora_layers,
     mark_trainable,
     saved_modules,
@@ -61,10 +62,12 @@ _NEUTRAL: dict[str, Any] = {
 
 
 def peft_config(spec: LoraSpec, targets: list[str], *, base_model: str | None, fan_in_fan_out: bool,
-                has_head: bool) -> dict[str, Any]:
+                has_head: bool, causal: bool = False) -> dict[str, Any]:
     """The ``adapter_config.json`` peft 0.21 writes for the same LoraConfig (fields we don't use at defaults).
 
-    ``modules_to_save`` as peft's SEQ_CLS writes it: the user's names, then ``classifier`` and ``score``."""
+    ``task_type``: ``SEQ_CLS`` with a classification head, else ``CAUSAL_LM`` for a decoder LM (``causal``, so
+    peft loads it as a PeftModelForCausalLM), else null. ``modules_to_save`` as peft's SEQ_CLS writes it: the
+    user's names, then ``classifier`` and ``score``; without a head, the user's names or null."""
     regex = len(targets) == 1 and targets[0].startswith("re:")
     return {
         "alpha_pattern": {}, "auto_mapping": None, "base_model_name_or_path": base_model,
@@ -78,7 +81,8 @@ def peft_config(spec: LoraSpec, targets: list[str], *, base_model: str | None, f
                             else list(spec.modules_to_save) or None),
         "peft_type": "LORA", "r": spec.rank, "rank_pattern": {}, "revision": None,
         "target_modules": targets[0][3:] if regex else list(targets),
-        "task_type": "SEQ_CLS" if has_head else None, "use_dora": False, "use_rslora": spec.rslora,
+        "task_type": "SEQ_CLS" if has_head else "CAUSAL_LM" if causal else None,
+        "use_dora": False, "use_rslora": spec.rslora,
     }
 
 
@@ -124,7 +128,7 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, spec: LoraSpec, t
     if not layers:
         raise ValueError(f"model has no adapter named {name!r}")
     cfg = peft_config(spec, targets, base_model=base_model, fan_in_fan_out=layers[0].fan_in_fan_out,
-                      has_head=bool(head_names(model)))
+                      has_head=bool(head_names(model)), causal=is_causal_lm(model))
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         save_file(adapter_state(model, name, spec.bias, spec.modules_to_save), str(tmp / WEIGHTS_NAME),
@@ -256,9 +260,15 @@ def read_meta(adapter_dir: str | os.PathLike) -> dict[str, Any]:
         return {}
     meta = _json_object(path)
     labels = meta.get("id2label")
-    if labels is not None and (not isinstance(labels, list) or len(labels) < 2
+    causal = meta.get("task") == "causal-lm"           # id2label: the choice candidates, none without a label set
+    if labels is not None and (not isinstance(labels, list) or len(labels) < (0 if causal else 2)
                                or not all(isinstance(x, str) and x for x in labels) or len(set(labels)) != len(labels)):
-        raise InputError(f"{path}: field 'id2label' must be a list of two or more distinct label names")
+        raise InputError(f"{path}: field 'id2label' must be a list of " + ("distinct completions" if causal else
+                                                                           "two or more distinct label names"))
+    if meta.get("task", "classification") not in ("classification", "causal-lm"):
+        raise InputError(f"{path}: field 'task' must be classification or causal-lm, got {meta['task']!r}")
+    if meta.get("system_prompt") is not None and not isinstance(meta["system_prompt"], str):
+        raise InputError(f"{path}: field 'system_prompt' must be text or null, got {meta['system_prompt']!r}")
     for key, kind in (("model", str), ("max_length", int)):
         if key in meta and (not isinstance(meta[key], kind) or isinstance(meta[key], bool)):
             raise InputError(f"{path}: field {key!r} has the wrong type: {meta[key]!r}")
@@ -298,6 +308,9 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike, name: str = "
     with the same modules overwrites them (peft keeps one copy per adapter; loratune does not).
     """
     spec, raw = read_adapter_config(adapter_dir)
+    if raw.get("task_type") == "CAUSAL_LM" and head_names(model):
+        raise InputError(f"{Path(adapter_dir) / CONFIG_NAME}: a CAUSAL_LM adapter (for a decoder LM) does not fit "
+                         f"{type(model).__name__}, a classifier; load it on the model's *ForCausalLM class")
     weights = read_weights(adapter_dir)
     wpath = Path(adapter_dir) / WEIGHTS_NAME
     try:

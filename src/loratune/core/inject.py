@@ -37,6 +37,7 @@ FAMILIES: list[tuple[str, str, str, str]] = [
 ]
 PRESETS = {"qv": ("q", "v"), "attention": ("q", "k", "v", "o")}
 HEAD_SUFFIXES = ("classifier", "score")   # peft's SEQ_CLS modules_to_save, matched by str.endswith
+CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")   # transformers' decoder-LM class names
 _LAYER_INDEX = re.compile(r".*\.[^.]*\.(\d+)\.")  # peft's layers_to_transform rule (no layers_pattern)
 
 
@@ -87,6 +88,31 @@ def head_names(model: nn.Module) -> list[str]:
         if name and name.endswith(HEAD_SUFFIXES) and not any(name.startswith(h + ".") for h in heads):
             heads.append(name)
     return heads
+
+
+def output_layer_name(model: nn.Module) -> str | None:
+    """Full name of the model's output layer (transformers' ``get_output_embeddings()``, e.g. ``lm_head``), or
+    None. peft's ``all-linear`` leaves it out, and LoRA never adapts it unless named: it is often tied to the
+    input embedding."""
+    get = getattr(model, "get_output_embeddings", None)
+    out = get() if callable(get) else None
+    if not isinstance(out, nn.Module):
+        return None
+    return next((n for n, m in model.named_modules() if m is out and n), None)
+
+
+def is_causal_lm(model: nn.Module) -> bool:
+    """Whether the model is a decoder LM (peft's task_type ``CAUSAL_LM``): no classification head, and a
+    ``*ForCausalLM`` / ``*LMHeadModel`` class or an output layer on a generating, decoder-only model (so a
+    masked LM or an encoder-decoder is not one)."""
+    if head_names(model):
+        return False
+    if type(model).__name__.endswith(CAUSAL_SUFFIXES):
+        return True
+    from transformers import GenerationMixin
+
+    return (output_layer_name(model) is not None and isinstance(model, GenerationMixin)
+            and not getattr(getattr(model, "config", None), "is_encoder_decoder", False))
 
 
 def within(name: str, modules: Sequence[str]) -> bool:
@@ -155,13 +181,17 @@ def expand_targets(model: nn.Module, targets: Sequence[str], modules_to_save: Se
     """Presets and short names -> peft-style target specs (suffixes or one ``re:`` regex).
 
     ``all-linear`` takes the short names of the linear layers outside the modules that train in full
-    (the head and ``modules_to_save``)."""
+    (the head and ``modules_to_save``) and other than the output layer (:func:`output_layer_name`), as peft's
+    ``all-linear``; a layer whose short name is also the output layer's goes by its full name instead."""
     linears = linear_names(model)
     out: list[str] = []
     for t in targets:
         if t == "all-linear":
             full = full_modules(model, modules_to_save)
-            out.extend(short for short in short_names([n for n in linears if not within(n, full)]))
+            head = output_layer_name(model)
+            kept = [n for n in linears if not within(n, full) and n != head]
+            clash = set(short_names([head])) if head else set()
+            out.extend(n if n.rsplit(".", 1)[-1] in clash else n.rsplit(".", 1)[-1] for n in kept)
             continue
         for short in PRESETS.get(t, (t,)):
             if short in ("q", "k", "v", "o"):
@@ -344,10 +374,19 @@ def report_line(model: nn.Module) -> str:
 
 @torch.no_grad()
 def merge(model: nn.Module, name: str | None = None) -> None:
-    """Fold adapter ``name`` (default: each layer's active one) into the base weights."""
-    for layer in lora_layers(model).values():
-        if name is None or name in layer.adapters:
-            layer.merge(name)
+    """Fold adapter ``name`` (default: each layer's active one) into the base weights.
+
+    A layer whose weight is tied to another module's (an ``lm_head`` named in the targets, tied to the input
+    embedding) is an InputError before anything changes: merging would change the embedding too."""
+    layers = {n: layer for n, layer in lora_layers(model).items() if name is None or name in layer.adapters}
+    weights = {id(layer.base_layer.weight): n for n, layer in layers.items()}
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        tied = weights.get(id(p))
+        if tied is not None and not pname.startswith(tied + "."):
+            raise InputError(f"cannot merge the adapter of {tied}: its weight is tied to "
+                             f"{pname.removesuffix('.weight')}, which merging would change too; keep the adapter unmerged")
+    for layer in layers.values():
+        layer.merge(name)
 
 
 @torch.no_grad()

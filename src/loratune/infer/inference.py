@@ -3,8 +3,12 @@
 Everything that takes an adapter folder also takes a full fine-tuning run's ``model/`` (a transformers
 folder with loratune's ``loratune.json``): it is loaded as it is, with no adapter (``Loaded.spec`` is None).
 
+An adapter is for one of two tasks (:func:`task_of`): ``classification`` (a sequence classifier's head and
+LoRA matrices: ``predict``) or ``causal-lm`` (LoRA matrices on a decoder LM: ``generate``, in
+:mod:`loratune.infer.generate`). ``eval`` and ``merge`` take both.
+
 Each function here is what one CLI command calls (``eval``, ``predict``, ``merge``, ``info``);
-:func:`run_split` is also how the report and the search run an adapter over a labelled split.
+:func:`run_split` is also how the report and the search run a classification adapter over a labelled split.
 The base model comes from the adapter's own ``loratune.json`` (the ``--model`` it was trained
 with), else from ``base_model_name_or_path`` in ``adapter_config.json`` (as a hint only: a local
 folder, a built-in, or a cached hub id; never remote code), else from ``base=`` when given.
@@ -16,6 +20,7 @@ import dataclasses
 import logging
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -27,6 +32,7 @@ from torch import nn
 from loratune.core.adapters import (
     load_adapter,
     num_labels_of,
+    publish_folder,
     read_adapter_config,
     read_meta,
     read_weights,
@@ -44,17 +50,29 @@ from loratune.tasks.batches import Encoded
 from loratune.tasks.classification import Split, evaluate, predict_probs, tokenize
 from loratune.training import rundir
 from loratune.training.data import load_splits
-from loratune.training.models import is_model_folder, load_model, load_tokenizer
+from loratune.training.models import (
+    is_model_folder,
+    load_causal_lm,
+    load_model,
+    load_tokenizer,
+)
 from loratune.training.models import modules_to_save as saved_for
 from loratune.training.options import TrainConfig
 
 log = logging.getLogger(__name__)
 
+TASKS = ("classification", "causal-lm")
+"""What :func:`task_of` returns: the value of ``"task"`` in an adapter's ``loratune.json``."""
+
 
 @dataclass
 class Loaded:
     """A base model with the adapter loaded (active, unmerged), its tokenizer and label names; or a fully
-    fine-tuned model (``spec`` None)."""
+    fine-tuned model (``spec`` None).
+
+    ``task`` is ``classification`` (``label_names`` the classes) or ``causal-lm`` (a decoder LM with its LM
+    head; ``label_names`` the candidate completions of multiple-choice data, often none, and
+    ``system_prompt`` the system turn the adapter was trained with, or None)."""
 
     model: nn.Module
     tokenizer: Any
@@ -63,29 +81,74 @@ class Loaded:
     base: str
     max_length: int
     pad_id: int
+    task: str = "classification"
+    system_prompt: str | None = None
+
+
+_USE = {"classification": ("a classification adapter (it picks one of its labels; it writes no text)", "predict"),
+        "causal-lm": ("a causal-LM adapter (it writes text; it has no classes to pick)", "generate")}
+
+
+def require_task(adapter: str | os.PathLike | Loaded, task: str) -> None:
+    """InputError unless ``adapter`` (a folder, checked from its JSON files before any model loads, or a
+    :class:`Loaded`) is for ``task``; the message names the command for the task it is for."""
+    have = adapter.task if isinstance(adapter, Loaded) else task_of(adapter)
+    if have != task:
+        what, command = _USE[have]
+        name = "the adapter" if isinstance(adapter, Loaded) else str(adapter)
+        raise InputError(f"--adapter: {name} is {what}; use `loratune {command}`")
+
+
+def task_of(adapter: str | os.PathLike) -> str:
+    """``classification`` or ``causal-lm``: ``"task"`` in ``loratune.json``, else (an adapter peft wrote) its
+    ``adapter_config.json`` ``task_type`` (``CAUSAL_LM``: causal-lm). Reads the two small JSON files only, so a
+    command meant for the other task is refused before any model is loaded."""
+    if is_model_folder(adapter):
+        raw: dict[str, Any] = {}
+    else:
+        raw = read_adapter_config(adapter)[1]
+    task = read_meta(adapter).get("task")
+    if task is None:
+        return "causal-lm" if raw.get("task_type") == "CAUSAL_LM" else "classification"
+    if task not in TASKS:
+        raise InputError(f"{Path(adapter) / 'loratune.json'}: field 'task' must be one of {', '.join(TASKS)}, "
+                         f"got {task!r}")
+    return str(task)
 
 
 def load(adapter: str | os.PathLike, *, base: str | None = None, device: str = "auto") -> Loaded:
     """Load ``adapter`` onto its base model (``base`` overrides the one the adapter names); a full fine-tuning
-    ``model/`` folder is loaded as it is (``base`` must then be None)."""
+    ``model/`` folder is loaded as it is (``base`` must then be None). A causal-LM adapter (:func:`task_of`)
+    goes onto the base's ``AutoModelForCausalLM`` (fp32), a classification adapter onto its sequence
+    classifier with the adapter's classes."""
     if is_model_folder(adapter):
         return _load_full(adapter, base=base, device=device)
     spec, raw = read_adapter_config(adapter)
     meta = read_meta(adapter)
+    task = task_of(adapter)
     download = base is not None                       # only a base the user names may be fetched
     base = base or meta.get("model") or raw.get("base_model_name_or_path")
     if not isinstance(base, str) or not base:
         raise InputError(f"{Path(adapter) / 'adapter_config.json'}: names no base model; give --base MODEL")
+    system_prompt = meta.get("system_prompt")
+    if system_prompt is not None and not isinstance(system_prompt, str):
+        raise InputError(f"{Path(adapter) / 'loratune.json'}: field 'system_prompt' must be text or null, "
+                         f"got {system_prompt!r:.40}")
     labels = meta.get("id2label")
-    if labels is None:
-        n = num_labels_of(read_weights(adapter)) or 2
-        labels = [f"LABEL_{i}" for i in range(n)]
-    model = load_model(base, labels, download=download)
+    if task == "causal-lm":
+        labels = list(labels or [])
+        model = load_causal_lm(base, download=download)
+    else:
+        if labels is None:
+            n = num_labels_of(read_weights(adapter)) or 2
+            labels = [f"LABEL_{i}" for i in range(n)]
+        model = load_model(base, labels, download=download)
     load_adapter(model, adapter)
     model.to(resolve_device(device)).eval()
     tok = load_tokenizer(base, download=download)
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    return Loaded(model, tok, list(labels), spec, str(base), int(meta.get("max_length", 128)), int(pad))
+    return Loaded(model, tok, list(labels), spec, str(base), int(meta.get("max_length", 128)), int(pad), task,
+                  system_prompt if task == "causal-lm" else None)
 
 
 def _load_full(folder: str | os.PathLike, *, base: str | None, device: str) -> Loaded:
@@ -140,6 +203,9 @@ def run_split(adapter: str | os.PathLike, *, split: str = "test", data: str | No
         raise ValueError("run_split: give encoded= or data=/text_column=/label_column=, not both")
     set_threads(threads)
     loaded = load(adapter, base=base, device=device)  # a bad adapter is reported before anything else
+    if loaded.task != "classification":
+        raise InputError(f"--adapter: {adapter} is a {loaded.task} adapter; it has no classes to run over a "
+                         "labelled split (evaluate_adapter scores it on its own data)")
     enc = encoded if encoded is not None else _encode(loaded, adapter, split, data, text_column, label_column)
     dev = next(loaded.model.parameters()).device
     metrics, probs = evaluate(loaded.model, enc, dev, resolve_precision(precision, dev), loaded.pad_id)
@@ -149,17 +215,25 @@ def run_split(adapter: str | os.PathLike, *, split: str = "test", data: str | No
 def _encode(loaded: Loaded, adapter: str | os.PathLike, split: str, data: str | None, text_column: str | None,
             label_column: str | None) -> Encoded:
     """``split`` of ``data`` (else of the adapter's run's data), tokenized for the loaded adapter."""
+    cfg = _data_config(adapter, data, text_column=text_column, label_column=label_column)
+    splits = load_splits(cfg, label_names=loaded.label_names)
+    return tokenize(getattr(splits, split), loaded.tokenizer, loaded.max_length)
+
+
+def _data_config(adapter: str | os.PathLike, data: str | None, **columns: str | None) -> TrainConfig:
+    """The options of the adapter's run (its data, columns, split files and ``--split-seed``: the splits are cut
+    as in training), with ``data`` and the given ``columns`` in their place; another data set is cut with
+    none of the old one's files or seed."""
     run_cfg = rundir.adapter_run_config(adapter)
     opts: dict[str, Any] = run_cfg.to_dict() if run_cfg else {}
-    for key, value in (("data", data), ("text_column", text_column), ("label_column", label_column)):
+    for key, value in (("data", data), *columns.items()):
         if value is not None:
             opts[key] = value
     if data is not None and run_cfg is not None:        # another data set: no files or split seed of the old one
         opts.update(validation_file=None, test_file=None, sample_pct=1.0, split_seed=0)
     if "data" not in opts:
         raise InputError("--data: this adapter is not inside a run directory; say which data to evaluate on")
-    splits = load_splits(TrainConfig.from_stored(opts), label_names=loaded.label_names)
-    return tokenize(getattr(splits, split), loaded.tokenizer, loaded.max_length)
+    return TrainConfig.from_stored(opts)
 
 
 def evaluate_adapter(adapter: str | os.PathLike, *, data: str | None = None, split: str = "test",
@@ -167,10 +241,48 @@ def evaluate_adapter(adapter: str | os.PathLike, *, data: str | None = None, spl
                      precision: str = "auto", base: str | None = None, device: str = "auto",
                      threads: int | None = None) -> dict[str, Any]:
     """``{"split", "examples", **metrics}`` of ``adapter`` on a split of ``data`` (``loratune eval``;
-    :func:`run_split` with the same arguments)."""
+    :func:`run_split` with the same arguments; a causal-LM adapter: :func:`evaluate_causal_adapter`)."""
+    if task_of(adapter) == "causal-lm":
+        return evaluate_causal_adapter(adapter, data=data, split=split, text_column=text_column,
+                                       label_column=label_column, precision=precision, base=base, device=device,
+                                       threads=threads)
     res = run_split(adapter, split=split, data=data, text_column=text_column, label_column=label_column,
                     precision=precision, base=base, device=device, threads=threads)
     return {"split": split, "examples": len(res.labels), **res.metrics}
+
+
+def evaluate_causal_adapter(adapter: str | os.PathLike, *, data: str | None = None, split: str = "test",
+                            text_column: str | None = None, label_column: str | None = None, precision: str = "auto",
+                            base: str | None = None, device: str = "auto",
+                            threads: int | None = None) -> dict[str, Any]:
+    """``{"split", "examples", loss, perplexity, exact_match[, accuracy]}`` of a causal-LM adapter on a split.
+
+    The split is made as training made it (:func:`loratune.training.loop.prepare_data` on the run's options:
+    its data, columns, system prompt, ``--max-length`` and ``--split-seed``; ``data`` replaces the run's data)
+    and scored by :func:`loratune.tasks.causal_eval.evaluate_causal`, as training scores its epochs:
+    accuracy only for data whose completions are a label set (multiple choice). ``--text-column`` and
+    ``--label-column`` name a classifier's columns and are refused here.
+    """
+    from loratune.tasks.causal_eval import evaluate_causal
+    from loratune.training.loop import prepare_data
+
+    if split not in ("validation", "test"):
+        raise InputError(f"--split: expected validation or test, got {split!r}")
+    for name, value in (("--text-column", text_column), ("--label-column", label_column)):
+        if value is not None:
+            raise InputError(f"{name}: {adapter} is a causal-LM adapter; its data has prompt/completion, messages "
+                             "or Alpaca columns, not text and label columns")
+    set_threads(threads)
+    loaded = load(adapter, base=base, device=device)
+    cfg = _data_config(adapter, data)
+    if base is not None:                                  # tokenized by the tokenizer of the model it runs on
+        cfg = cfg.replace(model=base)
+    prepared = prepare_data(cfg)
+    part = getattr(prepared, split)
+    dev = next(loaded.model.parameters()).device
+    metrics, _ = evaluate_causal(loaded.model, loaded.tokenizer, part, dev, resolve_precision(precision, dev),
+                                 prepared.pad_id)
+    return {"split": split, "examples": len(part), **metrics}
 
 
 def predict(adapter: str | os.PathLike | Loaded, texts: Iterable[str], *, precision: str = "auto",
@@ -181,6 +293,7 @@ def predict(adapter: str | os.PathLike | Loaded, texts: Iterable[str], *, precis
     Memory stays bounded by ``chunk``: texts are read, tokenized and classified a chunk at a time.
     """
     set_threads(threads)
+    require_task(adapter, "classification")
     loaded = adapter if isinstance(adapter, Loaded) else load(adapter, base=base, device=device)
     dev = next(loaded.model.parameters()).device
     prec = resolve_precision(precision, dev)
@@ -205,10 +318,14 @@ def _classify(loaded: Loaded, texts: list[str], dev: torch.device, precision: st
 
 def merge_export(adapter: str | os.PathLike, out: str | os.PathLike, *, base: str | None = None,
                  overwrite: bool = False) -> Path:
-    """A plain transformers folder (weights with ΔW folded in, config with label names, tokenizer).
+    """A plain transformers folder (safetensors weights with ΔW folded in, config, tokenizer files).
 
-    ``AutoModelForSequenceClassification.from_pretrained(out)`` gives the adapter's predictions,
-    without loratune or peft installed. Written to a temp folder, then renamed into place.
+    A classification adapter: ``AutoModelForSequenceClassification.from_pretrained(out)`` gives its
+    predictions (the config carries the label names). A causal-LM adapter: ``AutoModelForCausalLM`` and
+    ``AutoTokenizer`` give its generations, without loratune or peft installed: the tokenizer files keep the
+    chat template, and the generation config stops at the same tokens ``loratune generate`` stops at (EOS
+    and the template's end-of-turn token), so a plain greedy ``model.generate`` writes what it writes.
+    Written to a temp folder beside ``out``, then swapped into place.
     """
     out = Path(out)
     if is_model_folder(adapter):
@@ -218,16 +335,29 @@ def merge_export(adapter: str | os.PathLike, out: str | os.PathLike, *, base: st
         raise InputError(f"--out: {out} exists and is not empty; use --overwrite to replace it")
     loaded = load(adapter, base=base, device="cpu")
     model = merge_and_unload(loaded.model)
-    model.config.id2label = dict(enumerate(loaded.label_names))
-    model.config.label2id = {n: i for i, n in enumerate(loaded.label_names)}
+    if loaded.task == "causal-lm":
+        from loratune.tasks.causal_metrics import stop_ids
+
+        stops = stop_ids(loaded.tokenizer)
+        if stops:
+            model.generation_config.eos_token_id = stops if len(stops) > 1 else stops[0]
+        model.generation_config.pad_token_id = loaded.pad_id
+    else:
+        model.config.id2label = dict(enumerate(loaded.label_names))
+        model.config.label2id = {n: i for i, n in enumerate(loaded.label_names)}
     model.config._name_or_path = loaded.base
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp))
-    loaded.tokenizer.save_pretrained(str(tmp))
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    import transformers
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        transformers.logging.disable_progress_bar()         # the CLI says what was written, not the writer
+        model.save_pretrained(str(tmp))
+        loaded.tokenizer.save_pretrained(str(tmp))
+        publish_folder(tmp, out)
+    finally:
+        transformers.logging.enable_progress_bar()
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

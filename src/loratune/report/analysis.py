@@ -184,7 +184,7 @@ def base_weights(adapter: str | os.PathLike, names: list[str], base: str | None 
     adapter's own base that cannot be loaded (moved, not cached offline) gives ``({}, spec, reason)``.
     """
     from loratune.core.lora import is_conv1d
-    from loratune.training.models import load_model
+    from loratune.training.models import load_causal_lm, load_model
 
     _, raw = read_adapter_config(adapter)
     meta = read_meta(adapter)
@@ -193,7 +193,7 @@ def base_weights(adapter: str | os.PathLike, names: list[str], base: str | None 
         return {}, None, "the adapter names no base model (give --base MODEL)"
     labels = meta.get("id2label") or [f"LABEL_{i}" for i in range(num_labels_of(read_weights(adapter)) or 2)]
     try:
-        model = load_model(str(spec), labels)
+        model = load_causal_lm(str(spec)) if meta.get("task") == "causal-lm" else load_model(str(spec), labels)
     except (InputError, OSError, ValueError) as e:
         if base is not None:
             raise InputError(f"--base: cannot load {base!r}: {e}") from None

@@ -46,7 +46,8 @@ def run_page(run: Path, baseline: bl.Baseline | None = None, baseline_note: str 
         body += bl.section(cmp)
     elif baseline_note:
         body.append(note(baseline_note))
-    if weights.is_dir() and (run / "config.yaml").is_file():
+    causal = cfg.get("task") == "causal-lm"
+    if weights.is_dir() and (run / "config.yaml").is_file() and not causal:     # no classes to draw for an LLM
         body += guarded("test-split predictions", test_section, run)
     body += size_section(results.get("train") or {}, full=full)
     if not full and weights.is_dir():
@@ -71,7 +72,14 @@ def _glance(run: Path, title: str, results: dict[str, Any], cfg: dict[str, Any],
                       f"<p style='font-size:16px'><b>{esc(cmp.sentence)}.</b></p><div class=glance>")
     else:
         glance.append(f"<h1>{esc(title)}</h1><div class=sub>{esc(sub)}</div><div class=glance>")
-    if results:
+    if results and cfg.get("task") == "causal-lm":
+        main, split = (test, "test") if test else (val, "validation")
+        before = ((results.get("baseline") or {}).get(split) or {})
+        key = "accuracy" if "accuracy" in main else "exact_match"
+        glance.append(card(f"{split} {key.replace('_', ' ')}", fmt(main.get(key)),
+                           f"base model {fmt(before.get(key))} · exact match {fmt(main.get('exact_match'))} · "
+                           f"loss {fmt(main.get('loss'))} (base {fmt(before.get('loss'))})", win=True))
+    elif results:
         main = test or val
         glance.append(card("test accuracy" if test else "validation accuracy", fmt(main.get("accuracy")),
                            f"F1 {fmt(main.get('f1'))} · ROC-AUC {fmt(main.get('roc_auc'))} · best epoch "

@@ -98,7 +98,15 @@ def test_section(run: Path) -> list[str]:
 
 
 def metrics_table(results: dict[str, Any]) -> str:
-    """Validation and test metrics of ``results.json``, one row per split present."""
+    """Validation and test metrics of ``results.json``, one row per split present; a causal-LM run's rows (loss,
+    perplexity, accuracy by choice scoring, exact match) come after the base model's (``baseline``)."""
+    base = results.get("baseline") or {}
+    if base:
+        keys = ["loss", "perplexity", "accuracy", "exact_match"]
+        rows = [[f"{split} ({who})"] + [(where.get(split) or {}).get(k) for k in keys]
+                for split in ("validation", "test") for who, where in (("base model", base), ("trained", results))
+                if where.get(split)]
+        return table(["split"] + keys, rows)
     keys = ["loss", "accuracy", "f1", "f1_macro", "precision", "recall", "roc_auc"]
     rows = [[split] + [(results.get(split) or {}).get(k) for k in keys] for split in ("validation", "test")
             if results.get(split)]

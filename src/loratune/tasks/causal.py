@@ -190,6 +190,9 @@ class CausalEncoded:
     lengths: np.ndarray
     labels: list[np.ndarray]
     truncated: int
+    starts: np.ndarray | None = None
+    """Per row, the first token of its last trained turn: ``input_ids[i][:starts[i]]`` is the prompt a model
+    answers at inference (None where not recorded)."""
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -210,7 +213,8 @@ def encode_conversation(messages: Sequence[Mapping[str, Any]], tokenizer: Any, m
         ids, labels, start = _templated([msgs], tokenizer, [where])[0]
     else:
         ids, labels, start = _plain([msgs], tokenizer, [where])[0]
-    return _fit(ids, labels, start, max_length)
+    ids, labels, cut, _ = _fit(ids, labels, start, max_length)
+    return ids, labels, cut
 
 
 def encode_rows(rows: Iterable[Mapping[str, Any]], tokenizer: Any, max_length: int, *, prompt_column: str = "prompt",
@@ -238,18 +242,30 @@ def encode_rows(rows: Iterable[Mapping[str, Any]], tokenizer: Any, max_length: i
         raise InputError(f"{where}: a system prompt needs a chat template and the tokenizer has none")
     wheres = [f"{where}: {positions[i] if positions is not None else f'row {i + 1}'}" for i in range(len(rows))]
     convs = [to_messages(r, **names, system_prompt=system_prompt, fmt=fmt, where=w) for r, w in zip(rows, wheres)]
-    encode = _templated if templated else _plain
+    return encode_conversations(convs, tokenizer, max_length, wheres)
+
+
+def encode_conversations(convs: Sequence[Sequence[Mapping[str, Any]]], tokenizer: Any, max_length: int,
+                         wheres: Sequence[str]) -> CausalEncoded:
+    """Conversations (from :func:`to_messages`) -> :class:`CausalEncoded` with ``starts``, in order, tokenized
+    in batched calls; ``wheres[i]`` starts row i's errors. What :func:`encode_rows` does after reading rows."""
+    if not convs:
+        raise InputError(f"{wheres[0] if wheres else 'data'}: no rows")
+    encode = _templated if _has_template(tokenizer) else _plain
     ids: list[np.ndarray] = []
     labels: list[np.ndarray] = []
+    starts: list[int] = []
     cut = 0
     for c in range(0, len(convs), _CHUNK):
-        for seq, lab, start in encode(convs[c:c + _CHUNK], tokenizer, wheres[c:c + _CHUNK]):
-            seq, lab, was_cut = _fit(seq, lab, start, max_length)
+        chunk = [[dict(m) for m in conv] for conv in convs[c:c + _CHUNK]]
+        for seq, lab, start in encode(chunk, tokenizer, list(wheres[c:c + _CHUNK])):
+            seq, lab, was_cut, lo = _fit(seq, lab, start, max_length)
             ids.append(seq)
             labels.append(lab)
+            starts.append(max(0, start - lo))
             cut += was_cut
     lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
-    return CausalEncoded(ids, lengths, labels, cut)
+    return CausalEncoded(ids, lengths, labels, cut, np.asarray(starts, dtype=np.int64))
 
 
 def collate_causal(enc: CausalEncoded, idx: np.ndarray, pad_id: int, pad_to: int = 1) -> dict[str, torch.Tensor]:
@@ -281,8 +297,10 @@ def _has_template(tokenizer: Any) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def _fit(ids: np.ndarray, labels: np.ndarray, start: int, max_length: int) -> tuple[np.ndarray, np.ndarray, bool]:
-    """Cut to ``max_length``: from the left while the last trained turn (from ``start``) stays whole, else its end."""
+def _fit(ids: np.ndarray, labels: np.ndarray, start: int,
+         max_length: int) -> tuple[np.ndarray, np.ndarray, bool, int]:
+    """Cut to ``max_length``: from the left while the last trained turn (from ``start``) stays whole, else its end.
+    Returns the kept ids and labels, whether anything was cut, and the first kept position."""
     if max_length < 1:
         raise ValueError(f"max_length must be at least 1, got {max_length}")
     n = len(ids)
@@ -292,7 +310,7 @@ def _fit(ids: np.ndarray, labels: np.ndarray, start: int, max_length: int) -> tu
         lo, hi = n - max_length, n
     else:
         lo, hi = start, start + max_length
-    return ids[lo:hi].astype(np.int32), labels[lo:hi].astype(np.int64), (lo, hi) != (0, n)
+    return ids[lo:hi].astype(np.int32), labels[lo:hi].astype(np.int64), (lo, hi) != (0, n), lo
 
 
 def _plain(convs: list[list[dict[str, Any]]], tokenizer: Any, wheres: list[str]) -> list[Encoding]:

@@ -113,3 +113,56 @@ def use_fast_attention(model: nn.Module) -> bool:
         if c is not None and getattr(c, "_attn_implementation", None) == "sdpa":
             c._attn_implementation = FAST_ATTENTION
     return True
+
+
+# --- gated MLPs that keep less for the backward pass ------------------------------------------------
+#
+# A Llama-style MLP computes down(silu(gate(x)) * up(x)). Autograd keeps three (tokens, intermediate)
+# tensors of it for the backward pass: silu's input, silu's output and up's output. With the linear
+# weights frozen (LoRA) those dominate a decoder's activations (the intermediate is 2.7x the width in
+# SmolLM2). silu_mul keeps two and recomputes silu(gate) in the backward pass (elementwise, cheap):
+# the same forward values, the same gradient formulas (torch's silu backward), a sixth less memory.
+
+class SiluMul(torch.autograd.Function):
+    """``F.silu(gate) * up`` keeping only ``gate`` and ``up`` for the backward pass."""
+
+    @staticmethod
+    def forward(ctx: Any, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(gate, up)
+        return torch.nn.functional.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        gate, up = ctx.saved_tensors
+        sig = torch.sigmoid(gate)
+        grad_gate = grad * up * (sig * (1 + gate * (1 - sig))) if ctx.needs_input_grad[0] else None
+        grad_up = grad * (gate * sig) if ctx.needs_input_grad[1] else None
+        return grad_gate, grad_up
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``F.silu(gate) * up``; under autograd, :class:`SiluMul` (two tensors kept instead of three)."""
+    if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
+        return SiluMul.apply(gate, up)  # type: ignore[no-any-return]
+    return torch.nn.functional.silu(gate) * up
+
+
+def _lean_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
+
+
+def use_lean_mlp(model: nn.Module) -> int:
+    """Route every gated SiLU MLP (``gate_proj``, ``up_proj``, ``down_proj``, a SiLU ``act_fn``: Llama, Mistral,
+    Qwen2, SmolLM2) of a training model through :func:`silu_mul`. Returns how many were switched."""
+    import types
+
+    from transformers.activations import SiLUActivation
+
+    n = 0
+    for m in model.modules():
+        act = getattr(m, "act_fn", None)
+        if all(hasattr(m, a) for a in ("gate_proj", "up_proj", "down_proj")) and \
+                type(act) in (nn.SiLU, SiLUActivation):
+            m.forward = types.MethodType(_lean_mlp_forward, m)
+            n += 1
+    return n

@@ -34,12 +34,21 @@ from loratune.core.adapters import save_adapter
 from loratune.core.inject import LoraSpec, count_parameters, expand_targets, inject
 from loratune.errors import Diverged, InputError, Interrupted
 from loratune.tasks.batches import Encoded, batch_order, collate, padding_fraction
+from loratune.tasks.causal import (
+    IGNORE_INDEX,
+    CausalEncoded,
+    collate_causal,
+    encode_conversations,
+)
+from loratune.tasks.causal_eval import CausalSplit, evaluate_causal, prepare_split
+from loratune.tasks.causal_metrics import label_logprobs
 from loratune.tasks.classification import evaluate, tokenize
 from loratune.training import lock, rundir
 from loratune.training.checkpoint import load_checkpoint, load_latest, save_checkpoint
 from loratune.training.data import load_splits
 from loratune.training.levers import Levers
 from loratune.training.models import (
+    load_causal_lm,
     load_model,
     load_tokenizer,
     model_hint,
@@ -56,13 +65,18 @@ OnEpoch = Callable[[int, dict[str, float], Path], None]
 
 @dataclass(frozen=True, eq=False)
 class Prepared:
-    """Tokenized splits and what travels with them; picklable, so a search ships it to trials once."""
+    """Tokenized splits and what travels with them; picklable, so a search ships it to trials once.
+
+    Classification: :class:`Encoded` splits, ``label_names`` the classes. Causal LM (``task``): the training
+    split a :class:`CausalEncoded`, validation and test :class:`CausalSplit`\ s, ``label_names`` the choice
+    candidates (the data's distinct completions where they are a label set, else empty)."""
 
     label_names: list[str]
-    train: Encoded
-    validation: Encoded
-    test: Encoded
+    train: Encoded | CausalEncoded
+    validation: Encoded | CausalSplit
+    test: Encoded | CausalSplit
     pad_id: int
+    task: str = "classification"
 
 
 @dataclass
@@ -108,11 +122,44 @@ class Run:
 
 def prepare_data(cfg: TrainConfig) -> Prepared:
     """Load, split and tokenize once (the tokenizer of ``cfg.model``)."""
-    splits = load_splits(cfg)
+    if cfg.task == "causal-lm":
+        from loratune.training.models import model_is_causal
+
+        if not model_is_causal(cfg.model):
+            raise InputError(f"--model: {cfg.model} is not a causal LM (a decoder with an LM head); the causal-lm "
+                             f"task needs one, e.g. --model smollm2-135m (the default for it)")
     tok = load_tokenizer(cfg.model)
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    if cfg.task == "causal-lm":
+        return _prepare_causal(cfg, tok, int(pad))
+    splits = load_splits(cfg)
     enc = {name: tokenize(getattr(splits, name), tok, cfg.max_length) for name in ("train", "validation", "test")}
     return Prepared(splits.label_names, enc["train"], enc["validation"], enc["test"], int(pad))
+
+
+def _prepare_causal(cfg: TrainConfig, tok: Any, pad: int) -> Prepared:
+    """Conversations -> the training sequences and the two evaluation splits; rows cut to ``--max-length``
+    are counted and reported (their completion is kept whole where it fits: tasks/causal.py)."""
+    from loratune.training.causal_data import load_causal_splits
+
+    splits = load_causal_splits(cfg)
+    if not getattr(tok, "chat_template", None):
+        other = [f for f in splits.formats if f != "prompt-completion"]
+        if other:
+            raise InputError(f"--data: {cfg.data} has {other[0]} rows, but the tokenizer of {cfg.model} has no chat "
+                             f"template to format them; give prompt/completion columns or a model with a template")
+        if cfg.system_prompt is not None:
+            raise InputError(f"--system-prompt: the tokenizer of {cfg.model} has no chat template to put a system "
+                             f"turn in")
+    train = encode_conversations(splits.train, tok, cfg.max_length, splits.wheres["train"])
+    val, test = (prepare_split(getattr(splits, name), tok, cfg.max_length, splits.wheres[name], splits.choices)
+                 for name in ("validation", "test"))
+    for name, enc in (("training", train), ("validation", val.enc), ("test", test.enc)):
+        if enc.truncated:
+            log.warning("%d of %d %s conversations are longer than --max-length %d tokens and were cut (the "
+                        "oldest turns first; the last completion kept whole where it fits)", enc.truncated,
+                        len(enc), name, cfg.max_length)
+    return Prepared(list(splits.choices), train, val, test, pad, task="causal-lm")
 
 
 def build_model(cfg: TrainConfig, label_names: list[str]) -> tuple[nn.Module, LoraSpec | None, list[str]]:
@@ -121,7 +168,7 @@ def build_model(cfg: TrainConfig, label_names: list[str]) -> tuple[nn.Module, Lo
     ``--method full``: every weight trains and there is no adapter (spec None, no targets). A default
     ``--modules-to-save`` name (``auto``) that names no module of this model is dropped; a given one must exist.
     """
-    model = load_model(cfg.model, label_names, seed=cfg.seed)
+    model = load_causal_lm(cfg.model) if cfg.task == "causal-lm" else load_model(cfg.model, label_names, seed=cfg.seed)
     if cfg.method == "full":
         model.requires_grad_(True)
         return model, None, []
@@ -154,7 +201,7 @@ def setup(cfg: TrainConfig, data: Prepared, out: Path, *, device: torch.device, 
         weight = class_weights(data.train.labels, len(data.label_names)).to(device)
     return Run(cfg, data, model, spec, targets, out, device, precision, threads, levers, emit, weight, total,
                steps_per_epoch, math.ceil(total / steps_per_epoch), base_bytes,
-               tokenizer=load_tokenizer(cfg.model) if spec is None else None)
+               tokenizer=load_tokenizer(cfg.model) if spec is None or cfg.task == "causal-lm" else None)
 
 
 @contextmanager
@@ -227,6 +274,8 @@ def train(config: TrainConfig | None = None, *, out: str | Path | None = None, r
             optim, state, ckpt = _start(run, out, resume=resume, overwrite=overwrite and resume_from is None,
                                         resume_from=resume_from)
             result = fit(run, optim, state, stop, resumed=ckpt, on_epoch=on_epoch, evaluate_test=evaluate_test)
+        del run, optim, state                               # the model and optimizer, before on_done's report
+        runtime.release_memory()
         return _done(result, on_done)
 
 
@@ -263,6 +312,8 @@ def fit(run: Run, optim: Optim, state: TrainState, stop: threading.Event, *, res
     cfg = run.cfg
     with closing(_Logs(run, state, resumed)) as logs:
         _announce(run, state)
+        if run.data.task == "causal-lm" and state.baseline is None:
+            baseline(run, state, logs, evaluate_test=evaluate_test)
         # No `step < total` here: a checkpoint taken at the last step (Ctrl-C, --checkpoint-every with
         # --max-steps) comes before that epoch's evaluation, which a resume must still run.
         while state.epoch < run.epochs and not state.stopped_early:
@@ -302,6 +353,8 @@ def optimizer_step(run: Run, optim: Optim, state: TrainState, group: list[np.nda
     ``state.next_batch`` (by ``len(group)``) and the throughput counters. Raises :class:`Diverged` when a
     micro-batch's loss is not finite, before its backward pass.
     """
+    if run.data.task == "causal-lm":
+        return _causal_step(run, optim, state, group)
     t0 = time.perf_counter()
     tr, n = run.data.train, sum(len(idx) for idx in group)
     loss_sum = 0.0
@@ -318,6 +371,12 @@ def optimizer_step(run: Run, optim: Optim, state: TrainState, group: list[np.nda
         loss_sum += loss_item * len(idx)
         state.tokens += int(tr.lengths[idx].sum())
         state.samples += len(idx)
+    _apply_step(run, optim, state, group, t0)
+    return loss_sum / n
+
+
+def _apply_step(run: Run, optim: Optim, state: TrainState, group: list[np.ndarray], t0: float) -> None:
+    """Clip, step, schedule, advance ``state`` (after a group's backward passes)."""
     if run.cfg.clip:
         optim.scaler.unscale_(optim.optimizer)                  # clip the true gradient, not the fp16-scaled one
         torch.nn.utils.clip_grad_norm_(optim.params.values(), run.cfg.clip)
@@ -328,7 +387,29 @@ def optimizer_step(run: Run, optim: Optim, state: TrainState, group: list[np.nda
     state.step += 1
     state.next_batch += len(group)
     state.seconds += time.perf_counter() - t0
-    return loss_sum / n
+
+
+def _causal_step(run: Run, optim: Optim, state: TrainState, group: list[np.ndarray]) -> float:
+    """:func:`optimizer_step` for a causal LM: the loss is the mean NLL of the group's trained tokens (each
+    micro-batch's token sum over the group's token count, so accumulation equals one big batch), and the LM
+    head runs only at the positions that predict a trained token (tasks/causal_metrics.label_logprobs)."""
+    t0 = time.perf_counter()
+    tr: CausalEncoded = run.data.train                          # type: ignore[assignment]
+    n = sum(int((tr.labels[i][1:] != IGNORE_INDEX).sum()) for idx in group for i in idx)
+    loss_sum = 0.0
+    for idx in group:
+        batch = collate_causal(tr, idx, run.data.pad_id, run.levers.pad_to)
+        logp, _ = label_logprobs(run.model, batch, run.device, run.precision)
+        loss = -logp.sum()
+        loss_item = loss.item() / max(1, len(logp))
+        if not math.isfinite(loss_item):
+            raise Diverged(state.step + 1, loss_item)
+        optim.scaler.scale(loss / max(1, n)).backward()
+        loss_sum += -float(logp.detach().sum())
+        state.tokens += int(tr.lengths[idx].sum())
+        state.samples += len(idx)
+    _apply_step(run, optim, state, group, t0)
+    return loss_sum / max(1, n)
 
 
 def end_epoch(run: Run, optim: Optim, state: TrainState, logs: _Logs) -> dict[str, float]:
@@ -341,7 +422,7 @@ def end_epoch(run: Run, optim: Optim, state: TrainState, logs: _Logs) -> dict[st
     diverged, and :class:`Diverged` is raised right after that evaluation is logged (metrics.jsonl shows the
     loss as null), before a checkpoint or ``on_epoch`` sees the epoch.
     """
-    val, _ = evaluate(run.model, run.data.validation, run.device, run.precision, run.data.pad_id)
+    val = evaluate_split(run, run.data.validation)
     runtime.release_memory()                                # the epoch's activations, freed, back to the OS
     state.epoch += 1
     state.next_batch = 0
@@ -364,11 +445,37 @@ def end_epoch(run: Run, optim: Optim, state: TrainState, logs: _Logs) -> dict[st
     return val
 
 
+def evaluate_split(run: Run, split: Encoded | CausalSplit) -> dict[str, float]:
+    """A split's metrics with the run's model: classification's :func:`evaluate` or :func:`evaluate_causal`."""
+    if isinstance(split, CausalSplit):
+        return evaluate_causal(run.model, run.tokenizer, split, run.device, run.precision, run.data.pad_id)[0]
+    return evaluate(run.model, split, run.device, run.precision, run.data.pad_id)[0]
+
+
+def baseline(run: Run, state: TrainState, logs: _Logs, *, evaluate_test: bool) -> None:
+    """The base model (its fresh adapter is a no-op: B = 0) on validation and test before the first step: epoch 0
+    of metrics.jsonl and ``results.json["baseline"]``, so a run shows what training added."""
+    run.emit({"kind": "baseline", "step": 0})
+    state.baseline = {}
+    for name, split in (("validation", run.data.validation), ("test", run.data.test)):
+        if name == "test" and not evaluate_test:
+            continue
+        metrics = evaluate_split(run, split)
+        state.baseline[name] = metrics
+        logs.record({"type": "eval", "split": name, "epoch": 0, "step": 0, **metrics})
+        for k, v in metrics.items():
+            logs.tb.add_scalar(f"{name}/{k}", v, 0)
+        log.info("base model on %s: %s", name, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    run.emit({"kind": "baseline_done", "metrics": state.baseline})
+
+
 def save_artifact(run: Run) -> Path:
     """The current weights as what the run leaves: the adapter (PEFT's files) or, for full fine-tuning, a
     transformers folder (safetensors, config with the label names, tokenizer); written atomically."""
     cfg = run.cfg
-    meta = {"id2label": run.data.label_names, "model": cfg.model, "max_length": cfg.max_length}
+    meta: dict[str, Any] = {"id2label": run.data.label_names, "model": cfg.model, "max_length": cfg.max_length}
+    if run.data.task == "causal-lm":
+        meta.update(task="causal-lm", system_prompt=cfg.system_prompt)
     if run.spec is None:
         return save_model(run.model, run.artifact, tokenizer=run.tokenizer, label_names=run.data.label_names,
                           meta={**meta, "method": "full"})
@@ -394,11 +501,12 @@ def finish(run: Run, optim: Optim, state: TrainState, evaluate_test: bool) -> Ru
     best_val = {k: v for k, v in best.items() if k not in ("epoch", "step")}
     test = None
     if evaluate_test:
-        test, _ = evaluate(run.model, run.data.test, run.device, run.precision, run.data.pad_id)
+        test = evaluate_split(run, run.data.test)
         run.emit({"kind": "test", "metrics": test})
     stats = _train_stats(run, state)
+    extra = {"baseline": state.baseline} if state.baseline is not None else {}
     rundir.write_json(run.out / "results.json", {"validation": best_val, "test": test, "best_epoch": best["epoch"],
-                                                "train": stats, "history": state.history})
+                                                "train": stats, "history": state.history, **extra})
     run.emit({"kind": "done", "run_dir": str(run.out)})
     return RunResult(run.out, best_val, test, best["epoch"], stats)
 
@@ -412,7 +520,8 @@ def _train_stats(run: Run, state: TrainState) -> dict[str, Any]:
             "stopped_early": state.stopped_early, "precision": run.precision, "threads": run.threads,
             "trainable_params": trainable, "all_params": total_params, "adapter_bytes": artifact_bytes(run.artifact),
             "model_bytes": run.base_bytes,
-            "padding_fraction": padding_fraction(run.data.train.lengths, _epoch_batches(run, 0))}
+            "padding_fraction": padding_fraction(run.data.train.lengths, _epoch_batches(run, 0)),
+            **({"truncated_rows": run.data.train.truncated} if isinstance(run.data.train, CausalEncoded) else {})}
 
 
 def artifact_bytes(folder: Path) -> int:

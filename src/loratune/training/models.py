@@ -144,6 +144,71 @@ def load_model(spec: str, label_names: Sequence[str], *, seed: int = 0, download
     return model
 
 
+def load_causal_lm(spec: str, *, download: bool = True) -> nn.Module:
+    """A causal LM (``AutoModelForCausalLM``) of ``spec`` with its LM head, in float32 unless the folder says
+    otherwise; a config without a pad token gets the EOS token as one. InputError for a model that is not a
+    causal LM (an encoder such as BERT): ``--task causal-lm`` needs a decoder with an LM head.
+    ``download=False`` for a name read from a file (an adapter's base model): local or cached only."""
+    import transformers
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = resolve_model_path(spec)
+    config = _from_pretrained(AutoConfig, path, "config", download=download)
+    if not is_causal_config(config):
+        raise InputError(f"--model: {spec} is a {type(config).__name__.removesuffix('Config')} model without a "
+                         f"causal LM head (its architectures: {', '.join(config.architectures or []) or 'none'}); "
+                         f"--task causal-lm needs a decoder LLM such as smollm2-135m, GPT-2 or Llama")
+    if getattr(config, "pad_token_id", None) is None and getattr(config, "eos_token_id", None) is not None:
+        config.pad_token_id = config.eos_token_id if isinstance(config.eos_token_id, int) else config.eos_token_id[0]
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    try:
+        model = _from_pretrained(AutoModelForCausalLM, path, "model", download=download, config=config,
+                                 dtype=torch.float32)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+        transformers.logging.enable_progress_bar()
+    model.config._name_or_path = spec
+    return model
+
+
+_ENCODERS = frozenset({"albert", "bert", "camembert", "deberta", "deberta-v2", "distilbert", "electra", "ernie",
+                       "mpnet", "roberta", "xlm-roberta", "modernbert"})
+"""Encoder families that transformers can also build ``ForCausalLM`` (a BERT with ``is_decoder``), but that are
+classifier bases unless their config says they are decoders."""
+
+
+def is_causal_config(config: Any) -> bool:
+    """Whether a transformers config describes a decoder LM that ``AutoModelForCausalLM`` builds."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if getattr(config, "is_encoder_decoder", False):
+        return False
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in getattr(config, "architectures", None) or []):
+        return True
+    kind = getattr(config, "model_type", None)
+    if kind in _ENCODERS:
+        return bool(getattr(config, "is_decoder", False))
+    return kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+
+def model_is_causal(spec: str) -> bool:
+    """Whether ``spec`` (a built-in, folder, GGUF file or cached hub id) names a causal LM, from its config
+    alone (no weights loaded). False when the config cannot be read (the model's own load reports why)."""
+    from transformers import AutoConfig
+
+    from loratune.training import gguf
+
+    if spec in (gguf.BUILTIN_LLM, gguf.BUILTIN_LLM_HUB_ID) or spec.lower().endswith(".gguf"):
+        return True
+    try:
+        config = _from_pretrained(AutoConfig, resolve_model_path(spec), "config", download=False)
+    except InputError:
+        return False
+    return is_causal_config(config)
+
+
 def modules_to_save(cfg: Any, model: nn.Module) -> tuple[str, ...]:
     """``cfg.modules_to_save`` for this model: a default (``auto``) name that names no module of it is dropped
     (BERT has a ``pooler``, DistilBERT none); a name the user gave stays, and must exist (inject checks)."""

@@ -31,13 +31,15 @@ BIAS_MODES = ("none", "all", "lora_only")
 INITS = ("kaiming", "gaussian")
 CLASS_WEIGHTS = ("none", "balanced")
 METHODS = ("lora", "full")
+TASKS = ("auto", "classification", "causal-lm")
 
 AUTO = "auto"
 Kind = Literal["str", "int", "float", "bool", "list"]
 
 AUTO_DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
-    ("classification", "lora"): {"lr": 5e-4, "max_length": 128, "modules_to_save": ()},
-    ("classification", "full"): {"lr": 5e-5, "max_length": 128, "modules_to_save": ()},
+    ("classification", "lora"): {"model": "minilm-l6", "lr": 5e-4, "max_length": 128, "modules_to_save": (), "epochs": 3},
+    ("classification", "full"): {"model": "minilm-l6", "lr": 5e-5, "max_length": 128, "modules_to_save": (), "epochs": 3},
+    ("causal-lm", "lora"): {"model": "smollm2-135m", "lr": 5e-4, "max_length": 512, "modules_to_save": (), "epochs": 1},
 }
 """(task, method) -> the value each ``auto`` option takes (BENCHMARKS.md, "Quality", has the evidence). A new
 task adds rows, e.g. ``("causal-lm", "lora"): {"lr": 5e-4, "max_length": 512, ...}``. A ``modules_to_save``
@@ -230,13 +232,27 @@ def _zero_is_off(value: Any) -> Any:
 class TrainConfig:
     """All options of one training run (the contract's TRAIN OPTIONS); each field's help is in its :class:`Option`."""
 
-    model: str = option("minilm-l6", "str", "built-in name (minilm-l6), local transformers folder, or hub id "
-                        "(used only where cached or reachable)", metavar="MODEL")
-    data: str = option("rotten-tomatoes-4k", "str", "built-in name (rotten-tomatoes-4k), CSV/JSONL/Parquet file, "
-                       "HF dataset name or save_to_disk folder", metavar="DATA")
+    model: str = option(AUTO, "str", "built-in name (minilm-l6, smollm2-135m), local transformers folder, GGUF "
+                        "file, or hub id (used only where cached or reachable)", auto=True, metavar="MODEL")
+    data: str = option("rotten-tomatoes-4k", "str", "built-in name (rotten-tomatoes-4k; rotten-tomatoes-4k-instruct: "
+                       "the same snippets as prompt -> positive/negative), CSV/JSONL/Parquet file, HF dataset name or "
+                       "save_to_disk folder", metavar="DATA")
+    task: str = option(AUTO, "str", "classification (a text -> label classifier) or causal-lm (instruction tuning: "
+                       "prompt -> completion); auto: causal-lm for data with prompt/completion, messages or Alpaca "
+                       "columns, classification for data with the text and label columns, else by the model (a "
+                       "decoder LLM: causal-lm)", choices=TASKS)
     text_column: str = option("text", "str", "column holding the input text", metavar="COLUMN")
     label_column: str = option("label", "str", "column holding the class label (strings or integers)",
                                metavar="COLUMN")
+    prompt_column: str = option("prompt", "str", "causal-lm: column holding the prompt (TRL's prompt-completion "
+                                "format)", metavar="COLUMN")
+    completion_column: str = option("completion", "str", "causal-lm: column holding the completion the model "
+                                    "learns to write", metavar="COLUMN")
+    messages_column: str = option("messages", "str", "causal-lm: column holding a conversation, a list of "
+                                  "{role, content} turns (every assistant turn is trained on)", metavar="COLUMN")
+    system_prompt: str | None = option(None, "str", "causal-lm: a system turn put before every conversation "
+                                       "that has none (saved with the adapter; generate uses it)", optional=True,
+                                       metavar="TEXT")
     validation_file: str | None = option(None, "str", "separate validation file; without it the data is split "
                                          "80/10/10, stratified, by --split-seed", optional=True, metavar="FILE")
     test_file: str | None = option(None, "str", "separate test file (same rule as --validation-file)",
@@ -273,8 +289,8 @@ class TrainConfig:
                                  ge=0, metavar="WD")
     warmup: float = option(0.06, "float", "linear warm-up as a fraction of all optimizer steps", ge=0, lt=1,
                            metavar="FRACTION")
-    epochs: int = option(3, "int", "passes over the training split (the schedule's length unless --max-steps)",
-                         ge=1, metavar="N")
+    epochs: int = option(AUTO, "int", "passes over the training split (the schedule's length unless --max-steps)",
+                         ge=1, auto=True, metavar="N")
     max_steps: int | None = option(None, "int", "stop after this many optimizer steps (overrides --epochs for the "
                                    "schedule)", ge=1, optional=True, metavar="N")
     batch_size: int = option(16, "int", "sequences per forward pass", ge=1, metavar="N")
@@ -299,12 +315,20 @@ class TrainConfig:
                                  unset="the CPUs this process may use", metavar="N")
 
     def __post_init__(self) -> None:
-        auto = frozenset(f.name for f in fields(self) if _spec(f).auto and getattr(self, f.name) == AUTO)
+        auto = frozenset(f.name for f in fields(self) if (_spec(f).auto or f.name == "task")
+                         and getattr(self, f.name) == AUTO)
         for f in fields(self):
             if f.name not in auto:
                 object.__setattr__(self, f.name, _spec(f).check(f.name, getattr(self, f.name)))
+        if "task" in auto:                                  # first: the other auto options depend on it
+            from loratune.training.causal_data import detect_task
+
+            object.__setattr__(self, "task", detect_task(self))
+        if self.task == "causal-lm" and self.method == "full":
+            raise InputError("--method full: full fine-tuning of a causal LM is not supported; train LoRA "
+                             "(--method lora), the causal-LM default")
         task, method = self.auto_key()
-        for name in auto:                                   # after the rest: a resolution may read any option
+        for name in auto - {"task"}:                        # after the rest: a resolution may read any option
             object.__setattr__(self, name, OPTIONS[name].check(name, resolve_auto(name, task, method)))
         object.__setattr__(self, "_auto", auto)
         self._check_combinations()
@@ -315,6 +339,12 @@ class TrainConfig:
                 and self.sample_pct == 1.0:
             raise InputError("--split-seed: with both --validation-file and --test-file (and no --sample-pct) "
                              "nothing is cut from the training data; leave --split-seed at 0")
+        for name in (CLASSIFICATION_ONLY if self.task == "causal-lm" else CAUSAL_ONLY):
+            if getattr(self, name) != _declared(name):
+                other = "classification" if self.task == "causal-lm" else "causal-lm"
+                raise InputError(f"{flag(name)}: a {other} option, but this run's task is {self.task}"
+                                 + (" (--task auto chose it from the data's columns and the model; give --task "
+                                    f"{other} to change it)" if "task" in self.auto_fields else ""))
         if self.method == "full":
             for name in LORA_ONLY:
                 default = (resolve_auto(name, *self.auto_key()) if declared_default(name) == AUTO
@@ -324,11 +354,8 @@ class TrainConfig:
                                      f"has no adapter; leave it out or use --method lora")
 
     def auto_key(self) -> tuple[str, str]:
-        """(task, method): the row of :data:`AUTO_DEFAULTS` this config's ``auto`` options take.
-
-        One task (classification) exists today; ``--task`` returns its own here.
-        """
-        return "classification", self.method
+        """(task, method): the row of :data:`AUTO_DEFAULTS` this config's ``auto`` options take."""
+        return self.task, self.method
 
     @property
     def auto_fields(self) -> frozenset[str]:
@@ -392,6 +419,10 @@ OPTIONS: dict[str, Option] = {f.name: _spec(f) for f in fields(TrainConfig)}
 MODEL_DEPENDENT = ("modules_to_save",)
 """``auto`` options whose value the model decides (a default name the model lacks is dropped): kept as ``auto``
 by :meth:`TrainConfig.to_dict` until the model is known."""
+CLASSIFICATION_ONLY = ("text_column", "label_column", "class_weights")
+"""Options of the classification task: refused at a non-default value for a causal-LM run."""
+CAUSAL_ONLY = ("prompt_column", "completion_column", "messages_column", "system_prompt")
+"""Options of the causal-LM task: refused at a non-default value for a classification run."""
 LORA_ONLY = ("targets", "layers", "rank", "alpha", "dropout", "bias", "init", "rslora", "modules_to_save")
 """Options that describe the adapter: refused at a non-default value with ``--method full``."""
 

@@ -81,6 +81,8 @@ class TrainState:
     """Examples trained on."""
     metrics_bytes: int = 0
     """The length of metrics.jsonl when this state was checkpointed: a resume cuts off lines logged later."""
+    baseline: dict[str, dict[str, float]] | None = None
+    """Causal LM: the base model's metrics per split before the first step (None: not evaluated yet)."""
 
     def to_checkpoint(self, optim: Optim) -> dict[str, Any]:
         """This state, ``optim``'s tensors and states and the torch RNG as one dict of plain containers and

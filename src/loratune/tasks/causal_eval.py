@@ -1,0 +1,120 @@
+"""A causal-LM split ready to evaluate, and the one way to evaluate a model on it.
+
+:func:`prepare_split` tokenizes a split's conversations once (:class:`CausalSplit`): the sequences with
+their loss masks (every trained turn), the prompt of each (everything before its last assistant
+turn), its reference (that turn's text) and, where the data's references are a label set, every
+(row, candidate) sequence with labels on the candidate's tokens only.
+
+:func:`evaluate_causal` gives what results.json, metrics.jsonl and ``loratune eval`` show:
+
+- ``loss`` and ``perplexity``: mean NLL of the trained tokens (completions and their end-of-turn token);
+- ``exact_match``: greedy generation, up to the longest reference's tokens + 8, equal to the reference
+  after ``.strip().lower()``;
+- ``accuracy`` (label sets only): lm-eval-harness's multiple choice, the candidate whose tokens (with the
+  end-of-turn token) have the highest summed log-likelihood after the prompt.
+
+Where every row trains on its last turn only (prompt-completion data, the built-in), the gold
+candidate's sequence *is* the row's sequence, so the loss comes from the choice pass at no extra cost.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from loratune.tasks.causal import IGNORE_INDEX, CausalEncoded, encode_conversations
+from loratune.tasks.causal_metrics import greedy_generate, sequence_logprobs
+
+EXTRA_NEW_TOKENS = 8
+"""Greedy generation for exact match runs to the longest reference's length plus this many tokens."""
+
+
+@dataclass(frozen=True, eq=False)
+class CausalSplit:
+    """A tokenized evaluation split (picklable: a search ships it to its trials once).
+
+    ``enc``: each row's sequence, labels on every trained turn (``enc.starts``: where its last turn
+    begins, so ``input_ids[i][:starts[i]]`` is its prompt); ``references``: the last turn's text;
+    ``choices``: ``k`` candidate sequences per row, row-major, labels on the candidate only (None
+    without a label set); ``gold``: the reference's index among the candidates (-1: not among them);
+    ``last_turn_only``: every row's labels are all in its last turn.
+    """
+
+    enc: CausalEncoded
+    references: list[str]
+    choices: CausalEncoded | None
+    gold: np.ndarray | None
+    last_turn_only: bool
+    max_new_tokens: int
+
+    def __len__(self) -> int:
+        return len(self.enc)
+
+    def prompts(self) -> list[np.ndarray]:
+        """Each row's prompt tokens: its sequence up to its last assistant turn (the generation prompt)."""
+        assert self.enc.starts is not None
+        return [ids[:s] for ids, s in zip(self.enc.input_ids, self.enc.starts)]
+
+
+def prepare_split(convs: Sequence[list[dict[str, Any]]], tokenizer: Any, max_length: int, wheres: Sequence[str],
+                  candidates: Sequence[str] = ()) -> CausalSplit:
+    """Tokenize an evaluation split once; ``candidates`` (a label set, or none) are scored as its choices."""
+    from loratune.training.causal_data import reference
+
+    enc = encode_conversations(convs, tokenizer, max_length, wheres)
+    refs = [reference(c) for c in convs]
+    assert enc.starts is not None
+    last_only = all(not (lab[:s] != IGNORE_INDEX).any() for lab, s in zip(enc.labels, enc.starts))
+    ref_tokens = max(int((lab[s:] != IGNORE_INDEX).sum()) for lab, s in zip(enc.labels, enc.starts))
+    choices = gold = None
+    if candidates:
+        index = {c.strip(): i for i, c in enumerate(candidates)}
+        gold = np.asarray([index.get(r.strip(), -1) for r in refs], dtype=np.int64)
+        pairs, pair_wheres = [], []
+        for conv, where in zip(convs, wheres):
+            last = max(i for i, m in enumerate(conv) if m["role"] == "assistant")
+            head = [dict(m, train=False) if m["role"] == "assistant" else m for m in conv[:last]]
+            for cand in candidates:
+                pairs.append(head + [{"role": "assistant", "content": cand}])
+                pair_wheres.append(f"{where} (candidate {cand!r})")
+        choices = encode_conversations(pairs, tokenizer, max_length, pair_wheres)
+        ref_tokens = max(ref_tokens, max(int((lab != IGNORE_INDEX).sum()) for lab in choices.labels))
+    return CausalSplit(enc, refs, choices, gold, last_only, ref_tokens + EXTRA_NEW_TOKENS)
+
+
+def evaluate_causal(model: nn.Module, tokenizer: Any, split: CausalSplit, device: torch.device, precision: str,
+                    pad_id: int, *, batch_size: int = 16,
+                    generate: bool = True) -> tuple[dict[str, float], list[str]]:
+    """The split's metrics (module docstring) and the greedy generations in row order (empty when
+    ``generate`` is False: no ``exact_match`` then)."""
+    metrics: dict[str, float] = {}
+    loss_from_choices = False
+    if split.choices is not None and split.gold is not None:
+        k = len(split.choices) // max(1, len(split))
+        sums, counts = sequence_logprobs(model, split.choices, device, precision, pad_id, batch_size)
+        scores = sums.reshape(len(split), k)
+        picks = np.argmax(scores, axis=1)
+        metrics["accuracy"] = float(np.mean(picks == split.gold))
+        if split.last_turn_only and (split.gold >= 0).all():
+            rows = np.arange(len(split)) * k + split.gold
+            n = int(counts[rows].sum())
+            metrics["loss"] = float(-sums[rows].sum() / n) if n else float("nan")
+            loss_from_choices = True
+    if not loss_from_choices:
+        sums, counts = sequence_logprobs(model, split.enc, device, precision, pad_id, batch_size)
+        n = int(counts.sum())
+        metrics["loss"] = float(-sums.sum() / n) if n else float("nan")
+    metrics["perplexity"] = float(np.exp(metrics["loss"])) if np.isfinite(metrics["loss"]) else float("nan")
+    generations: list[str] = []
+    if generate:
+        generations = greedy_generate(model, tokenizer, split.prompts(), device, split.max_new_tokens,
+                                      precision=precision, batch_size=batch_size)
+        hits = [g.strip().lower() == r.strip().lower() for g, r in zip(generations, split.references)]
+        metrics["exact_match"] = float(np.mean(hits)) if hits else float("nan")
+    order = ("loss", "perplexity", "accuracy", "exact_match")
+    return {key: metrics[key] for key in order if key in metrics}, generations
