@@ -153,3 +153,20 @@ def kill_at_logged_step(proc, run, target: int, extra: float = 0.0, timeout: flo
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    """``loratune ARGV`` in this process: (exit code, stdout, stderr)."""
+    from loratune.cli.main import main
+
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code: int, err: str, fragment: str) -> None:
+    """Exit 2 and one line on stderr holding ``fragment``, no traceback."""
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert fragment in lines[0], lines[0]

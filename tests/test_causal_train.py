@@ -343,3 +343,63 @@ def test_the_real_smollm2_learns_in_a_few_steps(tmp_path) -> None:
     import yaml
 
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["model"] == "smollm2-135m"
+
+
+# --------------------------------------------------------------------------- review fixes
+
+def test_a_completion_longer_than_max_length_is_a_miss_not_a_crash(llama_dir) -> None:
+    """Cut to --max-length, such a row keeps the start of its completion and no prompt: nothing to generate from."""
+    from loratune.tasks.causal_eval import evaluate_causal, prepare_split
+    from loratune.training.models import load_causal_lm, load_tokenizer
+
+    tok = load_tokenizer(llama_dir)
+    convs = [[{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["completion"]}]
+             for r in rows(4, seed=2)]
+    convs.append([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "good " * 60}])
+    split = prepare_split(convs, tok, 48, [f"row {i}" for i in range(len(convs))])
+    assert len(split.prompts()[-1]) == 0 and split.enc.truncated >= 1 and len(split.prompts()[0])
+    metrics, gens = evaluate_causal(load_causal_lm(llama_dir), tok, split, torch.device("cpu"), "fp32",
+                                    tok.pad_token_id)
+    assert gens[-1] == "" and 0.0 <= metrics["exact_match"] <= 0.8 and np.isfinite(metrics["loss"])
+
+
+def test_candidates_are_scored_as_written(tmp_path, llama_dir) -> None:
+    """" positive" (a leading space, the usual completion style for base models) is its own candidate."""
+    from loratune.training.loop import prepare_data
+
+    spaced = [{"prompt": r["prompt"], "completion": " " + r["completion"]} for r in rows(60, seed=4)]
+    data = prepare_data(TrainConfig(**opts(llama_dir, write_jsonl(tmp_path / "s.jsonl", spaced))))
+    assert data.label_names == [" negative", " positive"] and (data.validation.gold >= 0).all()
+
+
+def test_stored_configs_without_a_task_are_classifiers_and_folders_show_their_columns(tmp_path, llama_dir) -> None:
+    from loratune.training.detect import detect_task, peek_columns
+
+    assert TrainConfig.from_stored({"model": llama_dir, "data": "some/hub-dataset"}).task == "classification"
+    folder = tmp_path / "ds"
+    (folder / "train").mkdir(parents=True)
+    (folder / "dataset_dict.json").write_text(json.dumps({"splits": ["train"]}))
+    (folder / "train" / "dataset_info.json").write_text(json.dumps(
+        {"features": {"prompt": {"dtype": "string"}, "completion": {"dtype": "string"}}}))
+    assert peek_columns(str(folder)) == ("prompt", "completion")
+    assert detect_task(TrainConfig(data=str(folder), task="classification")) == "causal-lm"
+    with pytest.raises(InputError, match="rotten-tomatoes-4k is text/label data for classification"):
+        from loratune.training.causal_data import load_causal_splits
+
+        load_causal_splits(TrainConfig(task="causal-lm", model=llama_dir))
+
+
+def test_a_save_to_disk_folder_of_conversations_trains(tmp_path, llama_dir) -> None:
+    """A Hugging Face ``save_to_disk`` folder with its own splits: the task is read from its features."""
+    import datasets
+
+    from loratune.training.loop import prepare_data
+
+    ds = datasets.DatasetDict({name: datasets.Dataset.from_list(rows(n, seed=k)) for k, (name, n) in
+                               enumerate((("train", 40), ("validation", 10), ("test", 10)))})
+    ds.save_to_disk(str(tmp_path / "ds"))
+    cfg = TrainConfig(**{**opts(llama_dir, str(tmp_path / "ds")), "model": "auto"}, )
+    assert cfg.task == "causal-lm" and cfg.model == "smollm2-135m"
+    data = prepare_data(cfg.replace(model=llama_dir))
+    assert (len(data.train), len(data.validation), len(data.test)) == (40, 10, 10)
+    assert data.label_names == ["negative", "positive"]

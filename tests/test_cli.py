@@ -11,26 +11,13 @@ from typing import Iterator
 import pytest
 import torch
 import yaml
-from conftest import synthetic_rows, write_csv
+from conftest import assert_one_line_error, run, synthetic_rows, write_csv
 
 from loratune.cli.common import train_options
 from loratune.cli.main import build_parser, main
 from loratune.training.options import OPTIONS, TrainConfig, flag, option_names
 
 FAST = ["--epochs", "1", "--batch-size", "8", "--max-length", "32", "--rank", "4", "--threads", "1", "--lr", "3e-3"]
-
-
-def run(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_line_error(code: int, err: str, fragment: str) -> None:
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in err, err
-    assert fragment in lines[0], lines[0]
 
 
 @pytest.fixture(scope="module")

@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import assert_one_line_error, run
 from test_causal_data import chat_tokenizer
 
 from loratune.cli.adapter import show_run
-from loratune.cli.main import main
 from loratune.cli.progress import Renderer
 from loratune.core.adapters import save_adapter
 from loratune.core.inject import LoraSpec, inject, lora_layers
@@ -44,19 +44,6 @@ def one_thread(monkeypatch) -> None:
     from loratune import runtime
 
     monkeypatch.setattr(runtime, "available_cpus", lambda: 1)
-
-
-def run(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_line_error(code: int, err: str, fragment: str) -> None:
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in err, err
-    assert fragment in lines[0], lines[0]
 
 
 @pytest.fixture(scope="module")

@@ -60,3 +60,19 @@ def test_a_lean_llama_trains_like_the_plain_one() -> None:
     for n in grads[0]:
         torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-7)
     assert saved[0] - saved[1] == 2 * ids.numel() * 88                # one (tokens, 88) tensor less per MLP
+
+
+def test_frozen_bf16_leaves_a_tied_lm_head_and_its_embedding_in_fp32() -> None:
+    """bf16 training casts frozen linear weights once; a tied LM head is the embedding, which stays fp32."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from loratune.runtime import cast_frozen_linears
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=88, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
+    model.requires_grad_(False)
+    assert cast_frozen_linears(model, "bf16") == 7                       # q, k, v, o, gate, up, down
+    assert model.model.embed_tokens.weight.dtype == torch.float32
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert model.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16

@@ -108,8 +108,10 @@ def test_auto_resolves_to_numbers_at_construction() -> None:
 
 def test_replace_keeps_auto_options_auto() -> None:
     cfg = TrainConfig()
-    assert cfg.replace(rank=4).auto_fields == {"model", "task", "lr", "max_length", "modules_to_save", "epochs"}
-    assert cfg.replace(lr=2e-3).auto_fields == cfg.auto_fields - {"lr"} and cfg.replace(lr=2e-3).lr == 2e-3
+    # the task, detected once, stays as detected unless what decides it (data, model, columns) changes
+    assert cfg.replace(rank=4).auto_fields == {"model", "lr", "max_length", "modules_to_save", "epochs"}
+    assert "task" in cfg.replace(data="rotten-tomatoes-4k-instruct").auto_fields
+    assert cfg.replace(lr=2e-3).auto_fields == cfg.auto_fields - {"lr", "task"} and cfg.replace(lr=2e-3).lr == 2e-3
     assert cfg.replace(lr=2e-3).replace(lr="auto").lr == 5e-4
     with pytest.raises(InputError, match="--lr: must be > 0"):
         cfg.replace(lr=0)

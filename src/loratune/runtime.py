@@ -110,10 +110,11 @@ def cast_frozen_linears(model: torch.nn.Module, precision: str) -> int:
     if precision != "bf16":
         return 0
     n = 0
-    for m in model.modules():
+    tied = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}   # a tied LM head: the
+    for m in model.modules():                                                            # embedding stays fp32
         if isinstance(m, torch.nn.Linear) or is_conv1d(m):
             for p in (m.weight, m.bias):
-                if p is not None and not p.requires_grad and p.dtype == torch.float32:
+                if p is not None and not p.requires_grad and p.dtype == torch.float32 and id(p) not in tied:
                     p.data = p.data.to(torch.bfloat16)
                     n += 1
     return n

@@ -190,6 +190,9 @@ CASES: list[Case] = [
     ("adapter", "analyze a missing adapter", lambda tmp, ctx: ["analyze", str(tmp / "nope")], "does not exist"),
     ("adapter", "analyze --compare with a corrupt adapter", _adapter("analyze", lambda a: (a / "adapter_model.safetensors").write_bytes(b"xx")), "not a valid safetensors file"),
     ("model", "analyze --base that does not exist", lambda tmp, ctx: ["analyze", ctx["adapter"], "--base", str(tmp / "none")], "does not exist"),
+    ("adapter", "generate with a classification adapter", lambda tmp, ctx: ["generate", "--adapter", ctx["adapter"], "hi"], "use `loratune predict`"),
+    ("adapter", "generate a missing adapter", lambda tmp, ctx: ["generate", "--adapter", str(tmp / "nope"), "hi"], "does not exist"),
+    ("range", "generate --max-new-tokens 0", lambda tmp, ctx: ["generate", "--adapter", ctx["adapter"], "--max-new-tokens", "0", "hi"], "--max-new-tokens"),
     ("input", "eval on a split that is not there", lambda tmp, ctx: ["eval", "--adapter", ctx["adapter"], "--data", str(tmp / "none.csv")], "does not exist"),
 ]
 

@@ -275,8 +275,13 @@ def evaluate_causal_adapter(adapter: str | os.PathLike, *, data: str | None = No
     set_threads(threads)
     loaded = load(adapter, base=base, device=device)
     cfg = _data_config(adapter, data)
-    if base is not None:                                  # tokenized by the tokenizer of the model it runs on
-        cfg = cfg.replace(model=base)
+    # Tokenized by the tokenizer of the model the adapter runs on, as the causal-LM task, with the adapter's own
+    # max length and system prompt where no run directory says otherwise (a PEFT adapter, or one moved away).
+    changes: dict[str, Any] = {"task": "causal-lm", "model": base or loaded.base}
+    if rundir.adapter_run_config(adapter) is None:
+        changes.update(max_length=loaded.max_length if read_meta(adapter).get("max_length") else cfg.max_length,
+                       system_prompt=loaded.system_prompt)
+    cfg = cfg.replace(**changes)
     prepared = prepare_data(cfg)
     part = getattr(prepared, split)
     dev = next(loaded.model.parameters()).device

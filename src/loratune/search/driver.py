@@ -100,8 +100,8 @@ def tune(config: TrainConfig | None = None, *, space: dict[str, Any] | None = No
             doc["experiment"] = str(storage_dir / ("ray" if not doc["storage"] else f"{out.name}-{secrets.token_hex(3)}"))
         base = TrainConfig.from_stored(doc["options"])
         if base.task == "causal-lm":
-            raise InputError(f"tune: --data {base.data} is causal-LM data; a search over causal-LM training is not "
-                             "built yet: train one adapter with `loratune train`")
+            raise InputError(f"tune: this search's task is causal-lm (--data {base.data}, --model {base.model}); a "
+                             "search over causal-LM training is not built yet: train one adapter with `loratune train`")
         parsed = validate(doc["search"], base, search_alg=doc["search_alg"], load_model=resume is None)
         prepared = prepare_data(base)
         if resume is None:

@@ -73,8 +73,8 @@ def prepare_split(convs: Sequence[list[dict[str, Any]]], tokenizer: Any, max_len
     ref_tokens = max(int((lab[s:] != IGNORE_INDEX).sum()) for lab, s in zip(enc.labels, enc.starts))
     choices = gold = None
     if candidates:
-        index = {c.strip(): i for i, c in enumerate(candidates)}
-        gold = np.asarray([index.get(r.strip(), -1) for r in refs], dtype=np.int64)
+        index = {c: i for i, c in enumerate(candidates)}       # as written: " positive" is not "positive"
+        gold = np.asarray([index.get(r, -1) for r in refs], dtype=np.int64)
         pairs, pair_wheres = [], []
         for conv, where in zip(convs, wheres):
             last = max(i for i, m in enumerate(conv) if m["role"] == "assistant")
@@ -112,9 +112,15 @@ def evaluate_causal(model: nn.Module, tokenizer: Any, split: CausalSplit, device
     metrics["perplexity"] = float(np.exp(metrics["loss"])) if np.isfinite(metrics["loss"]) else float("nan")
     generations: list[str] = []
     if generate:
-        generations = greedy_generate(model, tokenizer, split.prompts(), device, split.max_new_tokens,
-                                      precision=precision, batch_size=batch_size)
-        hits = [g.strip().lower() == r.strip().lower() for g, r in zip(generations, split.references)]
+        prompts = split.prompts()             # a completion longer than --max-length alone leaves no prompt:
+        keep = [i for i, p in enumerate(prompts) if len(p)]                  # nothing to answer, a miss
+        generations = [""] * len(prompts)
+        if keep:
+            for i, g in zip(keep, greedy_generate(model, tokenizer, [prompts[i] for i in keep], device,
+                                                  split.max_new_tokens, precision=precision, batch_size=batch_size)):
+                generations[i] = g
+        hits = [bool(len(p)) and g.strip().lower() == r.strip().lower()
+                for p, g, r in zip(prompts, generations, split.references)]
         metrics["exact_match"] = float(np.mean(hits)) if hits else float("nan")
     order = ("loss", "perplexity", "accuracy", "exact_match")
     return {key: metrics[key] for key in order if key in metrics}, generations

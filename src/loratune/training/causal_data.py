@@ -23,7 +23,6 @@ import json
 import logging
 import types
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,13 +31,13 @@ import numpy as np
 from loratune.errors import InputError
 from loratune.tasks.causal import detect_format, to_messages
 from loratune.training import sources
+from loratune.training.detect import INSTRUCT_NAME
 
 if TYPE_CHECKING:
     from loratune.training.options import TrainConfig
 
 log = logging.getLogger(__name__)
 
-INSTRUCT_NAME = "rotten-tomatoes-4k-instruct"
 INSTRUCT_PROMPT = "Is this movie review positive or negative? Answer with one word.\n\n{text}"
 """The built-in instruct data's user turn; the answer is the label, ``negative`` or ``positive``."""
 MAX_CHOICES = 20
@@ -66,60 +65,6 @@ def reference(conv: Conversation) -> str:
     return next(m["content"] for m in reversed(conv) if m["role"] == "assistant")
 
 
-# --------------------------------------------------------------------------- the task auto picks
-
-def detect_task(cfg: TrainConfig) -> str:
-    """``--task auto``: causal-lm for data with prompt/completion, messages or Alpaca columns; classification
-    for data with the text and label columns; otherwise by the model (a decoder LLM: causal-lm). The data
-    decides first, so a decoder LLM on text/label data trains a classifier (its ``ForSequenceClassification``)."""
-    if cfg.data == INSTRUCT_NAME:
-        return "causal-lm"
-    if cfg.data == sources.BUILTIN_NAME:
-        return "classification"
-    columns = peek_columns(cfg.data)
-    if columns is not None:
-        try:
-            detect_format(columns, prompt_column=cfg.prompt_column, completion_column=cfg.completion_column,
-                          messages_column=cfg.messages_column)
-            return "causal-lm"
-        except InputError:
-            pass
-        if cfg.text_column in columns and cfg.label_column in columns:
-            return "classification"
-    from loratune.training.models import model_is_causal
-
-    return "causal-lm" if cfg.model != "auto" and model_is_causal(cfg.model) else "classification"
-
-
-@lru_cache(maxsize=64)
-def peek_columns(spec: str) -> tuple[str, ...] | None:
-    """The column names of a data file, read from its header (CSV), first record (JSONL, JSON) or schema
-    (Parquet); None for anything else or a file that cannot be read (loading it later says why)."""
-    path = Path(spec).expanduser()
-    kind = sources._FILE_TYPES.get(path.suffix.lower())
-    if not path.is_file() or kind is None:
-        return None
-    try:
-        if kind == "parquet":
-            import pyarrow.parquet as pq
-
-            return tuple(pq.ParquetFile(path).schema_arrow.names)
-        with open(path, encoding="utf-8-sig") as f:
-            head = f.read(1 << 20)
-        if kind == "csv":
-            delim = "\t" if path.suffix.lower() == ".tsv" else ","
-            return tuple(h.strip() for h in next(csv.reader(io.StringIO(head.lstrip("\r\n")), delimiter=delim)))
-        text = head.lstrip()
-        if text.startswith("["):
-            text = path.read_text(encoding="utf-8-sig")
-            first = json.loads(text)[0]
-        else:
-            first = json.loads(text.split("\n", 1)[0])
-        return tuple(first) if isinstance(first, dict) else None
-    except Exception:  # noqa: BLE001 - any unreadable file: no guess (the loader reports it properly)
-        return None
-
-
 # --------------------------------------------------------------------------- splits
 
 def load_causal_splits(cfg: TrainConfig) -> CausalSplits:
@@ -136,6 +81,9 @@ def load_causal_splits(cfg: TrainConfig) -> CausalSplits:
 
     if cfg.data == INSTRUCT_NAME:
         return _builtin_instruct(cfg)
+    if cfg.data == sources.BUILTIN_NAME:
+        raise InputError(f"--data: {sources.BUILTIN_NAME} is text/label data for classification; the causal-lm "
+                         f"task needs prompt/completion, messages or Alpaca rows (the built-in: --data {INSTRUCT_NAME})")
     names = {"prompt_column": cfg.prompt_column, "completion_column": cfg.completion_column,
              "messages_column": cfg.messages_column}
     parts = _records(cfg.data)
@@ -178,7 +126,7 @@ def load_causal_splits(cfg: TrainConfig) -> CausalSplits:
         keep = max(1, int(cfg.sample_pct * len(tc) + 0.5))
         rest = stratified_parts(ty, [len(tc) - keep], cfg.split_seed)[0]
         out["train"] = ([tc[i] for i in rest], [tw[i] for i in rest], ty[rest])
-    every = {reference(c).strip() for part in out.values() for c in part[0]}
+    every = {reference(c) for part in out.values() for c in part[0]}             # candidates as written
     choices = sort_label_names(every) if len(every) <= MAX_CHOICES else []
     log.info("data %s: train %d, validation %d, test %d conversations%s", cfg.data, len(out["train"][0]),
              len(out["validation"][0]), len(out["test"][0]),
@@ -285,28 +233,8 @@ def _file_records(path_str: str, field: str) -> tuple[list[Any], list[str]]:
 
 def _hf_records(spec: str, folder: Path | None) -> dict[str, tuple[list[Any], list[str]]]:
     """A ``save_to_disk`` folder or hub dataset: its train / validation / test splits as records."""
-    try:
-        import datasets
-    except ImportError:
-        raise InputError(f"--data: {spec!r} is not a local file; Hugging Face datasets need the `datasets` "
-                         f"package (pip install 'loratune[hf]')") from None
-    try:
-        obj = datasets.load_from_disk(str(folder)) if folder else datasets.load_dataset(spec)
-    except Exception as e:  # noqa: BLE001 - datasets raises many types; all mean "cannot load this"
-        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-        raise InputError(f"--data: cannot load the Hugging Face dataset {spec!r}: {why}") from None
-    if not isinstance(obj, datasets.DatasetDict):
-        obj = datasets.DatasetDict({"all": obj})
-    names = list(obj)
-    val = next((n for n in sources._HF_VALIDATION if n in names), "validation")
-    chosen = {ours: theirs for ours, theirs in (("train", "train"), ("validation", val), ("test", "test"))
-              if theirs in names}
-    if "train" not in chosen:
-        if len(names) != 1:
-            raise InputError(f"--data: dataset {spec!r} has splits {', '.join(names)} but no 'train' split")
-        chosen = {"all": names[0]}
     out = {}
-    for ours, theirs in chosen.items():
-        rows = obj[theirs].to_list()
+    for ours, (ds, theirs) in sources.hf_splits(spec, folder).items():
+        rows = ds.to_list()
         out[ours] = (rows, [f"--data: {spec} (split {theirs!r}): row {i + 1}" for i in range(len(rows))])
     return out

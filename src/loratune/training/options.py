@@ -321,7 +321,7 @@ class TrainConfig:
             if f.name not in auto:
                 object.__setattr__(self, f.name, _spec(f).check(f.name, getattr(self, f.name)))
         if "task" in auto:                                  # first: the other auto options depend on it
-            from loratune.training.causal_data import detect_task
+            from loratune.training.detect import detect_task
 
             object.__setattr__(self, "task", detect_task(self))
         if self.task == "causal-lm" and self.method == "full":
@@ -378,6 +378,8 @@ class TrainConfig:
         defaults may have moved since; they never meant anything for full fine-tuning)."""
         if values.get("method") == "full":
             values = {k: v for k, v in values.items() if k not in LORA_ONLY}
+        if "task" not in values:                            # written before causal-LM existed: a classifier
+            values = {**values, "task": "classification"}
         return cls.from_dict(values)
 
     def to_dict(self) -> dict[str, Any]:
@@ -405,6 +407,8 @@ class TrainConfig:
         """A copy with some options changed (validated again); options that were ``auto`` and are not
         changed stay ``auto`` and are resolved again (a new task or method may give them other values)."""
         still_auto = {name: AUTO for name in self.auto_fields if name not in changes}
+        if "task" in still_auto and not set(changes) & TASK_INPUTS:
+            still_auto["task"] = self.task                  # detected once; nothing that decides it changed
         return dataclasses.replace(self, **still_auto, **changes)
 
 
@@ -419,6 +423,9 @@ OPTIONS: dict[str, Option] = {f.name: _spec(f) for f in fields(TrainConfig)}
 MODEL_DEPENDENT = ("modules_to_save",)
 """``auto`` options whose value the model decides (a default name the model lacks is dropped): kept as ``auto``
 by :meth:`TrainConfig.to_dict` until the model is known."""
+TASK_INPUTS = frozenset({"data", "model", "text_column", "label_column", "prompt_column", "completion_column",
+                         "messages_column"})
+"""What ``--task auto`` reads: :meth:`TrainConfig.replace` detects the task again only when one of these changes."""
 CLASSIFICATION_ONLY = ("text_column", "label_column", "class_weights")
 """Options of the classification task: refused at a non-default value for a causal-LM run."""
 CAUSAL_ONLY = ("prompt_column", "completion_column", "messages_column", "system_prompt")

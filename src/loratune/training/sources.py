@@ -302,6 +302,28 @@ def _read_parquet(path: Path, text_col: str, label_col: str, where: str) -> Rows
 
 
 def _read_hf(spec: str, folder: Path | None, text_col: str, label_col: str) -> dict[str, tuple[Rows, str]]:
+    parts = hf_splits(spec, folder)                   # first: a missing `datasets` package is its error
+    import datasets
+
+    out = {}
+    for ours, (ds, theirs) in parts.items():
+        where = f"--data: {spec} (split {theirs!r})"
+        if not isinstance(ds, datasets.Dataset):
+            raise InputError(f"{where}: expected a map-style dataset, got {type(ds).__name__}")
+        _columns(list(ds.column_names), text_col, label_col, where, "columns")
+        data = ds.select_columns(list(dict.fromkeys([text_col, label_col]))).to_dict()
+        labels = data[label_col]
+        feature = ds.features[label_col]
+        if isinstance(feature, datasets.ClassLabel):  # ids -> names; -1 (unlabelled) -> missing
+            labels = [feature.names[v] if isinstance(v, int) and 0 <= v < len(feature.names) else None
+                      for v in labels]
+        out[ours] = (_check_rows(data[text_col], labels, where, None), where)
+    return out
+
+
+def hf_splits(spec: str, folder: Path | None) -> dict[str, tuple[Any, str]]:
+    """A ``save_to_disk`` folder or hub dataset -> {"train" / "validation" / "test", or "all" for a single
+    split: (the split, its own name)}; InputError when it cannot be loaded or has no train split."""
     try:
         import datasets
     except ImportError:
@@ -325,20 +347,7 @@ def _read_hf(spec: str, folder: Path | None, text_col: str, label_col: str) -> d
         if len(names) != 1:
             raise InputError(f"--data: dataset {spec!r} has splits {', '.join(names)} but no 'train' split")
         chosen = {"all": names[0]}
-    out = {}
-    for ours, theirs in chosen.items():
-        ds, where = obj[theirs], f"--data: {spec} (split {theirs!r})"
-        if not isinstance(ds, datasets.Dataset):
-            raise InputError(f"{where}: expected a map-style dataset, got {type(ds).__name__}")
-        _columns(list(ds.column_names), text_col, label_col, where, "columns")
-        data = ds.select_columns(list(dict.fromkeys([text_col, label_col]))).to_dict()
-        labels = data[label_col]
-        feature = ds.features[label_col]
-        if isinstance(feature, datasets.ClassLabel):  # ids -> names; -1 (unlabelled) -> missing
-            labels = [feature.names[v] if isinstance(v, int) and 0 <= v < len(feature.names) else None
-                      for v in labels]
-        out[ours] = (_check_rows(data[text_col], labels, where, None), where)
-    return out
+    return {ours: (obj[theirs], theirs) for ours, theirs in chosen.items()}
 
 
 def _check_rows(texts: Sequence[Any], labels: Sequence[Any], where: str, pos: list[str] | None) -> Rows:
