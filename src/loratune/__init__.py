@@ -9,6 +9,7 @@ The library functions behind the CLI commands::
     loratune.generate(adapter_dir, ["Name a colour."])    # loratune generate (a causal-LM adapter)
     loratune.merge(adapter_dir, out_dir)                  # loratune merge
     loratune.info("minilm-l6", targets="qv", rank=8)      # loratune info
+    loratune.serve(adapters={"a": "runs/x/adapter"})      # loratune serve (HTTP, vLLM's routes)
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ _LAZY = {
     "generate": ("infer.generate", "generate"),
     "merge": ("infer.inference", "merge_export"),
     "info": ("infer.inference", "info"),
+    "serve": ("serve.server", "serve"),
     "LoraLinear": ("core.lora", "LoraLinear"),
     "LoraSpec": ("core.inject", "LoraSpec"),
     "inject": ("core.inject", "inject"),

@@ -17,6 +17,7 @@ from typing import Sequence
 from loratune.cli.adapter import register as adapter_commands
 from loratune.cli.progress import Renderer
 from loratune.cli.report import register as report_commands
+from loratune.cli.serve import register as serve_command
 from loratune.cli.tune import register as tune_command
 from loratune.errors import Diverged, InputError, Interrupted
 
@@ -37,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     adapter_commands(sub, common)
     tune_command(sub, common)
     report_commands(sub, common)
+    serve_command(sub, common)
     return p
 
 

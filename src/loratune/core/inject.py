@@ -22,7 +22,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
-from loratune.core.lora import LoraLinear, is_conv1d, linear_shape
+from loratune.core.lora import LoraLinear, RoutedModule, is_conv1d, linear_shape
 from loratune.errors import InputError
 
 # Attention projection names by naming family: (q, k, v, o). The first family whose q and v
@@ -321,24 +321,34 @@ def set_active(model: nn.Module, name: str | None) -> None:
         layer.route = None
 
 
+def routed_modules(model: nn.Module) -> dict[str, RoutedModule]:
+    """Every module with per-adapter copies (:class:`RoutedModule`) by its full name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, RoutedModule)}
+
+
 @contextmanager
 def routed(model: nn.Module, per_row: Sequence[str | None]) -> Iterator[None]:
-    """Within the block, row i of every batch goes through adapter ``per_row[i]`` (None: no adapter)."""
-    known = set(adapter_names(model))
+    """Within the block, row i of every batch goes through adapter ``per_row[i]`` (None: no adapter): its LoRA
+    matrices and, where it has them, its own copies of the head and saved modules (:class:`RoutedModule`)."""
+    layers, copies = lora_layers(model), routed_modules(model)
+    known = set(adapter_names(model)).union(*(m.copies for m in copies.values()))
     unknown = {n for n in per_row if n is not None and n not in known}
     if unknown:
         raise InputError(f"no adapter named {sorted(unknown)[0]!r}; this model has {sorted(known)}")
-    layers = lora_layers(model)
-    device = next(iter(layers.values())).base_layer.weight.device if layers else None
+    device = next(model.parameters()).device
     groups = {n: torch.tensor([i for i, m in enumerate(per_row) if m == n], dtype=torch.long, device=device)
               for n in dict.fromkeys(per_row) if n is not None}
     try:
         for layer in layers.values():
             layer.route = [(n, rows) for n, rows in groups.items() if n in layer.adapters]
+        for module in copies.values():
+            module.route = [(n, rows) for n, rows in groups.items() if n in module.copies]
         yield
     finally:
         for layer in layers.values():
             layer.route = None
+        for module in copies.values():
+            module.route = None
 
 
 def trains(param_name: str, heads: Sequence[str], bias: str = "none") -> bool:

@@ -6,6 +6,9 @@ A starts Kaiming-uniform (a=√5, as nn.Linear and peft), B at zeros, so a fresh
 Scaling is α/r, or α/√r with rsLoRA. ``LoraLinear`` wraps the base layer (composition, not
 inheritance) and can hold several named adapters: one active for the whole batch, or one per row
 (``route``), which lets a search pack several trials into one forward pass over one frozen base.
+
+What trains in full beside A and B (the task head, ``modules_to_save``) is routed per row by
+``RoutedModule``: one module's code, one set of its tensors per adapter.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 
 from loratune.errors import InputError
 
@@ -98,7 +102,7 @@ class LoraLinear(nn.Module):
         h = self.base_layer(x)
         if self.route is not None:
             for name, rows in self.route:                       # rows: (n,) indices into the batch
-                if name not in self.merged:                     # out of place, so autograd sees it
+                if name in self.adapters and name not in self.merged:   # out of place, so autograd sees it
                     h = h.index_add(0, rows, self.adapters[name](x[rows]).to(h.dtype))
             return h
         if self.active is not None and self.active not in self.merged:
@@ -133,3 +137,43 @@ class LoraLinear(nn.Module):
     def extra_repr(self) -> str:
         ranks = ", ".join(f"{n}: r={a.r}" for n, a in self.adapters.items())
         return f"d={self.d}, k={self.k}, adapters=[{ranks}], active={self.active!r}, merged={self.merged}"
+
+
+class RoutedModule(nn.Module):
+    """A module that trains in full (a task head, a saved module such as BERT's pooler) with its own tensors
+    per adapter, so one batch can run each row through its adapter's copy (a server holding many adapters).
+
+    ``copies[name]`` maps the inner module's parameter and buffer names to that adapter's tensors (as read
+    from its file: nothing is copied); the forward runs the inner module's own code on them
+    (``torch.func.functional_call``). Rows in no route entry, or routed to an adapter without a copy here, go
+    through the inner module as it is. Heads differ in width between adapters (2 classes beside 5): the output
+    is as wide as the widest, each row's extra entries -inf, so a softmax over a row's first C is its own.
+    """
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.copies: dict[str, dict[str, torch.Tensor]] = {}     # a plain dict: not the model's parameters
+        self.route: list[tuple[str, torch.Tensor]] | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.route is None:
+            return self.inner(x)
+        parts: list[tuple[torch.Tensor, torch.Tensor]] = []
+        covered = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+        for name, rows in self.route:
+            if name in self.copies:                               # (n, ..., H) -> (n, ..., C_name)
+                parts.append((rows, functional_call(self.inner, self.copies[name], (x[rows],), strict=False)))
+                covered[rows] = True
+        rest = (~covered).nonzero().squeeze(1)
+        if rest.numel():
+            parts.append((rest, self.inner(x[rest])))
+        width = max(y.shape[-1] for _, y in parts)
+        first = parts[0][1]
+        out = first.new_full((x.shape[0], *first.shape[1:-1], width), float("-inf"))
+        for rows, y in parts:
+            out[rows, ..., :y.shape[-1]] = y.to(out.dtype)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"copies={list(self.copies)}"
