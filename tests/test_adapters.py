@@ -163,7 +163,7 @@ def _corrupt(tmp_path: Path, how: str) -> Path:
     ("r <= 0", "'r' must be >= 1"),
     ("r wrong type", "'r' has the wrong type"),
     ("dropout out of range", "lora_dropout"),
-    ("dora", "use_dora"),
+    ("dora", "lora_magnitude_vector' is missing"),
     ("missing tensor", "is missing"),
     ("nan", "NaN"),
 ])

@@ -198,7 +198,7 @@ def test_json_shape_and_compare(tmp_path: Path) -> None:
     assert set(result) == {"adapter", "matrices", "compare"}
     assert result["adapter"] == str(first)
     for m in result["matrices"]:
-        assert set(m) == {"name", "shape", "rank", "singular_values", "effective_rank", "frobenius_norm", "amplification"}
+        assert set(m) == {"name", "shape", "rank", "singular_values", "effective_rank", "frobenius_norm", "amplification", "delta"}
         assert m["rank"] == 4 and len(m["singular_values"]) == 4 and isinstance(m["effective_rank"], int)
         assert m["singular_values"] == sorted(m["singular_values"], reverse=True)
     cmp = result["compare"]

@@ -25,7 +25,8 @@ CONTRACT_DEFAULTS = {
     "label_column": "label", "prompt_column": "prompt", "completion_column": "completion",
     "messages_column": "messages", "system_prompt": None, "validation_file": None, "test_file": None, "split_seed": 0, "sample_pct": 1.0, "max_length": 128,
     "method": "lora", "targets": ["qv"],
-    "layers": None, "rank": 8, "alpha": 16.0, "dropout": 0.1, "bias": "none", "init": "kaiming", "rslora": False,
+    "layers": None, "rank": 8, "alpha": 16.0, "dropout": 0.1, "bias": "none", "init": "kaiming", "variant": "lora",
+    "rank_pattern": {}, "alpha_pattern": {}, "loraplus_ratio": None, "rslora": False,
     "modules_to_save": "auto", "lr": 5e-4, "weight_decay": 0.01, "warmup": 0.06, "epochs": 3, "max_steps": None, "batch_size": 16,
     "grad_accum": 1, "clip": 1.0, "early_stop": None, "class_weights": "none", "precision": "auto",
     "device": "auto", "seed": 0, "log_every": 20, "bucket": True, "checkpoint_every": None, "threads": None,
@@ -74,7 +75,7 @@ def test_every_option_declares_help_and_a_kind_that_matches_its_type(name) -> No
     ({"validation_file": ""}, "--validation-file: expected a file path"),
     ({"targets": "q,,v"}, "--targets: empty target name"),
     ({"layers": "a-b"}, "--layers: expected indices like"),
-    ({"rnak": 4}, "unknown training option 'rnak'; known options: alpha, batch_size, bias"),
+    ({"rnak": 4}, "unknown training option 'rnak'; known options: alpha, alpha_pattern, batch_size, bias"),
 ])
 def test_bad_values_name_the_flag(values, message) -> None:
     with pytest.raises(InputError) as e:

@@ -161,7 +161,7 @@ CASES: list[Case] = [
     ("adapter", "unknown config field", _adapter("merge", _edit_config(frobnicate=3)), "unknown field 'frobnicate'"),
     ("adapter", "wrong type in config", _adapter("predict", _edit_config(r="8")), "'r' has the wrong type"),
     ("adapter", "unsupported peft type", _adapter("eval", _edit_config(peft_type="IA3")), "peft_type 'IA3'"),
-    ("adapter", "unsupported peft feature", _adapter("eval", _edit_config(use_dora=True)), "use_dora"),
+    ("adapter", "unsupported peft feature", _adapter("eval", _edit_config(lora_bias=True)), "lora_bias"),
     ("adapter", "link out of the folder", _adapter("eval", lambda a: ((a / "loratune.json").unlink(), (a / "loratune.json").symlink_to("/etc/hostname"))), "leads out of the adapter folder"),
     ("adapter", "bad label names", _adapter("predict", lambda a: (a / "loratune.json").write_text('{"id2label": ["x"]}')), "id2label"),
     # model folders

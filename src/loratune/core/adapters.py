@@ -69,20 +69,27 @@ def peft_config(spec: LoraSpec, targets: list[str], *, base_model: str | None, f
     peft loads it as a PeftModelForCausalLM), else null. ``modules_to_save`` as peft's SEQ_CLS writes it: the
     user's names, then ``classifier`` and ``score``; without a head, the user's names or null."""
     regex = len(targets) == 1 and targets[0].startswith("re:")
+    # PiSSA / OLoRA changed W0; the file is converted to apply to the original W0 (adapter_state): rank 2r, and α
+    # doubled (×√2 with rsLoRA) so that the scaling stays — peft's path_initial_model_for_weight_conversion.
+    converted = spec.init in ("pissa", "olora")
+    grow = (math.sqrt(2) if spec.rslora else 2) if converted else 1
+    rank_x = 2 if converted else 1
     return {
-        "alpha_pattern": {}, "auto_mapping": None, "base_model_name_or_path": base_model,
+        "alpha_pattern": {k.removeprefix("re:"): v * grow for k, v in spec.alpha_pattern},
+        "auto_mapping": None, "base_model_name_or_path": base_model,
         "bias": spec.bias, "exclude_modules": None, "fan_in_fan_out": fan_in_fan_out, "inference_mode": True,
-        "init_lora_weights": True if spec.init == "kaiming" else "gaussian",
+        "init_lora_weights": "gaussian" if spec.init == "gaussian" else True,
         "layer_replication": None, "layers_pattern": None,
         "layers_to_transform": list(spec.layers) if spec.layers is not None else None,
-        "loftq_config": {}, "lora_alpha": spec.alpha, "lora_bias": False, "lora_dropout": spec.dropout,
+        "loftq_config": {}, "lora_alpha": spec.alpha * grow, "lora_bias": False, "lora_dropout": spec.dropout,
         "megatron_config": None, "megatron_core": "megatron.core",
         "modules_to_save": ([*spec.modules_to_save, *HEAD_SUFFIXES] if has_head
                             else list(spec.modules_to_save) or None),
-        "peft_type": "LORA", "r": spec.rank, "rank_pattern": {}, "revision": None,
+        "peft_type": "LORA", "r": spec.rank * rank_x,
+        "rank_pattern": {k.removeprefix("re:"): v * rank_x for k, v in spec.rank_pattern}, "revision": None,
         "target_modules": targets[0][3:] if regex else list(targets),
         "task_type": "SEQ_CLS" if has_head else "CAUSAL_LM" if causal else None,
-        "use_dora": False, "use_rslora": spec.rslora,
+        "use_dora": spec.variant == "dora", "use_rslora": spec.rslora,
     }
 
 
@@ -102,8 +109,19 @@ def adapter_state(model: nn.Module, name: str = "default", bias: str = "none",
         module, lora, rest = pname.partition(".adapters.")
         if not lora:
             out[PREFIX + pname] = p
+        elif rest == f"{name}.lora_magnitude":              # DoRA's m: peft's key has no ".weight"
+            out[f"{PREFIX}{module}.lora_magnitude_vector"] = p
         elif rest.startswith(name + "."):                  # rest: "<adapter name>.lora_A"
             out[f"{PREFIX}{module}.{rest.removeprefix(name + '.')}.weight"] = p
+    for module, layer in lora_layers(model).items():
+        start = layer.adapters[name].initial_delta() if name in layer.adapters else None
+        if start is not None:
+            # W0 was replaced by W0 − s·B0·A0: [A; A0] and [B, −B0] (rank 2r, same scaling) give
+            # s·(B·A − B0·A0), which on the original W0 is what the trained layer computes.
+            a0, b0 = start
+            key = f"{PREFIX}{module}.lora_"
+            out[key + "A.weight"] = torch.cat([out[key + "A.weight"].detach(), a0], dim=0)
+            out[key + "B.weight"] = torch.cat([out[key + "B.weight"].detach(), -b0], dim=1)
     return {k: v.detach().to("cpu").contiguous() for k, v in out.items()}
 
 
@@ -223,12 +241,10 @@ def read_adapter_config(adapter_dir: str | os.PathLike) -> tuple[LoraSpec, dict[
     bias = field("bias", str, default="none")
     if bias not in ("none", "all", "lora_only"):
         raise InputError(f"{path}: field 'bias' must be none, all or lora_only, got {bias!r}")
-    for unsupported in ("use_dora", "lora_bias"):
-        if field(unsupported, bool, default=False):
-            raise InputError(f"{path}: {unsupported}=true is not supported by loratune")
-    for key in ("rank_pattern", "alpha_pattern"):
-        if field(key, dict, default={}):
-            raise InputError(f"{path}: per-module {key} is not supported by loratune")
+    if field("lora_bias", bool, default=False):
+        raise InputError(f"{path}: lora_bias=true is not supported by loratune")
+    dora = field("use_dora", bool, default=False)
+    patterns = {key: _pattern(path, key, field(key, dict, default={})) for key in ("rank_pattern", "alpha_pattern")}
     targets = field("target_modules", (list, str), required=True)
     if isinstance(targets, str):
         targets = ["re:" + targets]
@@ -240,6 +256,9 @@ def read_adapter_config(adapter_dir: str | os.PathLike) -> tuple[LoraSpec, dict[
     if layers is not None and not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers):
         raise InputError(f"{path}: field 'layers_to_transform' must be a list of layer indices >= 0")
     init = field("init_lora_weights", (bool, str), default=True)
+    if init is False or (isinstance(init, str) and init not in ("gaussian", "pissa", "olora")):
+        raise InputError(f"{path}: init_lora_weights={json.dumps(init)} is not supported by loratune (true, gaussian, "
+                         "pissa or olora; pissa_niter_* starts from a random SVD that a loader cannot recompute)")
     rslora = field("use_rslora", bool, default=False)
     field("base_model_name_or_path", str)
     saved = field("modules_to_save", list, default=[])
@@ -247,10 +266,29 @@ def read_adapter_config(adapter_dir: str | os.PathLike) -> tuple[LoraSpec, dict[
         raise InputError(f"{path}: field 'modules_to_save' must be a list of module names or null, got "
                          f"{json.dumps(saved)[:60]}")
     spec = LoraSpec(targets=tuple(targets), rank=r, alpha=float(alpha), dropout=float(dropout), rslora=rslora,
-                    init="gaussian" if init == "gaussian" else "kaiming",
+                    init=init if isinstance(init, str) else "kaiming",
                     layers=tuple(layers) if layers is not None else None, bias=bias,
-                    modules_to_save=tuple(dict.fromkeys(m for m in saved if m not in HEAD_SUFFIXES)))
+                    modules_to_save=tuple(dict.fromkeys(m for m in saved if m not in HEAD_SUFFIXES)),
+                    variant="dora" if dora else "lora", rank_pattern=tuple((k, int(v)) for k, v in patterns["rank_pattern"]),
+                    alpha_pattern=tuple((k, float(v)) for k, v in patterns["alpha_pattern"]))
     return spec, raw
+
+
+def _pattern(path: Path, key: str, value: dict[str, Any]) -> list[tuple[str, float]]:
+    """A ``rank_pattern`` / ``alpha_pattern`` object: regex keys (peft's), positive numbers (ranks whole)."""
+    out: list[tuple[str, float]] = []
+    for k, v in value.items():
+        try:
+            re.compile(k)
+        except re.error as e:
+            raise InputError(f"{path}: {key} key {k!r} is not a valid regex ({e})") from None
+        whole = key == "rank_pattern"
+        if isinstance(v, bool) or not isinstance(v, int if whole else (int, float)) or not v > 0 \
+                or not math.isfinite(v):
+            raise InputError(f"{path}: {key}[{k!r}] must be a positive {'whole number' if whole else 'number'}, "
+                             f"got {json.dumps(v)[:40]}")
+        out.append((k, v))
+    return out
 
 
 def read_meta(adapter_dir: str | os.PathLike) -> dict[str, Any]:
@@ -321,8 +359,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike, name: str = "
     expected: dict[str, torch.Tensor] = {}
     for path, layer in lora_layers(model).items():
         if name in layer.adapters:
-            expected[f"{PREFIX}{path}.lora_A.weight"] = layer.adapters[name].lora_A
-            expected[f"{PREFIX}{path}.lora_B.weight"] = layer.adapters[name].lora_B
+            expected.update(lora_tensors(path, layer.adapters[name]))
     for key in weights:
         if key not in expected:
             pname = _model_param_name(key)
@@ -353,6 +390,14 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike, name: str = "
     if hint and base and Path(str(hint)).name != Path(str(base)).name:
         log.info("adapter was trained on %s; loading it on %s (shapes match)", hint, base)
     return spec
+
+
+def lora_tensors(path: str, adapter: nn.Module) -> dict[str, torch.Tensor]:
+    """An adapter's tensors in layer ``path`` by their peft key: lora_A, lora_B and DoRA's magnitude."""
+    out = {f"{PREFIX}{path}.lora_A.weight": adapter.lora_A, f"{PREFIX}{path}.lora_B.weight": adapter.lora_B}
+    if adapter.lora_magnitude is not None:
+        out[f"{PREFIX}{path}.lora_magnitude_vector"] = adapter.lora_magnitude
+    return out
 
 
 def _model_param_name(key: str) -> str:

@@ -56,6 +56,23 @@ class LoraSpec:
     modules_to_save: tuple[str, ...] = ()
     """Modules besides the task head that train in full (peft's ``modules_to_save``, head names excluded);
     names as targets: a module whose full name equals one or ends with ``"." + name`` (:func:`saved_modules`)."""
+    variant: str = "lora"
+    """``lora``, or ``dora``: a learned magnitude per output row times the normalised W0 + ΔW."""
+    rank_pattern: tuple[tuple[str, int], ...] = ()
+    """Per-module ranks, peft's ``rank_pattern``: (key, r) pairs; the first key K whose regex
+    ``(.*\.)?(K)$`` matches a module's full name gives its rank (:func:`pattern_value`)."""
+    alpha_pattern: tuple[tuple[str, float], ...] = ()
+    """Per-module alphas, peft's ``alpha_pattern``, matched as ``rank_pattern``."""
+
+
+def pattern_value(pattern: Sequence[tuple[str, float]], name: str, default: float) -> float:
+    """peft's ``get_pattern_key``: the value of the first key K for which ``re.match(rf"(.*\.)?({K})$", name)``
+    (a plain name matches itself and every module ending in ``"." + name``; a regex, the whole name or a
+    dotted tail of it), else ``default``. A leading ``re:`` on a key is loratune's marker, not part of it."""
+    for key, value in pattern:
+        if re.match(rf"(.*\.)?({key.removeprefix('re:')})$", name):
+            return value
+    return default
 
 
 def is_linear(module: nn.Module) -> bool:
@@ -279,17 +296,24 @@ def inject(model: nn.Module, spec: LoraSpec, name: str = "default") -> list[str]
             raise InputError(f"--modules-to-save: {n} already holds LoRA adapters {list(layer.adapters)}; a module "
                              "cannot both train in full and hold LoRA")
     names = resolve_targets(model, spec.targets, spec.layers, spec.modules_to_save)
+    for flag, pattern in (("--rank-pattern", spec.rank_pattern), ("--alpha-pattern", spec.alpha_pattern)):
+        for key, _ in pattern:
+            if not any(pattern_value([(key, 1)], n, 0) for n in names):
+                raise InputError(f"{flag}: {key!r} matches none of the adapted matrices ({', '.join(short_names(names))})")
+    ranks = {n: int(pattern_value(spec.rank_pattern, n, spec.rank)) for n in names}
     for n in names:
         d, k = linear_shape(_unwrapped(model.get_submodule(n)))
-        if spec.rank > min(d, k):
-            raise InputError(f"--rank: {spec.rank} is larger than min(d, k) = {min(d, k)} of {n} ({d}x{k})")
+        if ranks[n] > min(d, k):
+            flag = "--rank" if ranks[n] == spec.rank else "--rank-pattern"
+            raise InputError(f"{flag}: {ranks[n]} is larger than min(d, k) = {min(d, k)} of {n} ({d}x{k})")
     for n in names:
         layer = model.get_submodule(n)
         if not isinstance(layer, LoraLinear):
             layer = LoraLinear(layer)
             parent, _, child = n.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, layer)
-        layer.add_adapter(name, spec.rank, spec.alpha, spec.dropout, rslora=spec.rslora, init=spec.init)
+        layer.add_adapter(name, ranks[n], pattern_value(spec.alpha_pattern, n, spec.alpha), spec.dropout,
+                          rslora=spec.rslora, init=spec.init, dora=spec.variant == "dora")
     set_active(model, name)
     mark_trainable(model, spec.bias, spec.modules_to_save)
     return names

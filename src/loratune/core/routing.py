@@ -24,6 +24,7 @@ from loratune.core.adapters import (
     PREFIX,
     WEIGHTS_NAME,
     _model_param_name,
+    lora_tensors,
     read_adapter_config,
     read_weights,
 )
@@ -59,6 +60,11 @@ def add_routed_adapter(model: nn.Module, adapter_dir: str | os.PathLike, name: s
     if spec.bias != "none":
         raise InputError(f"{cfg_path}: bias={spec.bias!r}: this adapter trained biases of the base model, which "
                          "every adapter on it shares, so it cannot be routed per row; serve it alone, merged (--merge)")
+    if spec.init in ("pissa", "olora"):
+        raise InputError(f"{cfg_path}: init_lora_weights={spec.init!r}: this adapter applies to a residual of W0 "
+                         "that its loader computes by changing the shared base; save it converted (peft's "
+                         "path_initial_model_for_weight_conversion, as loratune saves its own) or serve it alone, "
+                         "merged (--merge)")
     if any(name in layer.adapters for layer in lora_layers(model).values()) or \
             any(name in m.copies for m in routed_modules(model).values()):
         raise InputError(f"an adapter named {name!r} is already loaded")
@@ -84,11 +90,9 @@ def add_routed_adapter(model: nn.Module, adapter_dir: str | os.PathLike, name: s
     try:
         for path in targets:
             layer = lora_layers(model)[path]
-            for part in ("lora_A", "lora_B"):
-                key = f"{PREFIX}{path}.{part}.weight"
+            for key, param in lora_tensors(path, layer.adapters[name]).items():
                 if key not in weights:
                     raise InputError(f"{wpath}: tensor {key!r} is missing")
-                param = getattr(layer.adapters[name], part)
                 if tuple(weights[key].shape) != tuple(param.shape):
                     raise InputError(f"{wpath}: {key} has shape {list(weights[key].shape)} but the model's is "
                                      f"{list(param.shape)} (an adapter for another base model?)")
@@ -118,7 +122,8 @@ def _module_tensors(model: nn.Module, weights: dict[str, torch.Tensor], targets:
     """The file's tensors of each module that trains in full, by the inner module's own names
     (``bert.pooler.dense.weight`` -> ``{"bert.pooler": {"dense.weight": ...}}``); each module whole, each
     shape the model's but a head's class count."""
-    lora = {f"{PREFIX}{t}.lora_{p}.weight" for t in targets for p in "AB"}
+    lora = {f"{PREFIX}{t}.lora_{p}.weight" for t in targets for p in "AB"} | \
+        {f"{PREFIX}{t}.lora_magnitude_vector" for t in targets}
     heads = set(head_names(model))
     out: dict[str, dict[str, torch.Tensor]] = {m: {} for m in modules}
     for key, tensor in weights.items():

@@ -15,6 +15,10 @@ For every adapted matrix (LoRA paper, Hu et al. 2021, §7):
 - **Subspace similarity** (Figure 3) of two adapters' A matrices, with V_1 (k, r1), V_2 (k, r2) their
   right-singular vectors in order: φ(A1, A2, i, j) = ‖V_1[:, :i]ᵀ·V_2[:, :j]‖²_F / min(i, j) ∈ [0, 1].
 
+DoRA (``use_dora``): the merged weight is W = g ⊙ (W0 + s·B·A), g = m / ‖W0 + s·B·A‖ per output row, so ΔW is
+defined as W − W0 (full rank in general; every singular value is reported, and ``delta`` says which ΔW a matrix
+has). It needs W0: without the base model a DoRA matrix is analysed as s·B·A alone, and the note says so.
+
 GPT-2's ``Conv1D`` stores W0 as (k, d) (``fan_in_fan_out``); A and B are stored as for a Linear, so
 ΔW is (d, k) either way and W0 is transposed before use.
 """
@@ -54,6 +58,8 @@ class LoraPair:
     A: torch.Tensor
     B: torch.Tensor
     scaling: float
+    magnitude: torch.Tensor | None = None
+    """DoRA's m (d,), float64; None for plain LoRA."""
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -75,11 +81,13 @@ class MatrixStats:
     effective_rank: int
     frobenius_norm: float
     amplification: float | None = None
+    delta: str = "s*B*A"
+    """Which ΔW: ``s*B*A`` (LoRA), ``merged-W0`` (DoRA with its base), ``s*B*A (DoRA, no base)``."""
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "shape": list(self.shape), "rank": self.rank,
                 "singular_values": self.singular_values, "effective_rank": self.effective_rank,
-                "frobenius_norm": self.frobenius_norm, "amplification": self.amplification}
+                "frobenius_norm": self.frobenius_norm, "amplification": self.amplification, "delta": self.delta}
 
 
 @dataclass
@@ -107,9 +115,10 @@ class Analysis:
 
 def lora_pairs(adapter: str | os.PathLike) -> dict[str, LoraPair]:
     """The (A, B, s) of every adapted matrix in the folder, by module name (file order)."""
+    from loratune.core.inject import pattern_value
+
     spec, _ = read_adapter_config(adapter)
     weights = read_weights(adapter)
-    scaling = spec.alpha / (math.sqrt(spec.rank) if spec.rslora else spec.rank)
     path = Path(adapter) / "adapter_model.safetensors"
     out: dict[str, LoraPair] = {}
     for key, a in weights.items():
@@ -125,7 +134,13 @@ def lora_pairs(adapter: str | os.PathLike) -> dict[str, LoraPair]:
         A, B = a.to(torch.float64), b.to(torch.float64)
         if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
             raise InputError(f"{path}: {name} holds NaN or infinite values")
-        out[name] = LoraPair(name, A, B, scaling)
+        r = int(a.shape[0])                              # the module's own rank (rank_pattern), as stored
+        alpha = pattern_value(spec.alpha_pattern, name, spec.alpha)
+        m = weights.get(f"{PREFIX}{name}.lora_magnitude_vector") if spec.variant == "dora" else None
+        if spec.variant == "dora" and (m is None or tuple(m.shape) != (b.shape[0],)):
+            raise InputError(f"{path}: {name}: a DoRA adapter needs lora_magnitude_vector of shape [{b.shape[0]}]")
+        out[name] = LoraPair(name, A, B, alpha / (math.sqrt(r) if spec.rslora else r),
+                             None if m is None else m.to(torch.float64))
     if not out:
         raise InputError(f"{path}: holds no LoRA tensors (*.lora_A.weight)")
     return out
@@ -139,6 +154,16 @@ def svd_lowrank_product(pair: LoraPair) -> tuple[torch.Tensor, torch.Tensor, tor
     qa, ra = torch.linalg.qr(pair.A.T)               # (k, q'), (q', r)
     uc, s, vch = torch.linalg.svd(pair.scaling * (rb @ ra.T), full_matrices=False)   # the small core
     return qb @ uc, s, qa @ vch.T
+
+
+def dora_svd(pair: LoraPair, w0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD of DoRA's ΔW = g ⊙ (W0 + s·B·A) − W0 (g = m / ‖W0 + s·B·A‖ per output row, as the merge computes
+    it), formed densely: (U (d, q), σ (q,), V (k, q)), q = min(d, k)."""
+    assert pair.magnitude is not None
+    w = w0.to(torch.float64) + pair.delta()
+    g = pair.magnitude / torch.linalg.norm(w, dim=1)
+    u, s, vh = torch.linalg.svd(g[:, None] * w - w0.to(torch.float64), full_matrices=False)
+    return u, s, vh.T
 
 
 def effective_rank(singular_values: torch.Tensor | np.ndarray | list[float], energy: float = ENERGY) -> int:
@@ -224,20 +249,32 @@ def analyze_adapter(adapter: str | os.PathLike, compare: str | os.PathLike | Non
         if note:
             log.warning("amplification not computed: %s", note)
     stats = []
+    dora_without_base = False
     for name, pair in pairs.items():
-        u, s, v = svd_lowrank_product(pair)
+        w0 = weights.get(name)
+        delta = "s*B*A"
+        if pair.magnitude is not None and w0 is not None and tuple(w0.shape) == pair.shape:
+            u, s, v = dora_svd(pair, w0)
+            delta = "merged-W0"
+        else:
+            u, s, v = svd_lowrank_product(pair)
+            if pair.magnitude is not None:
+                delta, dora_without_base = "s*B*A (DoRA, no base)", True
         norm = float(torch.linalg.vector_norm(s).item())          # ‖ΔW‖_F = ‖σ‖₂
         amp = None
-        w0 = weights.get(name)
         if w0 is not None and tuple(w0.shape) == pair.shape:
-            amp = amplification(u, v, w0, norm)
+            r = int(pair.A.shape[0])                               # ΔW's top r directions (DoRA's ΔW has more)
+            amp = amplification(u[:, :r], v[:, :r], w0, norm)
         elif w0 is not None:
             log.warning("amplification of %s not computed: the base weight is %s, ΔW is %s",
                         name, list(w0.shape), list(pair.shape))
         elif with_base and not note:
             log.warning("amplification of %s not computed: the base model has no such matrix", name)
         stats.append(MatrixStats(name, pair.shape, int(pair.A.shape[0]), [float(x) for x in s],
-                                 effective_rank(s), norm, amp))
+                                 effective_rank(s), norm, amp, delta))
+    if dora_without_base:
+        note = (note + "; " if note else "") + ("DoRA's ΔW (the merged weight minus W0) needs the base model: "
+                                                "its matrices show s·B·A alone")
     result = Analysis(str(adapter), stats, base=spec, note=note)
     if compare is not None:
         result.compare = str(compare)
@@ -296,6 +333,8 @@ def format_table(result: dict[str, Any], top: int = 4) -> list[str]:
                        "-" if m["amplification"] is None else f"{m['amplification']:.2f}",
                        " ".join(f"{x:.3g}" for x in m["singular_values"][:top])] for n, m in zip(names, rows)]
     lines = _align(cells)
+    if any(m.get("delta") == "merged-W0" for m in rows):
+        lines += ["", "DoRA: ΔW is the merged weight minus W0 (m/‖W0 + s·B·A‖ ⊙ (W0 + s·B·A) − W0), full rank in general"]
     cmp = result.get("compare")
     if cmp:
         lines += ["", f"subspace similarity φ with {cmp['adapter']} (1 = same directions, 0 = orthogonal):"]

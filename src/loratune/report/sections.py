@@ -129,6 +129,9 @@ def analysis_section(adapter: Path, compare: Path | None = None, labels: tuple[s
            table(["matrix", "shape", "r", "effective rank", "‖ΔW‖_F", "amplification", "top singular values"], rows,
                  sortable=True),
            img(plots.singular_values_plot(mats, names), "singular values")]
+    if any(m.delta == "merged-W0" for m in res.matrices):
+        out.append(note("DoRA adapter: ΔW is the merged weight minus W0, m/‖W0 + (α/r)·B·A‖ ⊙ (W0 + (α/r)·B·A) − W0, "
+                        "full rank in general"))
     if res.note:
         out.append(note(f"amplification: {res.note}"))
     if compare is not None and res.phi:

@@ -28,7 +28,8 @@ if TYPE_CHECKING:
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 BIAS_MODES = ("none", "all", "lora_only")
-INITS = ("kaiming", "gaussian")
+INITS = ("kaiming", "gaussian", "pissa", "olora")
+VARIANTS = ("lora", "dora")
 CLASS_WEIGHTS = ("none", "balanced")
 METHODS = ("lora", "full")
 TASKS = ("auto", "classification", "causal-lm")
@@ -223,6 +224,51 @@ def parse_layers(value: Any) -> tuple[int, ...] | None:
     return tuple(sorted(set(value)))
 
 
+def parse_pattern(name: str, whole: bool) -> Callable[[Any], tuple[tuple[str, Any], ...]]:
+    """``--rank-pattern`` / ``--alpha-pattern``: ``"query=16,re:.*value=4"``, a YAML mapping, or pairs ->
+    ((key, value), ...) in the given order (the first matching key wins, as in peft). Keys are peft's regexes
+    (a plain name matches itself and every ``*.name``); a leading ``re:`` is allowed and dropped when saved."""
+    import re
+
+    def parse(value: Any) -> tuple[tuple[str, Any], ...]:
+        if value is None or value == "" or value == "none":
+            return ()
+        if isinstance(value, str):
+            items: list[Any] = []
+            for part in value.split(","):
+                key, eq, number = part.strip().rpartition("=")
+                if not eq or not key:
+                    raise InputError(f"{flag(name)}: expected KEY=VALUE[,KEY=VALUE...], got {part.strip()!r}")
+                try:
+                    items.append((key, int(number) if whole else float(number)))
+                except ValueError:
+                    items.append((key, number))
+        elif isinstance(value, Mapping):
+            items = list(value.items())
+        elif isinstance(value, (list, tuple)) and all(isinstance(p, (list, tuple)) and len(p) == 2 for p in value):
+            items = [tuple(p) for p in value]
+        else:
+            raise InputError(f"{flag(name)}: expected KEY=VALUE pairs or a mapping, got {value!r}")
+        out: dict[str, Any] = {}
+        for key, v in items:
+            if not isinstance(key, str) or not key.removeprefix("re:"):
+                raise InputError(f"{flag(name)}: empty or non-text key in {value!r}")
+            try:
+                re.compile(key.removeprefix("re:"))
+            except re.error as e:
+                raise InputError(f"{flag(name)}: {key!r} is not a valid regex ({e})") from None
+            if isinstance(v, bool) or not isinstance(v, int if whole else (int, float)) or not v > 0 \
+                    or not math.isfinite(v):
+                raise InputError(f"{flag(name)}: the value of {key!r} must be a positive "
+                                 f"{'whole number' if whole else 'number'}, got {v!r}")
+            if key in out:
+                raise InputError(f"{flag(name)}: {key!r} is given twice")
+            out[key] = int(v) if whole else float(v)
+        return tuple(out.items())
+
+    return parse
+
+
 def _zero_is_off(value: Any) -> Any:
     """``--clip 0`` turns clipping off (None)."""
     return None if value == 0 else value
@@ -277,8 +323,23 @@ class TrainConfig:
     dropout: float = option(0.1, "float", "dropout on the adapter's input", ge=0, lt=1, metavar="P")
     bias: str = option("none", "str", "which biases train: none, all, or lora_only (those of adapted layers)",
                        choices=BIAS_MODES)
-    init: str = option("kaiming", "str", "initialisation of A: kaiming (uniform, a=sqrt(5), as peft) or gaussian "
-                       "(std 1/r)", choices=INITS)
+    init: str = option("kaiming", "str", "how A and B start: kaiming (A uniform, a=sqrt(5), B zero, as peft), "
+                       "gaussian (A with std 1/r), pissa (from W0's principal singular vectors) or olora (from "
+                       "W0's QR); pissa and olora replace W0 by the residual (the output at step 0 is unchanged) "
+                       "and save the adapter converted for the original W0, at twice the rank", choices=INITS)
+    variant: str = option("lora", "str", "lora, or dora (weight-decomposed LoRA: a learned magnitude per output "
+                          "row times the normalised W0 + BA; peft's use_dora)", choices=VARIANTS)
+    rank_pattern: tuple[tuple[str, int], ...] = option((), "list", "per-module ranks, peft's rank_pattern: "
+                                                       "KEY=R,... where KEY is a module name or regex (the first "
+                                                       "key matching a module's name or its dotted tail wins), "
+                                                       "e.g. query=16,re:.*value=4", parse=parse_pattern(
+                                                           "rank_pattern", True), metavar="KEY=R,...")
+    alpha_pattern: tuple[tuple[str, float], ...] = option((), "list", "per-module alphas, peft's alpha_pattern, "
+                                                          "matched as --rank-pattern", parse=parse_pattern(
+                                                              "alpha_pattern", False), metavar="KEY=ALPHA,...")
+    loraplus_ratio: float | None = option(None, "float", "LoRA+: the B matrices (and, as peft's LoRA+ optimizer, "
+                                          "every 1-D trainable tensor) learn at R x --lr; the paper suggests 16",
+                                          ge=1, optional=True, unset="off", metavar="R")
     rslora: bool = option(False, "bool", "rank-stabilised scaling alpha/sqrt(r) instead of alpha/r")
     modules_to_save: tuple[str, ...] = option(AUTO, "list", "modules besides the task head that train in full "
                                               "and are saved in the adapter (peft's modules_to_save), e.g. pooler; "
@@ -390,6 +451,8 @@ class TrainConfig:
         out["targets"] = list(self.targets)
         out["layers"] = None if self.layers is None else list(self.layers)
         out["modules_to_save"] = list(self.modules_to_save)
+        out["rank_pattern"] = dict(self.rank_pattern)
+        out["alpha_pattern"] = dict(self.alpha_pattern)
         for name in MODEL_DEPENDENT:
             if name in self.auto_fields:
                 out[name] = AUTO
@@ -401,7 +464,8 @@ class TrainConfig:
 
         return LoraSpec(targets=self.targets, rank=self.rank, alpha=self.alpha, dropout=self.dropout,
                         rslora=self.rslora, init=self.init, layers=self.layers, bias=self.bias,
-                        modules_to_save=self.modules_to_save)
+                        modules_to_save=self.modules_to_save, variant=self.variant,
+                        rank_pattern=self.rank_pattern, alpha_pattern=self.alpha_pattern)
 
     def replace(self, **changes: Any) -> "TrainConfig":
         """A copy with some options changed (validated again); options that were ``auto`` and are not
@@ -430,7 +494,8 @@ CLASSIFICATION_ONLY = ("text_column", "label_column", "class_weights")
 """Options of the classification task: refused at a non-default value for a causal-LM run."""
 CAUSAL_ONLY = ("prompt_column", "completion_column", "messages_column", "system_prompt")
 """Options of the causal-LM task: refused at a non-default value for a classification run."""
-LORA_ONLY = ("targets", "layers", "rank", "alpha", "dropout", "bias", "init", "rslora", "modules_to_save")
+LORA_ONLY = ("targets", "layers", "rank", "alpha", "dropout", "bias", "init", "rslora", "modules_to_save", "variant",
+             "rank_pattern", "alpha_pattern", "loraplus_ratio")
 """Options that describe the adapter: refused at a non-default value with ``--method full``."""
 
 

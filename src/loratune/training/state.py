@@ -33,12 +33,29 @@ class Optim:
         Trainer), :func:`linear_schedule` over ``total`` steps with ``cfg.warmup`` of them warm-up, and a
         loss scaler that is on for fp16 only."""
         params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        decay = [p for n, p in params.items() if not (n.endswith("bias") or "norm" in n.lower())]
-        no_decay = [p for n, p in params.items() if n.endswith("bias") or "norm" in n.lower()]
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+        opt = torch.optim.AdamW(param_groups(params, cfg), lr=cfg.lr)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, linear_schedule(total, math.ceil(cfg.warmup * total)))
         return cls(params, opt, sched, torch.amp.GradScaler(device.type, enabled=precision == "fp16"))
+
+
+def param_groups(params: dict[str, torch.Tensor], cfg: TrainConfig) -> list[dict[str, Any]]:
+    """AdamW's groups: weight decay on all but biases and norms; with LoRA+ (``--loraplus-ratio R``) the B
+    matrices and every other 1-D tensor (biases, DoRA's magnitudes: peft's ``create_loraplus_optimizer`` rule)
+    at R × lr, the rest at lr. Empty groups are left out; the order is fixed (a checkpoint's groups match)."""
+    def no_decay(n: str) -> bool:
+        return n.endswith("bias") or "norm" in n.lower()
+
+    def fast(n: str, p: torch.Tensor) -> bool:
+        return cfg.loraplus_ratio is not None and (".lora_B" in n or p.dim() == 1)
+
+    groups = []
+    for quick in (False, True):
+        lr = cfg.lr * (cfg.loraplus_ratio or 1.0) if quick else cfg.lr
+        for decay in (True, False):
+            chosen = [p for n, p in params.items() if fast(n, p) == quick and no_decay(n) != decay]
+            if chosen or not quick:                    # without LoRA+ the two groups of old, even if empty
+                groups.append({"params": chosen, "weight_decay": cfg.weight_decay if decay else 0.0, "lr": lr})
+    return groups
 
 
 def linear_schedule(total: int, warmup: int) -> Callable[[int], float]:
