@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.loratune-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup data browser demo test test-fast bench bench-levers bench-quality clean
+.PHONY: setup data browser demo test test-fast bench bench-levers bench-quality bench-variants bench-serve clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,13 @@ bench-levers: data              ## each training lever switched off alone, and t
 
 bench-quality: data             ## accuracy, 3 split seeds × default, full, candidates (≈50 min on 2 Zen 1 cores; QUALITY_ARGS=--configs ...)
 	$(BIN)/python -m bench.quality $(QUALITY_ARGS)
+
+bench-variants: data            ## each LoRA variant (DoRA, LoRA+, PiSSA, OLoRA) vs the default: accuracy over 3 split seeds, then speed
+	$(BIN)/python -m bench.quality --configs default,dora,loraplus,pissa,olora $(QUALITY_ARGS)
+	$(BIN)/python -m bench.variants $(VARIANTS_ARGS)
+
+bench-serve: data               ## serving: 16 mixed adapters vs one merged vs the base, texts/s, p50/p99, RSS (≈6 min; SERVE_ARGS=--quick)
+	$(BIN)/python -m bench.serve $(SERVE_ARGS)
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info src/*.egg-info

@@ -50,10 +50,16 @@ CONFIGS: dict[str, tuple[list[str], str]] = {
     "lr2e-3": (["--lr", "2e-3"], "candidate: lr 2e-3"),
     "lr2e-3+pooler": (["--lr", "2e-3", "--modules-to-save", "pooler"], "candidate: lr 2e-3, the pooler trains in full"),
     "lr1e-3+pooler": (["--lr", "1e-3", "--modules-to-save", "pooler"], "candidate: lr 1e-3, the pooler trains in full"),
+    "dora": (["--variant", "dora"], "variant: DoRA (a learned magnitude per output row), otherwise the default"),
+    "loraplus": (["--loraplus-ratio", "16"], "variant: LoRA+ (B and 1-D tensors at 16x lr, the paper's ratio)"),
+    "pissa": (["--init", "pissa"], "variant: PiSSA (A, B from W0's principal singular vectors)"),
+    "olora": (["--init", "olora"], "variant: OLoRA (A, B from W0's QR)"),
 }
 """name -> (flags of ``loratune train``, description). The seed, split seed, threads and --out are added per run."""
 
 DEFAULT_CONFIGS = "default,full,old-default,lr2e-3+pooler"
+VARIANT_CONFIGS = "default,dora,loraplus,pissa,olora"
+"""``make bench-variants``: each LoRA variant beside the untuned default, on the same splits."""
 SHOWN_OPTIONS = ("method", "lr", "targets", "rank", "alpha", "modules_to_save", "dropout", "epochs", "max_length",
                  "batch_size", "warmup", "weight_decay", "sample_pct", "max_steps")
 """The resolved options each configuration's JSON entry lists (all of them are in each run's config.yaml)."""
@@ -145,7 +151,17 @@ def started_with(run_dir: Path, job: Job) -> bool:
     """The run in ``run_dir`` was started with the job's options: its config.yaml holds each of them (resolved,
     or ``auto`` where this loratune's config.yaml keeps ``auto``)."""
     cfg = read_yaml(run_dir / "config.yaml")
-    return cfg is not None and all(_norm(cfg.get(k)) in (v, job.raw.get(k)) for k, v in job.resolved.items())
+    return cfg is not None and all(_stored(cfg, k) in (v, job.raw.get(k)) for k, v in job.resolved.items())
+
+
+def _stored(options: dict[str, Any], key: str) -> Any:
+    """``options[key]``; an option newer than the run (absent) at its declared default, which is what the run
+    trained with (an option added later at its default changes nothing: such runs are reused)."""
+    if key in options:
+        return _norm(options[key])
+    from loratune.training.options import DEFAULTS
+
+    return _norm(DEFAULTS.get(key))
 
 
 def finished_with(run_dir: Path, job: Job) -> bool:
@@ -154,7 +170,10 @@ def finished_with(run_dir: Path, job: Job) -> bool:
     if read_json(run_dir / "results.json") is None:
         return False
     bench = read_json(run_dir / "bench.json")
-    return bench.get("options") == job.resolved if bench is not None else started_with(run_dir, job)
+    if bench is None:
+        return started_with(run_dir, job)
+    stored = bench.get("options")
+    return isinstance(stored, dict) and all(_stored(stored, k) == v for k, v in job.resolved.items())
 
 
 def plan(job: Job, out: Path) -> str:

@@ -109,6 +109,8 @@ LAYERS = {  # a folder may import only from these (and itself); errors/runtime a
     "loratune.tasks": {"loratune.errors", "loratune.runtime", "loratune.core"},
     "loratune.training": {"loratune.errors", "loratune.runtime", "loratune.core", "loratune.tasks"},
     "loratune.infer": {"loratune.errors", "loratune.runtime", "loratune.core", "loratune.tasks", "loratune.training"},
+    "loratune.serve": {"loratune.errors", "loratune.runtime", "loratune.core", "loratune.tasks", "loratune.training",
+                       "loratune.infer"},
 }
 
 
@@ -129,6 +131,19 @@ def test_ray_only_in_the_search_driver() -> None:
             if any(n == "ray" or n.startswith("ray.") for n in names):
                 users.add(name)
     assert users == {"loratune.search.driver"}
+
+
+def test_the_web_stack_only_in_serve() -> None:
+    """starlette and uvicorn (the optional ``serve`` extra) are imported by ``loratune.serve`` alone, so every
+    other command works without them."""
+    users = set()
+    for name, path in modules().items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            if any(n.split(".")[0] in ("starlette", "uvicorn") for n in names):
+                users.add(name)
+    assert users and all(u.startswith("loratune.serve.") for u in users), users
 
 
 def test_library_code_never_prints() -> None:

@@ -29,7 +29,6 @@ _LAZY = {
     "generate": ("infer.generate", "generate"),
     "merge": ("infer.inference", "merge_export"),
     "info": ("infer.inference", "info"),
-    "serve": ("serve.server", "serve"),
     "LoraLinear": ("core.lora", "LoraLinear"),
     "LoraSpec": ("core.inject", "LoraSpec"),
     "inject": ("core.inject", "inject"),
@@ -40,6 +39,10 @@ _LAZY = {
 
 def __getattr__(name: str) -> Any:
     """Import on first use: ``import loratune`` stays fast (no torch until needed)."""
+    if name == "serve":                                   # a callable package (loratune/serve/__init__.py)
+        import importlib
+
+        return importlib.import_module(".serve", __name__)
     if name in _LAZY:
         import importlib
 
@@ -50,4 +53,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'loratune' has no attribute {name!r}")
 
 
-__all__ = list(_LAZY)
+__all__ = [*_LAZY, "serve"]

@@ -54,7 +54,7 @@ def _same_adapter(a: Path, b: Path) -> None:
         assert (wa[k] - wb[k]).abs().max().item() <= 1e-6, k
 
 
-@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("seed", range(3))     # three random moments; test_trainer pins fixed kill points too
 def test_sigkill_at_a_random_moment_then_resume(seed, reference, tmp_path) -> None:
     opts, ref, _ = reference
     run = tmp_path / "run"

@@ -352,7 +352,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike, name: str = "
     weights = read_weights(adapter_dir)
     wpath = Path(adapter_dir) / WEIGHTS_NAME
     try:
-        inject(model, spec, name)
+        inject(model, spec, name, strict=False)              # peft's rules for a file (see inject)
     except InputError as e:
         raise InputError(f"{Path(adapter_dir) / CONFIG_NAME}: does not fit {type(model).__name__}: {e}") from None
     params = model.state_dict(keep_vars=True)          # parameters and persistent buffers by name
@@ -371,11 +371,17 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike, name: str = "
     if missing:
         raise InputError(f"{wpath}: tensor {missing[0]!r} is missing ({len(missing)} LoRA tensors missing)")
     saved = saved_modules(model, spec.modules_to_save)
+    # A head the config lists (peft's SEQ_CLS: classifier, score; peft's str.endswith) must be in the file too,
+    # or it would stay at its random init: peft's PiSSA/OLoRA conversion (path_initial_model_for_weight_conversion)
+    # keeps only lora_A/lora_B and drops it.
+    listed = tuple(raw.get("modules_to_save") or ())
+    saved += [h for h in head_names(model) if listed and h.endswith(listed)]
     have = {_model_param_name(k) for k in weights}
     missing = [PREFIX + k for k in params if within(k.rpartition(".")[0], saved) and k not in have]
     if missing:
+        lacking = [m for m in saved if any(within(k.removeprefix(PREFIX).rpartition(".")[0], [m]) for k in missing)]
         raise InputError(f"{wpath}: tensor {missing[0]!r} is missing ({len(missing)} tensors of modules_to_save "
-                         f"{', '.join(saved)} missing; a saved module is stored whole)")
+                         f"{', '.join(lacking)} missing; a saved module is stored whole)")
     for key, tensor in weights.items():
         target = expected[key]
         if tuple(tensor.shape) != tuple(target.shape):

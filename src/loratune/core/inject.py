@@ -59,14 +59,14 @@ class LoraSpec:
     variant: str = "lora"
     """``lora``, or ``dora``: a learned magnitude per output row times the normalised W0 + ΔW."""
     rank_pattern: tuple[tuple[str, int], ...] = ()
-    """Per-module ranks, peft's ``rank_pattern``: (key, r) pairs; the first key K whose regex
+    r"""Per-module ranks, peft's ``rank_pattern``: (key, r) pairs; the first key K whose regex
     ``(.*\.)?(K)$`` matches a module's full name gives its rank (:func:`pattern_value`)."""
     alpha_pattern: tuple[tuple[str, float], ...] = ()
     """Per-module alphas, peft's ``alpha_pattern``, matched as ``rank_pattern``."""
 
 
 def pattern_value(pattern: Sequence[tuple[str, float]], name: str, default: float) -> float:
-    """peft's ``get_pattern_key``: the value of the first key K for which ``re.match(rf"(.*\.)?({K})$", name)``
+    r"""peft's ``get_pattern_key``: the value of the first key K for which ``re.match(rf"(.*\.)?({K})$", name)``
     (a plain name matches itself and every module ending in ``"." + name``; a regex, the whole name or a
     dotted tail of it), else ``default``. A leading ``re:`` on a key is loratune's marker, not part of it."""
     for key, value in pattern:
@@ -282,13 +282,18 @@ def resolve_targets(model: nn.Module, targets: Sequence[str], layers: Sequence[i
     return chosen
 
 
-def inject(model: nn.Module, spec: LoraSpec, name: str = "default") -> list[str]:
+def inject(model: nn.Module, spec: LoraSpec, name: str = "default", *, strict: bool = True) -> list[str]:
     """Add adapter ``name`` to every targeted layer (wrapping it once), make it active, set trainables.
 
     Returns the adapted module names. Rank must fit every targeted matrix: r <= min(d, k). The modules
     ``spec.modules_to_save`` train in full and get no LoRA; like the head, they are shared by every
     adapter of the model (one copy, no per-adapter copies as peft keeps), and the trainable set is the
     one of the last adapter injected or loaded.
+
+    ``strict`` (the spec is the user's options): a rank/alpha pattern key that matches no adapted matrix
+    is an InputError (a mistyped flag), and so is a rank above min(d, k). A loader passes False, for peft's
+    rules on a file, which has neither check: a pattern written for a deeper model, and a converted PiSSA /
+    OLoRA adapter, whose rank 2r may exceed min(d, k), load as in peft.
     """
     saved = saved_modules(model, spec.modules_to_save)
     for n, layer in lora_layers(model).items():
@@ -297,13 +302,13 @@ def inject(model: nn.Module, spec: LoraSpec, name: str = "default") -> list[str]
                              "cannot both train in full and hold LoRA")
     names = resolve_targets(model, spec.targets, spec.layers, spec.modules_to_save)
     for flag, pattern in (("--rank-pattern", spec.rank_pattern), ("--alpha-pattern", spec.alpha_pattern)):
-        for key, _ in pattern:
+        for key, _ in pattern if strict else ():
             if not any(pattern_value([(key, 1)], n, 0) for n in names):
                 raise InputError(f"{flag}: {key!r} matches none of the adapted matrices ({', '.join(short_names(names))})")
     ranks = {n: int(pattern_value(spec.rank_pattern, n, spec.rank)) for n in names}
     for n in names:
         d, k = linear_shape(_unwrapped(model.get_submodule(n)))
-        if ranks[n] > min(d, k):
+        if ranks[n] > min(d, k) and (strict or spec.init in ("pissa", "olora")):   # those take r singular vectors
             flag = "--rank" if ranks[n] == spec.rank else "--rank-pattern"
             raise InputError(f"{flag}: {ranks[n]} is larger than min(d, k) = {min(d, k)} of {n} ({d}x{k})")
     for n in names:
@@ -313,7 +318,7 @@ def inject(model: nn.Module, spec: LoraSpec, name: str = "default") -> list[str]
             parent, _, child = n.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, layer)
         layer.add_adapter(name, ranks[n], pattern_value(spec.alpha_pattern, n, spec.alpha), spec.dropout,
-                          rslora=spec.rslora, init=spec.init, dora=spec.variant == "dora")
+                          rslora=spec.rslora, init=spec.init, dora=spec.variant == "dora", bounded=strict)
     set_active(model, name)
     mark_trainable(model, spec.bias, spec.modules_to_save)
     return names

@@ -52,9 +52,11 @@ class LoraAdapter(nn.Module):
     (pissa, olora), to save the adapter against the original W0 (:meth:`initial_delta`)."""
 
     def __init__(self, d: int, k: int, r: int, alpha: float, dropout: float = 0.0, *,
-                 rslora: bool = False, init: str = "kaiming", dora: bool = False) -> None:
+                 rslora: bool = False, init: str = "kaiming", dora: bool = False, bounded: bool = True) -> None:
         super().__init__()
-        if r < 1 or r > min(d, k):
+        # ``bounded``: r <= min(d, k), as a user's --rank must be; an adapter read from a file may exceed it (peft
+        # has no bound, and a converted PiSSA / OLoRA adapter has rank 2r), but not a PiSSA / OLoRA start (r vectors).
+        if r < 1 or (r > min(d, k) and (bounded or init in ("pissa", "olora"))):
             raise InputError(f"--rank: must be between 1 and min(d, k) = {min(d, k)} for a {d}x{k} matrix, got {r}")
         if not 0.0 <= dropout < 1.0:
             raise InputError(f"--dropout: must be in [0, 1), got {dropout}")
@@ -110,11 +112,12 @@ class LoraLinear(nn.Module):
             p.requires_grad_(False)
 
     def add_adapter(self, name: str, r: int, alpha: float, dropout: float = 0.0, *,
-                    rslora: bool = False, init: str = "kaiming", dora: bool = False) -> LoraAdapter:
+                    rslora: bool = False, init: str = "kaiming", dora: bool = False,
+                    bounded: bool = True) -> LoraAdapter:
         if name in self.adapters:
             raise InputError(f"adapter {name!r} already exists")
         w = self.base_layer.weight
-        adapter = LoraAdapter(self.d, self.k, r, alpha, dropout, rslora=rslora, init=init, dora=dora)
+        adapter = LoraAdapter(self.d, self.k, r, alpha, dropout, rslora=rslora, init=init, dora=dora, bounded=bounded)
         self.adapters[name] = adapter.to(device=w.device, dtype=w.dtype if w.is_floating_point() else None)
         adapter.train(self.training)                 # a model in eval mode stays in eval mode
         if init in ("pissa", "olora"):

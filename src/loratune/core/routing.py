@@ -86,7 +86,9 @@ def add_routed_adapter(model: nn.Module, adapter_dir: str | os.PathLike, name: s
             raise InputError(f"{cfg_path}: saves {n.rpartition('.')[0] or n} whole, where adapter "
                              f"{next(iter(layer.adapters))} has LoRA; they cannot share one base")
     copies = _module_tensors(model, weights, targets, heads + saved, wpath)
-    inject(model, spec, name)
+    grads = {id(p): p.requires_grad for p in model.parameters()}
+    active = {n: layer.active for n, layer in lora_layers(model).items()}
+    inject(model, spec, name, strict=False)               # peft's rules for a file, as load_adapter
     try:
         for path in targets:
             layer = lora_layers(model)[path]
@@ -101,7 +103,11 @@ def add_routed_adapter(model: nn.Module, adapter_dir: str | os.PathLike, name: s
                 param.copy_(weights[key])
                 param.requires_grad_(False)
     except Exception:
-        remove_routed_adapter(model, name)
+        remove_routed_adapter(model, name)          # unwraps the layers inject wrapped for it alone
+        for p in model.parameters():                # inject marked the head and every adapter trainable
+            p.requires_grad_(grads.get(id(p), False))
+        for n, layer in lora_layers(model).items():
+            layer.active = active.get(n)
         raise
     for path, tensors in copies.items():
         module = model.get_submodule(path)
@@ -161,11 +167,23 @@ def _module_tensors(model: nn.Module, weights: dict[str, torch.Tensor], targets:
 
 @torch.no_grad()
 def remove_routed_adapter(model: nn.Module, name: str) -> None:
-    """Drop adapter ``name``'s LoRA matrices and module copies (the wrappers stay, empty, for the next one)."""
-    for layer in lora_layers(model).values():
+    """Drop adapter ``name``'s LoRA matrices and module copies; a wrapper left empty is replaced by the module
+    it wrapped, so the model is as it was without the adapter (an empty wrapper would rename what it holds,
+    ``bert.pooler`` -> ``bert.pooler.inner``, and make a later adapter's LoRA there, or its saved copy of a
+    layer that had LoRA, a refused clash with no adapter left)."""
+    for path, layer in lora_layers(model).items():
         if name in layer.adapters:
             del layer.adapters[name]
             if layer.active == name:
                 layer.active = None
-    for module in routed_modules(model).values():
+        if not layer.adapters and not layer.merged:
+            _replace(model, path, layer.base_layer)
+    for path, module in routed_modules(model).items():
         module.copies.pop(name, None)
+        if not module.copies:
+            _replace(model, path, module.inner)
+
+
+def _replace(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, child = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)

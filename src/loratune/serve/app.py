@@ -33,7 +33,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from loratune.errors import InputError
-from loratune.serve.batcher import AdapterGone, Batcher
+from loratune.serve.batcher import AdapterGone, Batcher, ForwardFailed
 from loratune.serve.metrics import Metrics
 from loratune.serve.model import ServedAdapter, ServedModel
 
@@ -205,6 +205,8 @@ async def classify(request: Request, state: ServerState) -> tuple[Response, str 
         probs = await state.batcher.submit([(adapter, x) for x in ids])
     except AdapterGone:
         raise HttpError(404, f"the adapter {name!r} was unloaded while this request waited", "model") from None
+    except ForwardFailed as e:
+        raise HttpError(500, f"internal error: {e} (the other requests of its batch were answered)") from None
     except RuntimeError as e:
         raise HttpError(503, str(e)) from None
     data = []

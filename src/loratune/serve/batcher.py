@@ -32,6 +32,10 @@ class AdapterGone(Exception):
     """The adapter a queued request named was unloaded before its batch ran."""
 
 
+class ForwardFailed(Exception):
+    """The forward pass of a request's rows failed, run alone (a 500 of that request, not a 503 of the server)."""
+
+
 @dataclass
 class _Part:
     rows: list[Row]
@@ -142,7 +146,7 @@ class Batcher:
             if len(batch) == 1:
                 log.exception("a batch of one request failed")
                 if not batch[0].future.done():
-                    batch[0].future.set_exception(RuntimeError("the forward pass failed"))
+                    batch[0].future.set_exception(ForwardFailed("the forward pass failed"))
                 return
             for part in batch:
                 await self._run([part])

@@ -142,9 +142,13 @@ class ServedModel:
         self.check_base(adapter_dir)
         meta = read_meta(adapter_dir)
         labels = meta.get("id2label")
+        head = num_labels_of(read_weights(adapter_dir))
         if labels is None:
-            n = num_labels_of(read_weights(adapter_dir)) or 2
-            labels = [f"LABEL_{i}" for i in range(n)]
+            labels = [f"LABEL_{i}" for i in range(head or 2)]
+        elif head is not None and head != len(labels):
+            # checked here: the probe below cannot see it (classify cuts each row's scores to its label count)
+            raise InputError(f"{adapter_dir}: loratune.json names {len(labels)} labels, but the head gives "
+                             f"{head} scores")
         max_length = int(meta.get("max_length", self.base_max_length))
         add_routed_adapter(self.model, adapter_dir, name)
         adapter = ServedAdapter(name, str(adapter_dir), list(labels), max_length, file_size(adapter_dir))
