@@ -51,7 +51,7 @@ bench-variants: data            ## each LoRA variant (DoRA, LoRA+, PiSSA, OLoRA)
 	$(BIN)/python -m bench.quality --configs default,dora,loraplus,pissa,olora $(QUALITY_ARGS)
 	$(BIN)/python -m bench.variants $(VARIANTS_ARGS)
 
-bench-serve: data               ## serving: 16 mixed adapters vs one merged vs the base, texts/s, p50/p99, RSS (≈6 min; SERVE_ARGS=--quick)
+bench-serve: data               ## serving: 16 mixed adapters vs one merged vs the base, texts/s, p50/p99, RSS (≈7 min; SERVE_ARGS=--quick)
 	$(BIN)/python -m bench.serve $(SERVE_ARGS)
 
 clean:

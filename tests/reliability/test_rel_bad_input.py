@@ -193,6 +193,9 @@ CASES: list[Case] = [
     ("adapter", "generate with a classification adapter", lambda tmp, ctx: ["generate", "--adapter", ctx["adapter"], "hi"], "use `loratune predict`"),
     ("adapter", "generate a missing adapter", lambda tmp, ctx: ["generate", "--adapter", str(tmp / "nope"), "hi"], "does not exist"),
     ("range", "generate --max-new-tokens 0", lambda tmp, ctx: ["generate", "--adapter", ctx["adapter"], "--max-new-tokens", "0", "hi"], "--max-new-tokens"),
+    ("input", "serve an adapter given without a name", lambda tmp, ctx: ["serve", "--adapter", ctx["adapter"], "--port", "0"], "expected NAME=DIR"),
+    ("adapter", "serve a missing adapter", lambda tmp, ctx: ["serve", "--adapter", f"a={tmp / 'nope'}", "--port", "0"], "does not exist"),
+    ("input", "serve --merge with two adapters", lambda tmp, ctx: ["serve", "--merge", "--adapter", f"a={ctx['adapter']}", "--adapter", f"b={ctx['adapter']}", "--port", "0"], "--merge"),
     ("input", "eval on a split that is not there", lambda tmp, ctx: ["eval", "--adapter", ctx["adapter"], "--data", str(tmp / "none.csv")], "does not exist"),
 ]
 
