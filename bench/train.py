@@ -104,20 +104,23 @@ def seed(model_path: str, prepared: Any, steps: int, warmup: int, out: Path, fam
             "seconds": wall}
 
 
-def peft_tricks(model_path: str, prepared: Any, steps: int, warmup: int, family: str) -> dict[str, float]:
+def peft_tricks(model_path: str, prepared: Any, steps: int, warmup: int, family: str, *, dora: bool = False,
+                precision: str = "bf16") -> dict[str, float]:
     """peft with loratune's tricks and nothing else: peft get_peft_model (our default r=8, α=16, q,v, dropout
     0.1) trained by a plain loop with bf16 autocast and length-bucketed batches (DESIGN.md's "peft with the
-    same tricks"); it shows what loratune's own levers add on top of bf16 + buckets."""
+    same tricks"); it shows what loratune's own levers add on top of bf16 + buckets. ``dora``: peft's use_dora;
+    ``precision``: the autocast (bench/variants.py uses what loratune picks)."""
     import torch.nn.functional as F
     from peft import LoraConfig, get_peft_model
 
+    from loratune.runtime import autocast
     from loratune.tasks.batches import batch_order, collate
     from loratune.training.models import load_model
 
     torch.manual_seed(0)
     model = get_peft_model(load_model(model_path, prepared.label_names, seed=0),
                            LoraConfig(r=8, lora_alpha=16, target_modules=SEED_TARGETS[family], lora_dropout=0.1,
-                                      task_type="SEQ_CLS")).train()
+                                      use_dora=dora, task_type="SEQ_CLS")).train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=5e-4, weight_decay=0.01)
     tr = prepared.train
@@ -127,7 +130,7 @@ def peft_tricks(model_path: str, prepared: Any, steps: int, warmup: int, family:
         if i == warmup:
             t0 = time.perf_counter()
         b = collate(tr, idx, prepared.pad_id, 1)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with autocast(torch.device("cpu"), precision):
             logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
         F.cross_entropy(logits.float(), b["labels"]).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

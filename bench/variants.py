@@ -5,7 +5,7 @@ Every side trains MiniLM on the built-in data with the default options (q,v r 8 
 batches, the precision ``auto`` picks) for ``warmup + steps`` optimizer steps; the last ``steps`` are timed.
 loratune: plain LoRA, ``--variant dora``, ``--init pissa``, ``--init olora``, ``--loraplus-ratio 16``
 (bench/train.py's ``ours``: loratune.train itself). peft: ``get_peft_model`` with and without ``use_dora``, trained
-by a plain loop with the same batches, precision and clipping (what ``peft_tricks`` in bench/train.py does), so the
+by bench/train.py's ``peft_tricks`` plain loop with the same batches, precision and clipping, so the
 ratio DoRA / LoRA is measured on each side alike. The sides run in turns, ``--rounds`` times, so that a noisy
 machine hits all of them; the tables give each round and the median.
 
@@ -21,7 +21,6 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -32,42 +31,6 @@ OURS = {"lora": {}, "dora": {"variant": "dora"}, "pissa": {"init": "pissa"}, "ol
 PEFT = {"peft-lora": False, "peft-dora": True}
 
 
-def peft_loop(prepared: Any, steps: int, warmup: int, dora: bool, precision: str) -> dict[str, float]:
-    """peft's LoRA or DoRA (use_dora) with loratune's defaults, trained by a plain loop: the same bucketed batches,
-    AdamW lr 5e-4, clipping 1.0, autocast where loratune uses it."""
-    import torch.nn.functional as F
-    from peft import LoraConfig, get_peft_model
-
-    from loratune.runtime import autocast
-    from loratune.tasks.batches import batch_order, collate
-    from loratune.training.models import load_model
-
-    torch.manual_seed(0)
-    model = get_peft_model(load_model("minilm-l6", prepared.label_names, seed=0),
-                           LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"], lora_dropout=0.1,
-                                      use_dora=dora, task_type="SEQ_CLS")).train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=5e-4, weight_decay=0.01)
-    tr = prepared.train
-    order = batch_order(tr.lengths, 16, bucket=True, shuffle=True, seed=0, epoch=0)
-    real, t0 = 0, 0.0
-    device = torch.device("cpu")
-    for i, idx in enumerate(order[:warmup + steps]):
-        if i == warmup:
-            t0 = time.perf_counter()
-        b = collate(tr, idx, prepared.pad_id, 1)
-        with autocast(device, precision):
-            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-        F.cross_entropy(logits.float(), b["labels"]).backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if i >= warmup:
-            real += int(tr.lengths[idx].sum())
-    wall = time.perf_counter() - t0
-    return {"tokens_per_s": real / wall, "seconds": wall}
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.variants", description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=30, help="timed optimizer steps per side and round")
@@ -76,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, help="the figures (default: bench/results/variants-<UTC time>.json)")
     args = ap.parse_args(argv)
     quiet()
-    from bench.train import ours
+    from bench.train import ours, peft_tricks
     from loratune.runtime import resolve_precision, set_threads
     from loratune.training.loop import prepare_data
     from loratune.training.options import TrainConfig
@@ -94,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
                 results[name].append(res["tokens_per_s"])
                 print(f"round {r + 1} {name:10} {res['tokens_per_s']:8,.0f} tokens/s", flush=True)
             for name, dora in PEFT.items():
-                res = peft_loop(prepared, args.steps, args.warmup, dora, precision)
+                res = peft_tricks("minilm-l6", prepared, args.steps, args.warmup, "minilm", dora=dora,
+                                  precision=precision)
                 results[name].append(res["tokens_per_s"])
                 print(f"round {r + 1} {name:10} {res['tokens_per_s']:8,.0f} tokens/s", flush=True)
     med = {k: statistics.median(v) for k, v in results.items()}

@@ -164,7 +164,9 @@ class LoraLinear(nn.Module):
         if self.route is not None:
             for name, rows in self.route:                       # rows: (n,) indices into the batch
                 if name in self.adapters and name not in self.merged:   # out of place, so autograd sees it
-                    h = h.index_add(0, rows, self._update(self.adapters[name], x[rows], h[rows]).to(h.dtype))
+                    adapter = self.adapters[name]       # DoRA reads the base output; LoRA needs no copy of it
+                    part = self._update(adapter, x[rows], h[rows] if adapter.dora else h)
+                    h = h.index_add(0, rows, part.to(h.dtype))
             return h
         if self.active is not None and self.active not in self.merged:
             h = h + self._update(self.adapters[self.active], x, h).to(h.dtype)

@@ -116,7 +116,8 @@ def add_routed_adapter(model: nn.Module, adapter_dir: str | os.PathLike, name: s
             parent, _, child = path.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, module)
         device = next(module.inner.parameters()).device
-        module.copies[name] = {k: v.to(device) for k, v in tensors.items()}
+        # Own copies: the file's tensors are views of its memory map, which would stay resident whole.
+        module.copies[name] = {k: v.to(device, copy=True) for k, v in tensors.items()}
     set_active(model, None)                       # rows go where ``routed`` says, never to a default adapter
     for p in model.parameters():
         p.requires_grad_(False)
