@@ -201,6 +201,9 @@ def root(tmp_path_factory, base_dir) -> Path:
     root = tmp_path_factory.mktemp("serve") / "adapters"
     for i, name in enumerate(ADAPTERS):
         _make(root / name, base_dir, name, seed=i + 1)
+    shutil.copytree(root / "a2", root / "causal")          # says it is a causal-LM adapter: refused here
+    meta = json.loads((root / "causal" / "loratune.json").read_text())
+    (root / "causal" / "loratune.json").write_text(json.dumps({**meta, "task": "causal-lm"}))
     (root / "notes").mkdir()
     (root / "notes" / "README.md").write_text("not an adapter\n")
     outside = root.parent / "outside"
@@ -347,6 +350,12 @@ BAD = [  # (case, method, path, body or raw bytes, status, param, fragment of th
     ("load a bad name", "POST", "/v1/load_lora_adapter", {"lora_name": "a/b", "lora_path": "extra"}, 422,
      "lora_name", "letters, digits"),
     ("unload unknown", "POST", "/v1/unload_lora_adapter", {"lora_name": "nope"}, 404, "lora_name", "not loaded"),
+    ("completions on a classifier", "POST", "/v1/completions", {"model": "a2", "prompt": "x"}, 400, "model",
+     "use /v1/classify"),
+    ("chat on a classifier", "POST", "/v1/chat/completions",
+     {"model": "a2", "messages": [{"role": "user", "content": "x"}]}, 400, "model", "use /v1/classify"),
+    ("load a causal-LM adapter", "POST", "/v1/load_lora_adapter", {"lora_name": "o", "lora_path": "causal"}, 400,
+     "lora_path", "a causal-LM adapter"),
 ]
 
 

@@ -54,9 +54,9 @@ def add_routed_adapter(model: nn.Module, adapter_dir: str | os.PathLike, name: s
     """
     cfg_path, wpath = Path(adapter_dir) / CONFIG_NAME, Path(adapter_dir) / WEIGHTS_NAME
     spec, raw = read_adapter_config(adapter_dir)
-    if raw.get("task_type") == "CAUSAL_LM":
-        raise InputError(f"{cfg_path}: a CAUSAL_LM adapter (it writes text); only classification adapters are "
-                         "served here")
+    if raw.get("task_type") == "CAUSAL_LM" and head_names(model):
+        raise InputError(f"{cfg_path}: a CAUSAL_LM adapter (it writes text) cannot go on "
+                         f"{type(model).__name__}, a classifier")
     if spec.bias != "none":
         raise InputError(f"{cfg_path}: bias={spec.bias!r}: this adapter trained biases of the base model, which "
                          "every adapter on it shares, so it cannot be routed per row; serve it alone, merged (--merge)")

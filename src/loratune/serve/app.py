@@ -1,8 +1,10 @@
-"""The ASGI app (Starlette): vLLM's routes for classification adapters.
+"""The ASGI app (Starlette): vLLM's routes for classification and causal-LM adapters.
 
     GET  /health                          200 while serving (no key needed)
     GET  /v1/models                       the base and every adapter, in OpenAI's list format
     POST /v1/classify, /classify          {"model": ADAPTER, "input": TEXT | [TEXT, ...]} -> vLLM's envelope
+    POST /v1/completions                  causal-LM adapters: OpenAI's completions (serve/completions.py)
+    POST /v1/chat/completions             causal-LM adapters: OpenAI's chat completions
     POST /v1/load_lora_adapter            {"lora_name": NAME, "lora_path": DIR under --adapters-dir}
     POST /v1/unload_lora_adapter          {"lora_name": NAME}
     GET  /metrics                         Prometheus text
@@ -17,7 +19,6 @@ limits, 422 a field of the wrong type or value. With an API key (``LORATUNE_API_
 from __future__ import annotations
 
 import hmac
-import json
 import logging
 import re
 import time
@@ -34,6 +35,7 @@ from starlette.routing import Route
 
 from loratune.errors import InputError
 from loratune.serve.batcher import AdapterGone, Batcher, ForwardFailed
+from loratune.serve.http import HttpError, error_response, read_json, text_field
 from loratune.serve.metrics import Metrics
 from loratune.serve.model import ServedAdapter, ServedModel
 
@@ -50,22 +52,8 @@ class Limits:
     max_inputs: int = 256
     max_chars: int = 20_000
     max_body_bytes: int = 8 * 1024 * 1024
-
-
-class HttpError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.param = status, message, param
-
-
-_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 403: "PermissionDeniedError", 404: "NotFoundError",
-          405: "MethodNotAllowedError", 413: "RequestTooLargeError", 422: "UnprocessableEntityError",
-          500: "InternalServerError", 503: "ServiceUnavailableError"}
-
-
-def error_response(status: int, message: str, param: str | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": _TYPES.get(status, "Error"), "param": param,
-                                   "code": status}}, status_code=status)
+    max_tokens: int = 512
+    """Most tokens one completion may write (``--max-tokens``; a chat's default)."""
 
 
 @dataclass
@@ -90,37 +78,6 @@ class ServerState:
 
 
 # --- helpers ---------------------------------------------------------------------------------------
-
-async def read_json(request: Request, limit: int) -> dict[str, Any]:
-    """The body as a JSON object; 413 over ``limit`` bytes (read no further), 400 not JSON or not an object."""
-    length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > limit:
-        raise HttpError(413, f"the body is {int(length):,} bytes; the limit is {limit:,}")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise HttpError(413, f"the body is over the limit of {limit:,} bytes")
-        chunks.append(chunk)
-    try:
-        body = json.loads(b"".join(chunks))
-    except (ValueError, RecursionError) as e:
-        raise HttpError(400, f"the body is not valid JSON ({type(e).__name__}: {str(e)[:100]})") from None
-    if not isinstance(body, dict):
-        raise HttpError(400, f"the body must be a JSON object, not {type(body).__name__}")
-    return body
-
-
-def text_field(body: dict[str, Any], key: str, *, required: bool = True) -> str | None:
-    value = body.get(key)
-    if value is None:
-        if required:
-            raise HttpError(422, f"field {key!r} is required", key)
-        return None
-    if not isinstance(value, str) or not value:
-        raise HttpError(422, f"field {key!r} must be a non-empty string, got {json.dumps(value)[:60]}", key)
-    return value
-
 
 def _texts(body: dict[str, Any], limits: Limits) -> list[str]:
     value = body.get("input")
@@ -174,12 +131,14 @@ async def health(request: Request, state: ServerState) -> tuple[Response, str | 
 
 
 async def models(request: Request, state: ServerState) -> tuple[Response, str | None, int]:
+    task = state.model.task
     data = [{"id": state.base_name, "object": "model", "created": state.created, "owned_by": "loratune",
              "root": state.base_name, "parent": None, "max_model_len": state.model.base_max_length,
-             "labels": state.model.base_labels}]
+             "task": task, "labels": state.model.base_labels}]
     for a in list(state.adapters.values()):
         data.append({"id": a.name, "object": "model", "created": a.created, "owned_by": "loratune", "root": a.path,
-                     "parent": state.base_name, "max_model_len": a.max_length, "labels": a.labels})
+                     "parent": state.base_name, "max_model_len": a.max_length, "task": task,
+                     "labels": a.labels if task == "classification" else None})
     return JSONResponse({"object": "list", "data": data}), None, 0
 
 
@@ -187,6 +146,9 @@ async def classify(request: Request, state: ServerState) -> tuple[Response, str 
     body = await read_json(request, state.limits.max_body_bytes)
     name = text_field(body, "model")
     assert name is not None
+    if state.model.task != "classification":
+        raise HttpError(400, f"this server's adapters write text ({state.base_name} is a causal LM); use "
+                             "/v1/completions or /v1/chat/completions", "model")
     texts = _texts(body, state.limits)
     if name == state.base_name and name not in state.adapters:
         if state.model.base_labels is None:
@@ -312,6 +274,8 @@ def build_app(state: ServerState) -> Any:
     """The ASGI app over ``state``; its lifespan starts and drains the batcher."""
     from contextlib import asynccontextmanager
 
+    from loratune.serve.completions import chat_completions, completions
+
     @asynccontextmanager
     async def lifespan(app: Starlette) -> Any:
         state.batcher.start()
@@ -330,6 +294,8 @@ def build_app(state: ServerState) -> Any:
         Route("/v1/models", route(state, "/v1/models", models), methods=["GET"]),
         Route("/v1/classify", route(state, "/v1/classify", classify), methods=["POST"]),
         Route("/classify", route(state, "/classify", classify), methods=["POST"]),
+        Route("/v1/completions", route(state, "/v1/completions", completions), methods=["POST"]),
+        Route("/v1/chat/completions", route(state, "/v1/chat/completions", chat_completions), methods=["POST"]),
         Route("/v1/load_lora_adapter", route(state, "/v1/load_lora_adapter", load_adapter), methods=["POST"]),
         Route("/v1/unload_lora_adapter", route(state, "/v1/unload_lora_adapter", unload_adapter), methods=["POST"]),
         Route("/metrics", route(state, "/metrics", metrics), methods=["GET"]),

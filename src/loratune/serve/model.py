@@ -50,6 +50,9 @@ class ServedAdapter:
     max_length: int
     bytes: int
     created: int = field(default_factory=lambda: int(time.time()))
+    task: str = "classification"
+    system_prompt: str | None = None
+    """A causal-LM adapter's system turn, put before a chat without one (as ``loratune generate``)."""
 
 
 def base_of(adapter_dir: str | os.PathLike) -> str:
@@ -79,6 +82,8 @@ def _head_labels(base: str) -> list[str] | None:
 
 class ServedModel:
     """One base model and its adapters; :meth:`classify` runs one batch of (adapter, token ids) rows."""
+
+    task = "classification"
 
     def __init__(self, base: str, *, device: str = "auto", precision: str = "auto", max_length: int = 128,
                  download: bool = False) -> None:
@@ -205,8 +210,8 @@ def _check_classifier(adapter_dir: str | os.PathLike) -> None:
     from loratune.infer.inference import task_of
 
     if task_of(adapter_dir) != "classification":
-        raise InputError(f"{adapter_dir}: a causal-LM adapter (it writes text); this server classifies, and "
-                         "serving completions is not built yet")
+        raise InputError(f"{adapter_dir}: a causal-LM adapter (it writes text); this server's base is a "
+                         "classifier: serve causal-LM adapters on their own server (/v1/completions)")
 
 
 def _same_model(a: str, b: str) -> bool:

@@ -28,6 +28,7 @@ if missing:
 
 from loratune.serve.app import NAME, Limits, ServerState, build_app
 from loratune.serve.batcher import Batcher
+from loratune.serve.lm import ServedLM
 from loratune.serve.model import ServedModel, base_of
 
 log = logging.getLogger(__name__)
@@ -105,25 +106,58 @@ def prepare(*, base: str | None = None, adapters: Sequence[str] | Mapping[str, s
         raise InputError("--base: give a base model, or at least one --adapter (whose base is then served)")
     set_threads(threads)
     key = os.environ.get(API_KEY_ENV, "") if api_key is None else api_key
+    task = _task(named, base)
+    kind: Any = ServedLM if task == "causal-lm" else ServedModel
     if merge:
         name, folder = next(iter(named.items()))
         emit({"kind": "message", "text": f"loading {name} from {folder}, merged into its base"})
-        model = ServedModel.merged_from(name, folder, base=base, device=device, precision=precision)
+        model = kind.merged_from(name, folder, base=base, device=device, precision=precision)
     else:
         base_name = base or base_of(next(iter(named.values())))
         emit({"kind": "message", "text": f"loading the base model {base_name}"})
-        model = ServedModel(base_name, device=device, precision=precision, download=base is not None)
+        model = kind(base_name, device=device, precision=precision, download=base is not None)
         for i, (name, folder) in enumerate(named.items(), 1):
             emit({"kind": "message", "text": f"loading adapter {i}/{len(named)}: {name} from {folder}"})
             try:
                 model.add(name, folder)
             except InputError as e:
                 raise InputError(f"--adapter {name}: {e}") from None
-    batcher = Batcher(model.classify, max_batch=max_batch, max_wait_ms=max_wait_ms,
+    batcher = Batcher(model.generate if task == "causal-lm" else model.classify, max_batch=max_batch,
+                      max_wait_ms=max_wait_ms,
                       alive=lambda n: n is None or n in state.adapters)
     state = ServerState(model, batcher, dict(model.adapters), root, key or None, limits)
     batcher.on_batch = state.metrics.batch_ran
     return state
+
+
+def _task(named: Mapping[str, str], base: str | None) -> str:
+    """What the server serves, ``classification`` or ``causal-lm``: its adapters' one task (InputError when
+    they mix), else what the base is (a causal LM writes text)."""
+    from loratune.infer.inference import task_of
+
+    tasks = {name: task_of(folder) for name, folder in named.items()}
+    kinds = sorted(set(tasks.values()))
+    if len(kinds) > 1:
+        one = {k: next(n for n, t in tasks.items() if t == k) for k in kinds}
+        raise InputError(f"--adapter: {one['causal-lm']} is a causal-LM adapter and {one['classification']} a "
+                         "classification adapter; one server serves one kind (they need different models of the "
+                         "base): start one server for each")
+    if kinds:
+        return kinds[0]
+    assert base is not None
+    return "causal-lm" if _is_causal_base(base) else "classification"
+
+
+def _is_causal_base(base: str) -> bool:
+    from transformers import AutoConfig
+
+    from loratune.training.models import (
+        _from_pretrained,
+        is_causal_config,
+        resolve_model_path,
+    )
+
+    return is_causal_config(_from_pretrained(AutoConfig, resolve_model_path(base), "config"))
 
 
 class _Server:

@@ -1,0 +1,56 @@
+"""What every route shares: OpenAI's error shape and reading a request's JSON body."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+
+class HttpError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param = status, message, param
+
+
+_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 403: "PermissionDeniedError", 404: "NotFoundError",
+          405: "MethodNotAllowedError", 413: "RequestTooLargeError", 422: "UnprocessableEntityError",
+          500: "InternalServerError", 503: "ServiceUnavailableError"}
+
+
+def error_response(status: int, message: str, param: str | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": _TYPES.get(status, "Error"), "param": param,
+                                   "code": status}}, status_code=status)
+
+
+async def read_json(request: Request, limit: int) -> dict[str, Any]:
+    """The body as a JSON object; 413 over ``limit`` bytes (read no further), 400 not JSON or not an object."""
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise HttpError(413, f"the body is {int(length):,} bytes; the limit is {limit:,}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise HttpError(413, f"the body is over the limit of {limit:,} bytes")
+        chunks.append(chunk)
+    try:
+        body = json.loads(b"".join(chunks))
+    except (ValueError, RecursionError) as e:
+        raise HttpError(400, f"the body is not valid JSON ({type(e).__name__}: {str(e)[:100]})") from None
+    if not isinstance(body, dict):
+        raise HttpError(400, f"the body must be a JSON object, not {type(body).__name__}")
+    return body
+
+
+def text_field(body: dict[str, Any], key: str, *, required: bool = True) -> str | None:
+    value = body.get(key)
+    if value is None:
+        if required:
+            raise HttpError(422, f"field {key!r} is required", key)
+        return None
+    if not isinstance(value, str) or not value:
+        raise HttpError(422, f"field {key!r} must be a non-empty string, got {json.dumps(value)[:60]}", key)
+    return value
