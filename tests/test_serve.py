@@ -578,6 +578,19 @@ def test_merge_answers_as_predict_and_loads_nothing(root, refs) -> None:
         prepare(adapters={"a": str(root / "a2")}, adapters_dir=root, merge=True, threads=1)
 
 
+def test_a_server_loads_no_scikit_learn(root) -> None:
+    """Loading adapters and classifying imports no scikit-learn (it cost a server about 100 MiB: the
+    [serve] issue's memory target); checked in a fresh process, this one has imported it long ago."""
+    code = ("import sys, torch; torch.set_num_threads(1)\n"
+            "from loratune.serve.server import prepare\n"
+            f"s = prepare(adapters={{'a': {str(root / 'a2')!r}, 'b': {str(root / 'a4')!r}}}, threads=1, api_key='')\n"
+            "s.model.classify([('a', [2, 5, 3]), ('b', [2, 6, 3])])\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'sklearn'))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
 # --- the command line ----------------------------------------------------------------------------------------
 
 def test_sigterm_answers_every_request_in_flight_then_exits_0(root, refs) -> None:

@@ -4,24 +4,25 @@ Every metrics object of the contract has ``loss``, ``accuracy``, ``f1`` (weighte
 seed project), ``f1_macro``, ``precision`` and ``recall`` (weighted), and ``roc_auc``. Predictions are
 the arg-max of the class probabilities. Precision, recall and F1 use scikit-learn with
 ``zero_division=0``: a class never predicted counts as precision 0 instead of a warning and NaN.
+scikit-learn is imported on first use, not with this module: importing it costs about 100 MiB of memory,
+which a server that only reads an adapter's task (``loratune serve``) should not pay.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
-from sklearn.metrics import (
-    accuracy_score,
-    confusion_matrix,
-    f1_score,
-    precision_recall_fscore_support,
-    precision_score,
-    recall_score,
-    roc_auc_score,
-)
 
 __all__ = ["compute_metrics", "confusion", "per_class", "roc_auc"]
+
+
+def _sk() -> Any:
+    """``sklearn.metrics``, imported on first use."""
+    import sklearn.metrics
+
+    return sklearn.metrics
 
 
 def compute_metrics(labels: np.ndarray, probs: np.ndarray, loss: float | None = None) -> dict[str, float]:
@@ -47,11 +48,11 @@ def compute_metrics(labels: np.ndarray, probs: np.ndarray, loss: float | None = 
     out: dict[str, float] = {}
     if loss is not None:
         out["loss"] = float(loss)
-    out["accuracy"] = float(accuracy_score(labels, preds))
-    out["f1"] = float(f1_score(labels, preds, average="weighted", zero_division=0))
-    out["f1_macro"] = float(f1_score(labels, preds, average="macro", zero_division=0))
-    out["precision"] = float(precision_score(labels, preds, average="weighted", zero_division=0))
-    out["recall"] = float(recall_score(labels, preds, average="weighted", zero_division=0))
+    out["accuracy"] = float(_sk().accuracy_score(labels, preds))
+    out["f1"] = float(_sk().f1_score(labels, preds, average="weighted", zero_division=0))
+    out["f1_macro"] = float(_sk().f1_score(labels, preds, average="macro", zero_division=0))
+    out["precision"] = float(_sk().precision_score(labels, preds, average="weighted", zero_division=0))
+    out["recall"] = float(_sk().recall_score(labels, preds, average="weighted", zero_division=0))
     out["roc_auc"] = roc_auc(labels, probs)
     return out
 
@@ -72,14 +73,14 @@ def roc_auc(labels: np.ndarray, probs: np.ndarray) -> float:
     if present.size < 2 or not np.isfinite(probs).all():
         return math.nan
     if probs.shape[1] == 2:
-        return float(roc_auc_score(labels, probs[:, 1]))
-    aucs = [roc_auc_score(labels == c, probs[:, c]) for c in present]
+        return float(_sk().roc_auc_score(labels, probs[:, 1]))
+    aucs = [_sk().roc_auc_score(labels == c, probs[:, c]) for c in present]
     return float(np.mean(aucs))
 
 
 def confusion(labels: np.ndarray, preds: np.ndarray, num_classes: int) -> list[list[int]]:
     """The confusion matrix as nested lists: ``m[true][predicted]`` = count, shape (C, C)."""
-    m = confusion_matrix(np.asarray(labels), np.asarray(preds), labels=list(range(num_classes)))
+    m = _sk().confusion_matrix(np.asarray(labels), np.asarray(preds), labels=list(range(num_classes)))
     return [[int(v) for v in row] for row in m]
 
 
@@ -91,7 +92,7 @@ def per_class(labels: np.ndarray, preds: np.ndarray, num_classes: int) -> dict[s
     number of true examples of the class (an int). Classes never
     predicted or never present score 0 (``zero_division=0``).
     """
-    p, r, f, s = precision_recall_fscore_support(np.asarray(labels), np.asarray(preds),
+    p, r, f, s = _sk().precision_recall_fscore_support(np.asarray(labels), np.asarray(preds),
                                                  labels=list(range(num_classes)), zero_division=0)
     return {"precision": [float(v) for v in p], "recall": [float(v) for v in r],
             "f1": [float(v) for v in f], "support": [int(v) for v in s]}
