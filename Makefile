@@ -38,8 +38,9 @@ test: data browser              ## the whole suite, slow real-data tests include
 test-fast: data                 ## everything but the slow real-data tests
 	$(BIN)/python -m pytest -m 'not slow' $(PYTEST_ARGS)
 
-bench: data                     ## benchmarks against the seed pipeline (≈36 min; BENCH_ARGS=--no-search | --quick | --levers)
+bench: data                     ## benchmarks against the seed pipeline (≈36 min; BENCH_ARGS=--no-search | --quick | --levers), then each LoRA variant's speed (≈8 min)
 	$(BIN)/python -m bench $(BENCH_ARGS)
+	$(BIN)/python -m bench.variants $(VARIANTS_ARGS)
 
 bench-levers: data              ## each training lever switched off alone, and the micro-benchmarks (≈11 min)
 	$(BIN)/python -m bench --levers-only
@@ -51,8 +52,9 @@ bench-variants: data            ## each LoRA variant (DoRA, LoRA+, PiSSA, OLoRA)
 	$(BIN)/python -m bench.quality --configs default,dora,loraplus,pissa,olora $(QUALITY_ARGS)
 	$(BIN)/python -m bench.variants $(VARIANTS_ARGS)
 
-bench-serve: data               ## serving: 16 mixed adapters vs one merged vs the base, texts/s, p50/p99, RSS (≈7 min; SERVE_ARGS=--quick)
+bench-serve: data               ## serving: 16 mixed adapters vs one merged vs the base, texts/s, p50/p99, RSS (≈7 min); generation: tokens/s, TTFT, 1 vs 4 adapters (≈6 min) (SERVE_ARGS=--quick)
 	$(BIN)/python -m bench.serve $(SERVE_ARGS)
+	$(BIN)/python -m bench.serve_llm $(SERVE_ARGS)
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info src/*.egg-info

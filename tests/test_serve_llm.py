@@ -449,3 +449,41 @@ def test_engine_rows_through_their_adapters_equal_each_alone(server, refs, base_
         assert got["text"] == chat_ref(_CACHE[name], PROMPTS[k], (N, 3, 7)[k]), (name, k)
         assert got["completion_tokens"] <= (N, 3, 7)[k]
     assert out[-1]["text"] == refs["BASE"]["text"][2]
+
+
+def test_engine_on_gpt2_left_padding_keeps_positions(tmp_path) -> None:
+    """GPT-2 reads learned absolute positions: left-padded rows of different lengths must get positions from
+    0 at their first real token. A mixed batch (two adapters, the base) equals each row decoded alone."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from loratune.serve.lm import GenRow, ServedLM
+
+    tok = chat_tokenizer(eos="<|endoftext|>")
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4, n_positions=256,
+                               initializer_range=0.3, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                               pad_token_id=tok.pad_token_id)).save_pretrained(str(tmp_path / "base"))
+    tok.save_pretrained(str(tmp_path / "base"))
+    folders = {}
+    for name, seed in (("g1", 1), ("g2", 2)):
+        model = load_causal_lm(str(tmp_path / "base"))
+        spec = LoraSpec(targets=("c_attn",), rank=4, alpha=8)
+        inject(model, spec)
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for layer in lora_layers(model).values():
+                layer.adapters["default"].lora_B.normal_(0, 0.5, generator=g)
+        folders[name] = save_adapter(model, tmp_path / name, spec, ["c_attn"], base_model=str(tmp_path / "base"),
+                                     meta={"task": "causal-lm", "model": str(tmp_path / "base"), "max_length": 64})
+    served = ServedLM(str(tmp_path / "base"))
+    for name, folder in folders.items():
+        served.add(name, folder)
+    prompts = ["a", "hello there, how are you today my friend", PROMPTS[1]]
+    rows = [(name, GenRow(served.chat_ids([{"role": "user", "content": p}], None), max_tokens=10))
+            for name in ("g1", "g2") for p in prompts]
+    out = served.generate(rows)
+    for (name, _), got, p in zip(rows, out, prompts * 2):
+        assert got["text"] == chat_ref(load(folders[name]), p, 10), (name, p)
+    base_rows = [(None, GenRow(served.text_ids(p), max_tokens=10)) for p in prompts]
+    model, btok = load_causal_lm(str(tmp_path / "base")), load_tokenizer(str(tmp_path / "base"))
+    assert [o["text"] for o in served.generate(base_rows)] == [text_ref(model, btok, p, 10)[0] for p in prompts]
