@@ -196,6 +196,12 @@ CASES: list[Case] = [
     ("input", "serve an adapter given without a name", lambda tmp, ctx: ["serve", "--adapter", ctx["adapter"], "--port", "0"], "expected NAME=DIR"),
     ("adapter", "serve a missing adapter", lambda tmp, ctx: ["serve", "--adapter", f"a={tmp / 'nope'}", "--port", "0"], "does not exist"),
     ("input", "serve --merge with two adapters", lambda tmp, ctx: ["serve", "--merge", "--adapter", f"a={ctx['adapter']}", "--adapter", f"b={ctx['adapter']}", "--port", "0"], "--merge"),
+    ("input", "serve --replicas without --ray", lambda tmp, ctx: ["serve", "--adapter", f"a={ctx['adapter']}", "--replicas", "2", "--port", "0"], "--replicas: only with --ray"),
+    ("input", "serve --address without --ray", lambda tmp, ctx: ["serve", "--adapter", f"a={ctx['adapter']}", "--address", "10.0.0.1:6379", "--port", "0"], "--address: only with --ray"),
+    ("range", "serve --ray --replicas 0", lambda tmp, ctx: ["serve", "--ray", "--replicas", "0", "--adapter", f"a={ctx['adapter']}", "--port", "0"], "--replicas: must be at least 1"),
+    ("input", "serve --ray --address that is no HOST:PORT", lambda tmp, ctx: ["serve", "--ray", "--address", "head-node", "--adapter", f"a={ctx['adapter']}", "--port", "8000"], "--address: expected HOST:PORT"),
+    ("input", "serve --ray with more replicas than CPUs", lambda tmp, ctx: ["serve", "--ray", "--replicas", "4096", "--adapter", f"a={ctx['adapter']}", "--port", "0"], "CPUs"),
+    ("adapter", "serve --ray a missing adapter", lambda tmp, ctx: ["serve", "--ray", "--adapter", f"a={tmp / 'nope'}", "--port", "0"], "does not exist"),
     ("input", "eval on a split that is not there", lambda tmp, ctx: ["eval", "--adapter", ctx["adapter"], "--data", str(tmp / "none.csv")], "does not exist"),
 ]
 
