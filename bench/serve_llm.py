@@ -15,9 +15,9 @@ lora_B random (seeded), saved as training saves them. Requests: 8 concurrent cli
 sends its next chat request when its last one ended), each a one-turn chat asking the sentiment of one of
 the built-in data's sentences, ``max_tokens`` 16, greedy, streamed (server-sent events), through
 OpenAI's Python client. A stream's first content chunk is its time to first token (TTFT: queueing, the
-batch's prefill and the first step); tokens/s counts the streamed content chunks (one per token, but for
-a piece held back while it may begin a stop string or ends mid-character: never more than the tokens)
-that arrived inside the counted window, over the window. Rounds alternate the order; the server is pinned
+batch's prefill and the first step); tokens/s counts the tokens that arrived inside the counted window, over
+the window: each request's ``usage.completion_tokens`` spread evenly over its content chunks, each counted at
+its arrival (a chunk is one token but where a piece ends mid-character). Rounds alternate the order; the server is pinned
 to the last CPU and the client to the first, as ``bench.serve``.
 """
 
@@ -75,7 +75,7 @@ async def _phase(server: Server, texts: list[str], *, concurrency: int, warmup: 
     t0 = time.monotonic()
     window = (t0 + warmup, t0 + warmup + seconds)
     counter = iter(range(1_000_000))
-    chunks: list[float] = []                  # arrival of every content chunk
+    chunks: list[tuple[float, float]] = []    # (arrival, tokens) of every content chunk
     ttft: list[float] = []                    # of requests whose first token came inside the window
     done: list[tuple[float, int]] = []        # (end, completion tokens)
 
@@ -86,6 +86,7 @@ async def _phase(server: Server, texts: list[str], *, concurrency: int, warmup: 
             text = texts[i % len(texts)]
             sent = time.monotonic()
             first = None
+            mine: list[float] = []
             stream = await client.chat.completions.create(
                 model=model, max_tokens=max_tokens, temperature=0, stream=True,
                 stream_options={"include_usage": True},
@@ -93,20 +94,23 @@ async def _phase(server: Server, texts: list[str], *, concurrency: int, warmup: 
             async for chunk in stream:
                 now = time.monotonic()
                 if chunk.choices and chunk.choices[0].delta.content:
-                    chunks.append(now)
+                    mine.append(now)
                     if first is None:
                         first = now
                 if chunk.usage is not None:
                     done.append((now, chunk.usage.completion_tokens))
+                    # the request's tokens spread over its chunks (a chunk holds more than one token where a
+                    # piece ended mid-character; the stop token has none): exact totals, each at its arrival
+                    chunks.extend((t, chunk.usage.completion_tokens / len(mine)) for t in mine)
             if first is not None and window[0] <= first <= window[1]:
                 ttft.append(first - sent)
 
     await asyncio.gather(*(one_client() for _ in range(concurrency)))
     await client.close()
-    counted = sum(1 for t in chunks if window[0] <= t <= window[1])
+    counted = sum(n for t, n in chunks if window[0] <= t <= window[1])
     finished = [n for end, n in done if window[0] <= end <= window[1]]
     ms = np.array(ttft) * 1000
-    return {"tokens_per_s": counted / seconds, "chunks": counted,
+    return {"tokens_per_s": counted / seconds, "tokens": counted,
             "tokens_per_s_finished": sum(finished) / seconds, "requests_finished": len(finished),
             "ttft_p50_ms": float(np.percentile(ms, 50)) if len(ms) else None,
             "ttft_p99_ms": float(np.percentile(ms, 99)) if len(ms) else None,

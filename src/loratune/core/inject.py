@@ -368,8 +368,9 @@ def routed(model: nn.Module, per_row: Sequence[str | None]) -> Iterator[None]:
     groups = {n: torch.tensor([i for i, m in enumerate(per_row) if m == n], dtype=torch.long, device=device)
               for n in dict.fromkeys(per_row) if n is not None}
     try:
+        whole = {n for n in groups if all(m == n for m in per_row)}     # one adapter for every row: no gather
         for layer in layers.values():
-            layer.route = [(n, rows) for n, rows in groups.items() if n in layer.adapters]
+            layer.route = [(n, None if n in whole else rows) for n, rows in groups.items() if n in layer.adapters]
         for module in copies.values():
             module.route = [(n, rows) for n, rows in groups.items() if n in module.copies]
         yield

@@ -101,7 +101,7 @@ class LoraLinear(nn.Module):
         self.adapters = nn.ModuleDict()
         self.active: str | None = None
         """Adapter applied to every row, unless ``route`` is set."""
-        self.route: list[tuple[str, torch.Tensor]] | None = None
+        self.route: list[tuple[str, torch.Tensor | None]] | None = None
         """Per-row routing: (adapter name, row indices) pairs; rows in none get the base output."""
         self.merged: list[str] = []
         """Adapters folded into the base weight (applied once, by the weight itself)."""
@@ -162,9 +162,12 @@ class LoraLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.base_layer(x)
         if self.route is not None:
-            for name, rows in self.route:                       # rows: (n,) indices into the batch
+            for name, rows in self.route:                       # rows: (n,) indices into the batch; None: all
                 if name in self.adapters and name not in self.merged:   # out of place, so autograd sees it
                     adapter = self.adapters[name]       # DoRA reads the base output; LoRA needs no copy of it
+                    if rows is None:
+                        h = h + self._update(adapter, x, h).to(h.dtype)
+                        continue
                     part = self._update(adapter, x[rows], h[rows] if adapter.dora else h)
                     h = h.index_add(0, rows, part.to(h.dtype))
             return h
