@@ -350,6 +350,8 @@ BAD = [  # (case, method, path, body or raw bytes, status, param, fragment of th
     ("load a bad name", "POST", "/v1/load_lora_adapter", {"lora_name": "a/b", "lora_path": "extra"}, 422,
      "lora_name", "letters, digits"),
     ("unload unknown", "POST", "/v1/unload_lora_adapter", {"lora_name": "nope"}, 404, "lora_name", "not loaded"),
+    ("a lone surrogate", "POST", "/v1/classify", b'{"model": "a2", "input": ["ok", "\\ud800"]}', 422, "input[1]",
+     "lone surrogate"),
     ("completions on a classifier", "POST", "/v1/completions", {"model": "a2", "prompt": "x"}, 400, "model",
      "use /v1/classify"),
     ("chat on a classifier", "POST", "/v1/chat/completions",

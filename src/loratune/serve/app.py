@@ -35,7 +35,13 @@ from starlette.routing import Route
 
 from loratune.errors import InputError
 from loratune.serve.batcher import AdapterGone, Batcher, ForwardFailed
-from loratune.serve.http import HttpError, error_response, read_json, text_field
+from loratune.serve.http import (
+    HttpError,
+    check_text,
+    error_response,
+    read_json,
+    text_field,
+)
 from loratune.serve.metrics import Metrics
 from loratune.serve.model import ServedAdapter, ServedModel
 
@@ -97,6 +103,7 @@ def _texts(body: dict[str, Any], limits: Limits) -> list[str]:
             raise HttpError(422, f"field '{where}' must be a string, got {type(t).__name__}", where)
         if len(t) > limits.max_chars:
             raise HttpError(413, f"field '{where}' is {len(t):,} characters; the limit is {limits.max_chars:,}", where)
+        check_text(t, where)
     return texts
 
 

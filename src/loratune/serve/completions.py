@@ -34,9 +34,10 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from loratune.errors import InputError
 from loratune.serve.batcher import AdapterGone, ForwardFailed
-from loratune.serve.http import HttpError, read_json, text_field
+from loratune.serve.http import HttpError, check_text, read_json, text_field
 from loratune.serve.lm import GenRow
 
+MAX_STOP_CHARS = 256
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 UNSUPPORTED = {"echo": (False, None), "logprobs": (False, None), "top_logprobs": (None, 0), "best_of": (None, 1),
                "n": (None, 1), "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0),
@@ -61,6 +62,9 @@ def _target(state: Any, name: str) -> tuple[str | None, str | None]:
     if name in state.adapters:
         return name, state.adapters[name].system_prompt
     if name == state.base_name:
+        if state.model.merged:
+            raise HttpError(400, f"this server serves the adapter {', '.join(state.adapters)} merged into "
+                                 f"{name}'s weights (--merge); the base alone is not served", "model")
         return None, None
     raise HttpError(404, f"the model {name!r} does not exist; this server has {state.base_name} and the adapters "
                          f"{', '.join(state.adapters) or '(none)'}", "model")
@@ -71,8 +75,8 @@ def _number(body: dict[str, Any], key: str, default: float, low: float, high: fl
     value = body.get(key)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or value < low or value > high or (low_open and value == low):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high \
+            or not math.isfinite(value) or (low_open and value == low):
         span = f"{'(' if low_open else '['}{low:g}, {high:g}]"
         raise HttpError(422, f"field {key!r} must be a number in {span}, got {json.dumps(value)[:40]}", key)
     return float(value)
@@ -91,7 +95,8 @@ def _whole(body: dict[str, Any], key: str, low: int, high: int | None = None) ->
 def _options(body: dict[str, Any], state: Any, chat: bool) -> dict[str, Any]:
     """The generation options of a request, each checked (422 naming the field)."""
     for key, allowed in UNSUPPORTED.items():
-        if key in body and body[key] not in allowed:
+        # the same value and type: 0 is not False (logprobs: 0 asks for the chosen tokens' logprobs)
+        if key in body and not any(type(body[key]) is type(a) and body[key] == a for a in allowed):
             raise HttpError(422, f"field {key!r} = {json.dumps(body[key])[:40]} is not supported by this server", key)
     limit = state.limits.max_tokens
     key = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
@@ -105,6 +110,10 @@ def _options(body: dict[str, Any], state: Any, chat: bool) -> dict[str, Any]:
     stops = [] if stop is None else [stop] if isinstance(stop, str) else stop
     if not isinstance(stops, list) or len(stops) > 4 or not all(isinstance(s, str) and s for s in stops):
         raise HttpError(422, "field 'stop' must be a non-empty string or a list of at most 4 of them", "stop")
+    if any(len(s) > MAX_STOP_CHARS for s in stops):
+        raise HttpError(422, f"field 'stop': a stop string is at most {MAX_STOP_CHARS} characters", "stop")
+    for s in stops:
+        check_text(s, "stop")
     stream = body.get("stream", False)
     if stream is None:
         stream = False
@@ -139,6 +148,7 @@ def _prompts(body: dict[str, Any], state: Any) -> list[str]:
         if len(t) > state.limits.max_chars:
             raise HttpError(413, f"field '{where}' is {len(t):,} characters; the limit is "
                                  f"{state.limits.max_chars:,}", where)
+        check_text(t, where)
     return texts
 
 
@@ -155,7 +165,7 @@ def _messages(body: dict[str, Any], state: Any) -> list[dict[str, str]]:
         if not isinstance(m, dict):
             raise HttpError(422, f"field '{where}' must be an object {{\"role\", \"content\"}}", where)
         role = m.get("role")
-        if role not in ROLES:
+        if not isinstance(role, str) or role not in ROLES:
             raise HttpError(422, f"field '{where}.role' must be one of {', '.join(ROLES)}, got "
                                  f"{json.dumps(role)[:40]}", f"{where}.role")
         content = m.get("content")
@@ -170,6 +180,7 @@ def _messages(body: dict[str, Any], state: Any) -> list[dict[str, str]]:
         if not isinstance(content, str):
             raise HttpError(422, f"field '{where}.content' must be a string or a list of text parts",
                             f"{where}.content")
+        check_text(content, f"{where}.content")
         chars += len(content)
         if chars > state.limits.max_chars:
             raise HttpError(413, f"the messages are over {state.limits.max_chars:,} characters together",
@@ -238,10 +249,13 @@ def _stream(state: Any, adapter: str | None, rows: list[GenRow], head: dict[str,
     """Server-sent events: each row's text as it is written, then each row's finish, the usage if asked,
     ``[DONE]``. A failure after the stream began is an ``{"error": ...}`` event before ``[DONE]``."""
     loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[tuple[int, str]] = asyncio.Queue()
+    queue: asyncio.Queue[tuple[int, str | None, dict[str, Any] | None]] = asyncio.Queue()
     for k, row in enumerate(rows):
-        row.emit = lambda piece, k=k: loop.call_soon_threadsafe(queue.put_nowait, (k, piece))
+        row.emit = lambda piece, k=k: loop.call_soon_threadsafe(queue.put_nowait, (k, piece, None))
+        row.on_done = lambda result, k=k: loop.call_soon_threadsafe(queue.put_nowait, (k, None, result))
     task = asyncio.ensure_future(_submit(state, adapter, rows, head["model"]))
+    # the stream may end before the batch does (its rows finished first): a later failure is the batch's
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())
     obj = "chat.completion.chunk" if chat else "text_completion"
 
     def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
@@ -254,37 +268,43 @@ def _stream(state: Any, adapter: str | None, rows: list[GenRow], head: dict[str,
         return {"index": k, "text": text or "", "logprobs": None, "finish_reason": finish}
 
     async def events() -> AsyncIterator[str]:
+        finished: dict[int, dict[str, Any]] = {}
+        getter: asyncio.Future | None = None
         try:
             if chat:
                 yield chunk([{"index": k, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                               "finish_reason": None} for k in range(len(rows))])
-            while True:
+            while len(finished) < len(rows):
+                if queue.empty() and task.done():
+                    break                                  # the batch ended without finishing every row
                 getter = asyncio.ensure_future(queue.get())
-                done, _ = await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
-                if getter in done:
-                    k, text = getter.result()
+                await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+                if not getter.done():
+                    getter.cancel()
+                    continue                               # the task ended: what it queued is read first
+                k, text, result = getter.result()
+                if result is not None:
+                    finished[k] = result
+                    yield chunk([piece(k, None, result["finish_reason"])])
+                elif text:
                     yield chunk([piece(k, text)])
-                    continue
-                getter.cancel()
-                while not queue.empty():               # the worker's last pieces land before its result
-                    k, text = queue.get_nowait()
-                    yield chunk([piece(k, text)])
-                break
-            try:
-                results = task.result()
-            except HttpError as e:
-                err = {"message": e.message, "type": "InternalServerError" if e.status >= 500 else "BadRequestError",
-                       "param": e.param, "code": e.status}
-                yield f"data: {json.dumps({'error': err})}\n\n"
-                yield "data: [DONE]\n\n"
-                return
-            for k, r in enumerate(results):
-                yield chunk([piece(k, None, r["finish_reason"])])
+            if len(finished) < len(rows):
+                try:
+                    task.result()
+                    raise HttpError(500, "internal error: the batch ended without finishing this request")
+                except HttpError as e:
+                    err = {"message": e.message, "param": e.param, "code": e.status,
+                           "type": "InternalServerError" if e.status >= 500 else "BadRequestError"}
+                    yield f"data: {json.dumps({'error': err})}\n\n"
+                    yield "data: [DONE]\n\n"
+                    return
             if include_usage:
-                yield chunk([], usage=_usage(results))
+                yield chunk([], usage=_usage([finished[k] for k in range(len(rows))]))
             yield "data: [DONE]\n\n"
         finally:
-            if not task.done():                        # the client went away: its rows end at their next step
+            if getter is not None and not getter.done():
+                getter.cancel()
+            if len(finished) < len(rows):              # the client went away: its rows end at their next step
                 for row in rows:
                     row.cancelled = True
 

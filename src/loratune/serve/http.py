@@ -54,3 +54,11 @@ def text_field(body: dict[str, Any], key: str, *, required: bool = True) -> str 
     if not isinstance(value, str) or not value:
         raise HttpError(422, f"field {key!r} must be a non-empty string, got {json.dumps(value)[:60]}", key)
     return value
+
+
+def check_text(text: str, where: str) -> None:
+    """422 for a string that is no UTF-8 text (a lone surrogate, which JSON's \\ud800 escapes can carry)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise HttpError(422, f"field '{where}' holds a lone surrogate (\\ud800-\\udfff): not text", where) from None

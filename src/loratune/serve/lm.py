@@ -54,6 +54,8 @@ class GenRow:
     seed: int | None = None
     stop: Sequence[str] = ()
     emit: Callable[[str], None] | None = None
+    on_done: Callable[[dict[str, Any]], None] | None = None
+    """Called (on the worker thread) with the row's result the moment it finishes, before its batch ends."""
     tokens: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: str | None = None
@@ -207,7 +209,7 @@ class ServedLM:
                 raise RuntimeError("a streamed row cannot be run again")
             r.tokens, r.text, r.finish_reason = [], "", None
             r.max_tokens = max(0, min(r.max_tokens, self.room(len(r.ids))))
-        rngs = [_generator(r.seed) if r.temperature > 0 else None for r in gen]
+        rngs = [_generator(r.seed) if r.temperature >= GREEDY_BELOW else None for r in gen]
         lens = [len(r.ids) for r in gen]
         width = max(lens)
         ids = torch.full((len(gen), width), self.pad_id, dtype=torch.long)
@@ -220,6 +222,7 @@ class ServedLM:
         for i, r in enumerate(gen):
             if r.max_tokens == 0:
                 r.finish_reason = "length"
+                _finish(r)
         if live and len(live) < len(gen):
             ids, mask, pos = ids[live], mask[live], pos[live]
         cache = DynamicCache()
@@ -245,6 +248,8 @@ class ServedLM:
                 token = _pick(logits[j], r.temperature, r.top_p, rngs[i])
                 if self._advance(r, token):
                     keep.append(j)
+                else:
+                    _finish(r)
             if not keep:
                 break
             if len(keep) < len(live):
@@ -255,12 +260,7 @@ class ServedLM:
             ids = torch.tensor([[gen[i].tokens[-1]] for i in live], dtype=torch.long, device=dev)
             mask = torch.cat([mask, torch.ones((len(live), 1), dtype=mask.dtype, device=dev)], dim=1)
             pos = pos[:, -1:] + 1
-        for r in gen:
-            if r.emit is not None and len(r.text) > len(r.shown):
-                r.emit(r.text[len(r.shown):])
-                r.shown = r.text
-        return [{"text": r.text, "finish_reason": r.finish_reason, "completion_tokens": len(r.tokens),
-                 "prompt_tokens": len(r.ids)} for r in gen]
+        return [_result(r) for r in gen]
 
     def _advance(self, r: GenRow, token: int) -> bool:
         """Take ``token`` for row ``r``; False once the row is done (its finish_reason set)."""
@@ -288,6 +288,25 @@ class ServedLM:
         return True
 
 
+def _result(r: GenRow) -> dict[str, Any]:
+    return {"text": r.text, "finish_reason": r.finish_reason, "completion_tokens": len(r.tokens),
+            "prompt_tokens": len(r.ids)}
+
+
+def _finish(r: GenRow) -> None:
+    """A row is done: the rest of its text (held back while it might begin a stop string) goes out, then its
+    result, at once (its request need not wait for the batch's longest row)."""
+    if r.emit is not None and len(r.text) > len(r.shown):
+        r.emit(r.text[len(r.shown):])
+        r.shown = r.text
+    if r.on_done is not None:
+        r.on_done(_result(r))
+
+
+GREEDY_BELOW = 1e-5
+"""A temperature below this is greedy (vLLM's _SAMPLING_EPS): dividing by it would overflow the logits."""
+
+
 def _generator(seed: int | None) -> torch.Generator:
     g = torch.Generator()
     g.manual_seed(seed if seed is not None else secrets.randbits(63))
@@ -297,9 +316,11 @@ def _generator(seed: int | None) -> torch.Generator:
 def _pick(logits: torch.Tensor, temperature: float, top_p: float, rng: torch.Generator | None) -> int:
     """The next token: the argmax at temperature 0, else a draw from the temperature-scaled distribution cut
     to its top-p nucleus (the smallest set of most likely tokens whose mass reaches top_p)."""
-    if temperature <= 0 or rng is None:
+    if temperature < GREEDY_BELOW or rng is None:
         return int(logits.argmax())
     probs = torch.softmax(logits.cpu() / temperature, dim=-1)
+    if not torch.isfinite(probs).all():                  # an overflow (a temperature near 0): the argmax
+        return int(logits.argmax())
     if top_p < 1.0:
         sorted_p, order = probs.sort(descending=True)
         before = sorted_p.cumsum(0) - sorted_p           # mass of the more likely tokens
