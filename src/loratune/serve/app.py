@@ -34,12 +34,13 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from loratune.errors import InputError
-from loratune.serve.batcher import AdapterGone, Batcher, ForwardFailed
+from loratune.serve.batcher import Batcher
 from loratune.serve.http import (
     HttpError,
     check_text,
     error_response,
     read_json,
+    submit,
     text_field,
 )
 from loratune.serve.metrics import Metrics
@@ -170,14 +171,7 @@ async def classify(request: Request, state: ServerState) -> tuple[Response, str 
                            f"{', '.join(state.adapters) or '(none)'}", "model")
         raise e
     ids = state.model.tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
-    try:
-        probs = await state.batcher.submit([(adapter, x) for x in ids])
-    except AdapterGone:
-        raise HttpError(404, f"the adapter {name!r} was unloaded while this request waited", "model") from None
-    except ForwardFailed as e:
-        raise HttpError(500, f"internal error: {e} (the other requests of its batch were answered)") from None
-    except RuntimeError as e:
-        raise HttpError(503, str(e)) from None
+    probs = await submit(state.batcher, [(adapter, x) for x in ids], name)
     data = []
     for i, p in enumerate(probs):
         k = int(p.argmax())

@@ -33,8 +33,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from loratune.errors import InputError
-from loratune.serve.batcher import AdapterGone, ForwardFailed
-from loratune.serve.http import HttpError, check_text, read_json, text_field
+from loratune.serve.http import HttpError, check_text, read_json, submit, text_field
 from loratune.serve.lm import GenRow
 
 MAX_STOP_CHARS = 256
@@ -228,14 +227,7 @@ async def _answer(request: Request, state: Any, *, chat: bool) -> tuple[Response
 
 
 async def _submit(state: Any, adapter: str | None, rows: list[GenRow], name: str) -> list[dict[str, Any]]:
-    try:
-        return await state.batcher.submit([(adapter, r) for r in rows])
-    except AdapterGone:
-        raise HttpError(404, f"the adapter {name!r} was unloaded while this request waited", "model") from None
-    except ForwardFailed as e:
-        raise HttpError(500, f"internal error: {e} (the other requests of its batch were answered)") from None
-    except RuntimeError as e:
-        raise HttpError(503, str(e)) from None
+    return await submit(state.batcher, [(adapter, r) for r in rows], name)
 
 
 def _usage(results: list[dict[str, Any]]) -> dict[str, int]:

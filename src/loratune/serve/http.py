@@ -62,3 +62,18 @@ def check_text(text: str, where: str) -> None:
         text.encode("utf-8")
     except UnicodeEncodeError:
         raise HttpError(422, f"field '{where}' holds a lone surrogate (\\ud800-\\udfff): not text", where) from None
+
+
+async def submit(batcher: Any, rows: list[Any], name: str) -> list[Any]:
+    """``batcher.submit(rows)``, its failures as the request's HTTP errors: 404 the adapter was unloaded while
+    the request waited, 500 its rows failed run alone, 503 the server is shutting down."""
+    from loratune.serve.batcher import AdapterGone, ForwardFailed
+
+    try:
+        return await batcher.submit(rows)
+    except AdapterGone:
+        raise HttpError(404, f"the adapter {name!r} was unloaded while this request waited", "model") from None
+    except ForwardFailed as e:
+        raise HttpError(500, f"internal error: {e} (the other requests of its batch were answered)") from None
+    except RuntimeError as e:
+        raise HttpError(503, str(e)) from None

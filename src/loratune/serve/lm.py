@@ -33,7 +33,7 @@ from loratune.core.inject import merge_and_unload, routed
 from loratune.core.routing import add_routed_adapter, remove_routed_adapter
 from loratune.errors import InputError
 from loratune.runtime import autocast, resolve_device, resolve_precision
-from loratune.serve.model import ServedAdapter, _same_model
+from loratune.serve.model import ServedAdapter, ServedModel
 from loratune.tasks.causal_metrics import stop_ids
 from loratune.training.models import is_model_folder, load_causal_lm, load_tokenizer
 
@@ -127,16 +127,7 @@ class ServedLM:
 
     # --- adapters --------------------------------------------------------------------------------
 
-    def check_base(self, adapter_dir: str | os.PathLike) -> None:
-        from loratune.core.adapters import read_adapter_config
-
-        meta_model = read_meta(adapter_dir).get("model")
-        hint = meta_model or read_adapter_config(adapter_dir)[1].get("base_model_name_or_path")
-        if not hint or _same_model(hint, self.base):
-            return
-        if meta_model:
-            raise InputError(f"{adapter_dir}: trained on {hint}, but this server's base is {self.base}")
-        log.info("adapter %s names %s as its base; serving it on %s (shapes match)", adapter_dir, hint, self.base)
+    check_base = ServedModel.check_base               # the same rule: it reads only ``self.base``
 
     def add(self, name: str, adapter_dir: str | os.PathLike) -> ServedAdapter:
         """Load a causal-LM adapter for per-row routing, then write one token through it (a bad adapter is
