@@ -258,3 +258,63 @@ def test_searched_modules_to_save_are_checked_against_the_model(tiny_model_dir) 
     assert TrainConfig(model=tiny_model_dir, modules_to_save="none").modules_to_save == ()
     with pytest.raises(InputError, match=r"search.modules_to_save: 'poolr': --modules-to-save: 'poolr' matches no"):
         validate({"modules_to_save": {"choice": ["pooler", "poolr"]}}, base)
+
+
+# --- --space and --show-space ---------------------------------------------------------------------------------
+
+SEED_SPACE = {  # the seed project's search space, written out independently of loratune's copies
+    "lr": {"loguniform": [1e-4, 1e-1]},
+    "rank": {"choice": [2, 4, 6, 8, 10, 16]},
+    "targets": {"choice": [["q"], ["v"], ["q", "v"]]},
+    "dropout": {"uniform": [0.1, 0.5]},
+    "alpha": "=rank",
+}
+
+
+def _shown(capsys, *argv: str) -> dict:
+    from conftest import run
+
+    code, out, err = run(capsys, "tune", "--show-space", *argv)
+    assert code == 0, err
+    return yaml.safe_load(out)["search"]
+
+
+def test_space_seed_is_the_seed_projects_space_exactly(capsys) -> None:
+    from loratune.search.space import load_space, space_presets
+
+    assert "seed" in space_presets()
+    assert load_space("seed") == SEED_SPACE
+    assert _shown(capsys, "--space", "seed") == SEED_SPACE
+
+
+def test_show_space_prints_the_default_a_file_and_full_fine_tuning_s(capsys, tmp_path) -> None:
+    from loratune.search.space import DEFAULT_SPACE, FULL_SPACE
+
+    assert _shown(capsys) == DEFAULT_SPACE
+    assert _shown(capsys, "--method", "full") == FULL_SPACE
+    f = tmp_path / "space.yaml"
+    f.write_text("alpha: '=rank'\nrank: {grid: [4, 8]}\nlr: {loguniform: [1.0e-4, 1.0e-3]}\n")
+    # a tie is listed after what it follows, as the search samples them
+    assert list(_shown(capsys, "--space", str(f))) == ["rank", "lr", "alpha"]
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text("rank: 4\nsearch:\n  dropout: {uniform: [0.0, 0.2]}\n")
+    assert _shown(capsys, "--config", str(cfg)) == {"dropout": {"uniform": [0.0, 0.2]}}
+    assert _shown(capsys, "--space", str(cfg)) == {"dropout": {"uniform": [0.0, 0.2]}}   # a config's search: key
+
+
+@pytest.mark.parametrize("argv,fragment", [
+    (["--space", "nope"], "neither a shipped space (seed"),
+    (["--space", "LIST"], "holds no mapping"),
+    (["--space", "BAD"], "search.rank"),
+    (["--space", "seed", "--config", "CONFIG"], "the space is given twice"),
+    (["--space", "seed", "--resume", "DIR"], "drop --space"),
+], ids=["unknown", "a list", "a bad distribution", "twice", "with resume"])
+def test_bad_space_flags_exit_2(capsys, tmp_path, argv, fragment) -> None:
+    from conftest import assert_one_line_error, run
+
+    files = {"LIST": "- 1\n- 2\n", "BAD": "rank: {choice: []}\n", "CONFIG": "search:\n  rank: {choice: [4]}\n"}
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    argv = [str(tmp_path / a) if a in files or a == "DIR" else a for a in argv]
+    code, _, err = run(capsys, "tune", "--show-space", *argv)
+    assert_one_line_error(code, err, fragment)

@@ -51,6 +51,11 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
                    help="join a running Ray cluster (default: a local one on 127.0.0.1)")
     g.add_argument("--storage", metavar="PATH", **kw,
                    help="shared folder for Ray's results (default: the run directory)")
+    s.add_argument("--space", metavar="NAME|FILE",
+                   help="the space to search: a shipped one (seed: the seed project's) or a YAML file of "
+                        "option: distribution (instead of --config's search:)")
+    s.add_argument("--show-space", action="store_true",
+                   help="print the space this search would sample (checked, as YAML), and exit")
     s.add_argument("--out", type=Path, metavar="DIR", help="search directory (default: runs/tune-<timestamp>)")
     s.add_argument("--resume", type=Path, metavar="DIR", help="continue the search in DIR (with its own options)")
     s.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
@@ -79,6 +84,10 @@ def cmd_tune(args: argparse.Namespace, ui: Renderer) -> int:
 
     view = TrialLines(ui)
     baseline = getattr(args, "baseline", None)
+    if args.resume is not None and args.space is not None:
+        raise InputError("--resume: a search continues with the space it was started with; drop --space")
+    if args.show_space:
+        return show_space(args, ui)
     if args.resume is not None:
         given = given_training_flags(args) + (["--out"] if args.out else [])
         given += ["--" + k.replace("_", "-") for k in vars(args) if k in SEARCH_KEYS and k != "address"]
@@ -90,13 +99,52 @@ def cmd_tune(args: argparse.Namespace, ui: Renderer) -> int:
              on_done=lambda result: show_search(ui, result, baseline))
     else:
         training, search = search_options(args)
-        space = search.pop("search", None)
+        space = _space(args, search)
         if baseline is not None:
             from loratune.training.options import TrainConfig
 
             check_baseline(baseline, TrainConfig.from_dict(training).to_dict(), "this search")
         tune(space=space, out=args.out, overwrite=args.overwrite, progress=_progress(view, baseline),
              on_done=lambda result: show_search(ui, result, baseline), **search, **training)
+    return 0
+
+
+def _space(args: argparse.Namespace, search: dict[str, Any]) -> dict[str, Any] | None:
+    """The space: --space (a shipped one or a file), else --config's ``search:``, else None (the default)."""
+    space = search.pop("search", None)
+    if args.space is None:
+        return space
+    if space is not None:
+        raise InputError(f"--space: the space is given twice (--config {args.config} has a `search:` key too)")
+    from loratune.search.space import load_space
+
+    return load_space(args.space)
+
+
+def show_space(args: argparse.Namespace, ui: Renderer) -> int:
+    """``--show-space``: the space a search would sample (a resumed one's: its search.yaml), checked against
+    the fixed options, as YAML on stdout; nothing starts."""
+    import yaml
+
+    from loratune.search.space import default_space, parse_space
+    from loratune.training.options import TrainConfig
+
+    if args.resume is not None:
+        options, raw = _resumed_options(args.resume), None
+        from loratune.training import rundir
+
+        raw = rundir.read_yaml(args.resume / "search.yaml").get("search")
+        if not options or not isinstance(raw, dict):
+            raise InputError(f"--resume: {args.resume} holds no search (no readable search.yaml)")
+        base = TrainConfig.from_dict(options)
+    else:
+        training, search = search_options(args)
+        raw = _space(args, search)
+        base = TrainConfig.from_dict(training)
+        raw = default_space(base) if raw is None else raw
+    space = parse_space(raw, base)
+    ui.out(yaml.safe_dump({"search": {d.key: raw[d.key] for d in space.dims}}, sort_keys=False,
+                          default_flow_style=None).rstrip())
     return 0
 
 

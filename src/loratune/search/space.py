@@ -27,6 +27,7 @@ import difflib
 import itertools
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Mapping
 
 from loratune.errors import InputError
@@ -51,9 +52,39 @@ DEFAULT_SPACE: dict[str, Any] = {
     "dropout": {"uniform": [0.1, 0.5]},
     "alpha": "=rank",
 }
-"""The seed project's space: lr, r, target modules, dropout; alpha tied to r."""
+"""The seed project's space: lr, r, target modules, dropout; alpha tied to r (also shipped as ``--space seed``,
+spaces/seed.yaml; the default until ``make bench-quality`` shows a better one, the [search] issue)."""
 FULL_SPACE: dict[str, Any] = {"lr": {"loguniform": [1e-5, 2e-4]}}
 """``--method full`` has no adapter to shape: the default space is its learning rate alone."""
+
+
+SPACES_DIR = Path(__file__).resolve().parent / "spaces"
+"""The shipped spaces, one YAML file each (``--space NAME``): ``seed``, the seed project's."""
+
+
+def space_presets() -> list[str]:
+    return sorted(p.stem for p in SPACES_DIR.glob("*.yaml"))
+
+
+def load_space(spec: str) -> dict[str, Any]:
+    """``--space``: a shipped space by name (:func:`space_presets`) or a YAML file holding the mapping (or a
+    config whose ``search:`` key holds it); InputError naming the presets otherwise. Checked later by
+    :func:`parse_space` like any space."""
+    import yaml
+
+    path = SPACES_DIR / f"{spec}.yaml" if spec in space_presets() else Path(spec).expanduser()
+    if not path.is_file():
+        raise InputError(f"--space: {spec!r} is neither a shipped space ({', '.join(space_presets())}) nor a YAML "
+                         "file")
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise InputError(f"--space: cannot read {path} ({type(e).__name__}: {str(e)[:120]})") from None
+    if isinstance(doc, dict) and isinstance(doc.get("search"), dict):
+        doc = doc["search"]
+    if not isinstance(doc, dict) or not doc:
+        raise InputError(f"--space: {path} holds no mapping of training option: distribution")
+    return doc
 
 
 def default_space(base: TrainConfig) -> dict[str, Any]:
