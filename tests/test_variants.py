@@ -736,6 +736,12 @@ def test_train_and_eval_a_dora_pissa_run_through_the_cli(tmp_path, tiny_model_di
     stored = yaml.safe_load((out / "config.yaml").read_text())
     assert stored["variant"] == "dora" and stored["init"] == "pissa" and stored["rank_pattern"] == {"query": 2}
     assert stored["loraplus_ratio"] == 4
+    from loratune.report.run_page import _glance
+
+    top = "".join(_glance(out, "run", json.loads((out / "results.json").read_text()), stored, None))
+    assert "DoRA: a learned magnitude per output row" in top          # the report says what the variant changed
+    assert "PiSSA init: adapter/ is saved converted for the original W0 (peft&#x27;s rule), at rank 2r = 8" in top \
+        or "PiSSA init: adapter/ is saved converted for the original W0 (peft's rule), at rank 2r = 8" in top
     code, printed, err = run(capsys, "eval", "--adapter", str(out / "adapter"), "--json")
     assert code == 0, err
     got, results = json.loads(printed), json.loads((out / "results.json").read_text())["test"]

@@ -96,7 +96,8 @@ def _glance(run: Path, title: str, results: dict[str, Any], cfg: dict[str, Any],
         if train_stats.get("adapter_bytes"):
             glance.append(card("model file", human_bytes(train_stats["adapter_bytes"]), "every weight saved"))
     else:
-        glance.append(card("adapter", f"rank {fmt(cfg.get('rank'))}", f"targets {describe_targets(run)}"))
+        glance.append(card("adapter", f"rank {fmt(cfg.get('rank'))}",
+                           " · ".join([f"targets {describe_targets(run)}", *variant_facts(cfg)])))
         r = ratio(train_stats)
         if r:
             glance.append(card("adapter size", f"{r:,.0f}× smaller", size_facts(train_stats)))
@@ -105,3 +106,15 @@ def _glance(run: Path, title: str, results: dict[str, Any], cfg: dict[str, Any],
                            f"{train_stats.get('tokens_per_s', 0):,.0f} tokens/s"))
     glance.append("</div>")
     return glance
+
+
+def variant_facts(cfg: dict[str, Any]) -> list[str]:
+    """What a LoRA variant changes about the adapter, in words: DoRA's magnitudes; PiSSA/OLoRA's saved rank."""
+    facts = []
+    if cfg.get("variant") == "dora":
+        facts.append("DoRA: a learned magnitude per output row")
+    init = cfg.get("init")
+    if init in ("pissa", "olora") and isinstance(cfg.get("rank"), int):
+        facts.append(f"{'PiSSA' if init == 'pissa' else 'OLoRA'} init: adapter/ is saved converted for the original "
+                     f"W0 (peft's rule), at rank 2r = {2 * cfg['rank']}")
+    return facts
