@@ -17,6 +17,7 @@ from typing import Any, Iterator
 
 import openai
 import pytest
+import test_generate
 import torch
 from conftest import assert_one_line_error, run
 from test_causal_data import chat_tokenizer
@@ -32,6 +33,9 @@ from loratune.serve.server import prepare
 from loratune.tasks.causal_metrics import stop_ids
 from loratune.training.models import load_causal_lm, load_tokenizer
 
+base_dir = test_generate.base_dir
+"""The fixture: test_generate's random Llama (wide weights: no near-ties) with a ChatML tokenizer whose EOS differs
+from its end-of-turn token."""
 SYSTEM = "You are a terse assistant."
 PROMPTS = ["What is the capital of France?", "Name three primary colours.", "Translate to German: good morning."]
 ADAPTERS = {"sys": (1, SYSTEM), "plain": (2, None), "other": (3, "Answer in French.")}
@@ -45,25 +49,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory) -> Path:
-    """A random Llama (wide weights: greedy choices are no near-ties) with a ChatML tokenizer whose EOS
-    differs from its end-of-turn token."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tok = chat_tokenizer(eos="<|endoftext|>")
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                                         initializer_range=0.3, tie_word_embeddings=False,
-                                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                                         pad_token_id=tok.pad_token_id))
-    out = tmp_path_factory.mktemp("serve-llm") / "base"
-    model.save_pretrained(str(out))
-    tok.save_pretrained(str(out))
-    return out
 
 
 def lm_adapter(base: Path, out: Path, seed: int, system: str | None) -> Path:
