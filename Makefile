@@ -45,7 +45,7 @@ bench: data                     ## benchmarks against the seed pipeline (≈36 m
 bench-levers: data              ## each training lever switched off alone, and the micro-benchmarks (≈11 min)
 	$(BIN)/python -m bench --levers-only
 
-bench-quality: data             ## accuracy, 3 split seeds × default, full, candidates (≈50 min on 2 Zen 1 cores; QUALITY_ARGS=--configs ...)
+bench-quality: data             ## accuracy, 3 split seeds × default, full, candidates (≈50 min on 2 Zen 1 cores), then the default search's chosen trial (3 searches, one at a time; QUALITY_ARGS=--configs ...)
 	$(BIN)/python -m bench.quality $(QUALITY_ARGS)
 
 bench-variants: data            ## each LoRA variant (DoRA, LoRA+, PiSSA, OLoRA) vs the default: accuracy over 3 split seeds, then speed

@@ -10,17 +10,34 @@ run), then prints a markdown table (mean ± sample sd over seeds of validation a
 their mean, and the paired gap of each configuration to ``full`` and to ``default``) and writes the figures
 to ``bench/results/quality-<UTC time>.json``.
 
-    python -m bench.quality                                   # default,full,old-default,lr2e-3+pooler × seeds 0,1,2
+A search configuration (``search``: the default search, the very command ``make demo`` runs) runs, per seed::
+
+    loratune tune --split-seed S --seed S <config flags> --out OUT/search/seed-S --overwrite
+
+(no ``--threads``: each trial gets ``--cpus-per-trial`` CPUs), one search at a time and never beside another
+run, after the training runs. Its row is the chosen trial's (validation accuracy at its best epoch, test
+accuracy), read from the search's ``search.json``; the figures also keep, per seed, the search's own untuned
+default trial's test accuracy, its McNemar comparison with the chosen trial, the chosen config and the
+search's wall time, and the table says whether the chosen adapter is, on test and averaged over the splits,
+at least as good as the untuned default.
+
+    python -m bench.quality                                   # default,full,old-default,lr2e-3+pooler,search × seeds 0,1,2
     python -m bench.quality --configs default,lr2e-3 --seeds 0,1,2,3,4
+    python -m bench.quality --configs default,search          # the default search against the untuned default
     python -m bench.quality --dry-run                         # the commands only
     python -m bench.quality --extra "--max-steps 3 --sample-pct 0.05" --out /tmp/q   # a smoke run
+    python -m bench.quality --configs search --seeds 0 --extra "--sample-pct 0.05" \
+        --search-extra "--samples 2 --max-epochs 1" --out /tmp/q                      # a search's smoke run
 
 Resumable: a run whose ``results.json`` exists and whose ``config.yaml`` holds the options this run would
 be given (resolved now, ``auto`` included, so a changed default is a different run) is not run again; a
 run killed half-way goes on with ``loratune train --resume`` where it has a checkpoint, else it starts
 again. Two configurations that resolve to the same options (today ``default`` and ``old-default``) share
 their runs: they are trained once. Each run's own output goes to ``OUT/<config>/seed-S.log`` and its
-command, wall time and code version to ``OUT/<config>/seed-S/bench.json``.
+command, wall time and code version to ``OUT/<config>/seed-S/bench.json``. A search is reused when its
+``search.json`` exists and its ``bench.json`` (else its ``search.yaml``) holds the options and the space (as
+``loratune tune`` resolves them now: a changed default space is a different search) this run would give it;
+a search killed half-way (``search.yaml``, no ``search.json``) goes on with ``loratune tune --resume``.
 """
 
 from __future__ import annotations
@@ -54,22 +71,34 @@ CONFIGS: dict[str, tuple[list[str], str]] = {
     "loraplus": (["--loraplus-ratio", "16"], "variant: LoRA+ (B and 1-D tensors at 16x lr, the paper's ratio)"),
     "pissa": (["--init", "pissa"], "variant: PiSSA (A, B from W0's principal singular vectors)"),
     "olora": (["--init", "olora"], "variant: OLoRA (A, B from W0's QR)"),
+    "search": ([], ("the default search, as `make demo` runs it (loratune tune: the default space, 8 trials, <= 3 "
+                    "epochs, ASHA); its row is the chosen trial's")),
 }
-"""name -> (flags of ``loratune train``, description). The seed, split seed, threads and --out are added per run."""
+"""name -> (flags of ``loratune train``, description). The seed, split seed, threads and --out are added per run.
+For a search (a name in :data:`SEARCHES`) the flags are the training options it fixes for every trial."""
 
-DEFAULT_CONFIGS = "default,full,old-default,lr2e-3+pooler"
+SEARCHES: dict[str, list[str]] = {"search": []}
+"""The configurations that are searches: name -> the flags of ``loratune tune`` alone (none: the default search,
+``make demo``'s). Each runs ``loratune tune --split-seed S --seed S <training flags> <these>``, without
+``--threads`` (a trial's threads are its ``--cpus-per-trial``)."""
+
+DEFAULT_CONFIGS = "default,full,old-default,lr2e-3+pooler,search"
 VARIANT_CONFIGS = "default,dora,loraplus,pissa,olora"
 """``make bench-variants``: each LoRA variant beside the untuned default, on the same splits."""
 SHOWN_OPTIONS = ("method", "lr", "targets", "rank", "alpha", "modules_to_save", "dropout", "epochs", "max_length",
                  "batch_size", "warmup", "weight_decay", "sample_pct", "max_steps")
 """The resolved options each configuration's JSON entry lists (all of them are in each run's config.yaml)."""
+SEARCH_SHOWN = ("samples", "max_epochs", "rungs_per_epoch", "cpus_per_trial", "max_concurrent", "search_alg", "metric",
+                "mode", "search")
+"""The resolved search options a search configuration's JSON entry lists (``search``: the space it samples)."""
 
 
 # --- the runs -----------------------------------------------------------------------------------
 
 @dataclass
 class Job:
-    """One training run: the first configuration (in ``--configs`` order) that resolves to its options owns it."""
+    """One training run, or one search: the first configuration (in ``--configs`` order) that resolves to its
+    options owns it."""
     config: str
     seed: int
     flags: list[str]                    # the training flags (config flags + --extra), seed and threads included
@@ -77,6 +106,7 @@ class Job:
     resolved: dict[str, Any]            # the same, every auto resolved
     dir: Path
     shared_by: list[str] = field(default_factory=list)   # other configurations with the same options
+    search: dict[str, Any] | None = None   # a search: what `loratune tune` would write to search.yaml (space included)
     action: str = "run"                 # done | resume | run
     status: str = "pending"             # done | reused | failed | timeout | interrupted
     wall_s: float | None = None
@@ -86,6 +116,15 @@ class Job:
     @property
     def name(self) -> str:
         return f"{self.config} seed {self.seed}"
+
+    @property
+    def is_search(self) -> bool:
+        return self.search is not None
+
+    @property
+    def result_file(self) -> str:
+        """What a finished run leaves: a training run's results.json, a search's search.json."""
+        return "search.json" if self.is_search else "results.json"
 
 
 def loratune_cmd(override: str | None) -> list[str]:
@@ -131,6 +170,40 @@ def _norm(v: Any) -> Any:
     return json.loads(json.dumps(v))
 
 
+SEARCH_IDENTITY = ("options", "search", "samples", "max_epochs", "rungs_per_epoch", "cpus_per_trial", "max_concurrent",
+                   "search_alg", "metric", "mode", "max_failures")
+"""The keys of search.yaml that make two searches the same search (not where Ray keeps its state)."""
+
+
+def resolve_search(flags: Sequence[str]) -> dict[str, Any]:
+    """What ``loratune tune FLAGS`` would write to its search.yaml (its training options, the space it samples,
+    resolved: the default space when none is given, and its own options at their defaults), from loratune's own
+    parser and :func:`loratune.search.trials.new_search` in this process (no Ray; it imports torch), as plain
+    JSON values. ValueError for flags ``loratune tune`` refuses."""
+    import inspect
+
+    from loratune.cli.main import build_parser
+    from loratune.cli.tune import SEARCH_KEYS, _space, search_options
+    from loratune.errors import InputError
+    from loratune.search.trials import new_search
+
+    try:
+        args = build_parser().parse_args(["tune", *flags])
+    except SystemExit:
+        raise ValueError(f"loratune tune does not take these flags: {shlex.join(flags)}") from None
+    if args.resume is not None or args.out is not None or args.show_space:
+        raise ValueError(f"{shlex.join(flags)}: a search configuration gives neither --resume, --out nor --show-space")
+    try:
+        training, search = search_options(args)
+        space = _space(args, search)
+        takes = inspect.signature(new_search).parameters
+        kw = {k: search.get(k, default) for k, default in SEARCH_KEYS.items() if k in takes}
+        doc = new_search(None, training, space, **kw)
+    except InputError as e:
+        raise ValueError(f"loratune tune {shlex.join(flags)}: {e}") from None
+    return _norm({k: doc.get(k) for k in SEARCH_IDENTITY})
+
+
 def read_yaml(path: Path) -> dict[str, Any] | None:
     try:
         doc = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -149,7 +222,10 @@ def read_json(path: Path) -> dict[str, Any] | None:
 
 def started_with(run_dir: Path, job: Job) -> bool:
     """The run in ``run_dir`` was started with the job's options: its config.yaml holds each of them (resolved,
-    or ``auto`` where this loratune's config.yaml keeps ``auto``)."""
+    or ``auto`` where this loratune's config.yaml keeps ``auto``); a search: its search.yaml is this search
+    (:func:`same_search`)."""
+    if job.is_search:
+        return same_search(read_yaml(run_dir / "search.yaml"), job)
     cfg = read_yaml(run_dir / "config.yaml")
     return cfg is not None and all(_stored(cfg, k) in (v, job.raw.get(k)) for k, v in job.resolved.items())
 
@@ -164,15 +240,31 @@ def _stored(options: dict[str, Any], key: str) -> Any:
     return _norm(DEFAULTS.get(key))
 
 
+def same_search(stored: Any, job: Job) -> bool:
+    """``stored`` (a search.yaml, or the ``search`` bench.json recorded) is the job's search: the same space and
+    search options, and each training option the job resolves to (``auto`` where search.yaml keeps it; a local
+    path as tune stores it, absolute)."""
+    ours = job.search
+    if ours is None or not isinstance(stored, dict) or not isinstance(stored.get("options"), dict):
+        return False
+    if any(_norm(stored.get(k)) != v for k, v in ours.items() if k != "options"):
+        return False
+    opts = stored["options"]
+    return all(_stored(opts, k) in (v, job.raw.get(k), ours["options"].get(k)) for k, v in job.resolved.items())
+
+
 def finished_with(run_dir: Path, job: Job) -> bool:
-    """The run in ``run_dir`` finished with the job's options: results.json, and the options resolved by this
-    program when it ran (bench.json: written after a run that ended well), else its config.yaml's."""
-    if read_json(run_dir / "results.json") is None:
+    """The run in ``run_dir`` finished with the job's options: results.json (a search: search.json), and the
+    options resolved by this program when it ran (bench.json: written after a run that ended well), else its
+    config.yaml's (search.yaml's)."""
+    if read_json(run_dir / job.result_file) is None:
         return False
     bench = read_json(run_dir / "bench.json")
     if bench is None:
         return started_with(run_dir, job)
     stored = bench.get("options")
+    if job.is_search and not same_search(bench.get("search"), job):
+        return False
     return isinstance(stored, dict) and all(_stored(stored, k) == v for k, v in job.resolved.items())
 
 
@@ -183,7 +275,11 @@ def plan(job: Job, out: Path) -> str:
     d = job.dir
     if finished_with(d, job):
         return "done"
-    if read_json(d / "results.json") is None and any((d / "checkpoints").glob("*.pt")) and started_with(d, job):
+    if job.is_search:                           # search.yaml is all `tune --resume` needs (Ray's state, if any)
+        if read_json(d / "search.json") is None and "experiment" in (read_yaml(d / "search.yaml") or {}) \
+                and started_with(d, job):
+            return "resume"
+    elif read_json(d / "results.json") is None and any((d / "checkpoints").glob("*.pt")) and started_with(d, job):
         return "resume"
     for other in sorted(out.glob(f"*/{d.name}")):
         if other != d and finished_with(other, job):
@@ -193,9 +289,22 @@ def plan(job: Job, out: Path) -> str:
 
 
 def command(prog: list[str], job: Job, action: str) -> list[str]:
+    if job.is_search:
+        if action == "resume":
+            return [*prog, "tune", "--resume", str(job.dir)]
+        return [*prog, "tune", *job.flags, "--out", str(job.dir), "--overwrite"]
     if action == "resume":
         return [*prog, "train", "--resume", "--out", str(job.dir)]
     return [*prog, "train", *job.flags, "--out", str(job.dir), "--overwrite"]
+
+
+def schedule(todo: Sequence[Job], jobs: int) -> list[tuple[list[Job], int]]:
+    """The phases the runs go in, one after the other, each (its runs, how many at a time): the training runs,
+    ``jobs`` at a time, then each search alone (its trials take every CPU: beside another run both would be
+    slowed and its wall time would be wrong)."""
+    train = [j for j in todo if not j.is_search]
+    phases = [(train, max(1, min(jobs, len(train))))] if train else []
+    return phases + [([j], 1) for j in todo if j.is_search]
 
 
 def code_version() -> str:
@@ -214,8 +323,9 @@ def code_version() -> str:
 class Runner:
     """Runs jobs as subprocesses, each in its own session (so only this program signals it), with a time limit."""
 
-    def __init__(self, prog: list[str], timeout: float, version: str) -> None:
+    def __init__(self, prog: list[str], timeout: float, version: str, search_timeout: float | None = None) -> None:
         self.prog, self.timeout, self.version = prog, timeout, version
+        self.search_timeout = timeout if search_timeout is None else search_timeout
         self.live: set[subprocess.Popen[bytes]] = set()
         self.lock = threading.Lock()
         self.stopping = False
@@ -240,7 +350,7 @@ class Runner:
                     if self.stopping:           # stop_all ran while this one started
                         stop(p, wait=False)
                 try:
-                    rc = p.wait(timeout=self.timeout)
+                    rc = p.wait(timeout=self.search_timeout if job.is_search else self.timeout)
                     timed_out = False
                 except subprocess.TimeoutExpired:
                     stop(p)
@@ -252,7 +362,7 @@ class Runner:
             if timed_out:
                 job.status = "timeout"
                 return job
-            if rc == 0 and (res := read_json(job.dir / "results.json")) is not None:
+            if rc == 0 and (res := read_json(job.dir / job.result_file)) is not None:
                 job.results, job.status = res, "done"
                 write_bench_json(job, cmd, action, self.version)
                 return job
@@ -276,7 +386,8 @@ class Runner:
 
 
 def stop(p: subprocess.Popen[bytes], wait: bool = True) -> None:
-    """SIGTERM (loratune finishes the step, checkpoints and exits 130), then SIGKILL after 2 minutes."""
+    """SIGTERM (loratune finishes the step, checkpoints and exits 130; a search saves its state and exits 130),
+    then SIGKILL to its process group (its own session) after 2 minutes."""
     if p.poll() is None:
         try:
             p.send_signal(signal.SIGTERM)
@@ -287,15 +398,21 @@ def stop(p: subprocess.Popen[bytes], wait: bool = True) -> None:
     try:
         p.wait(timeout=120)
     except subprocess.TimeoutExpired:
-        p.kill()
+        try:                            # its whole session (a search's Ray workers too); it is not reaped yet
+            os.killpg(p.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            p.kill()
         p.wait()
 
 
 def write_bench_json(job: Job, cmd: list[str], action: str, version: str) -> None:
+    kind = "tune" if job.is_search else "train"
     doc = {"config": job.config, "shared_by": job.shared_by, "seed": job.seed, "command": shlex.join(cmd),
-           "train_command": shlex.join(command(["loratune"], job, "run")), "action": action,
+           f"{kind}_command": shlex.join(command(["loratune"], job, "run")), "action": action,
            "wall_s": job.wall_s, "code": version, "when": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
            "options": job.resolved}
+    if job.is_search:
+        doc["search"] = job.search
     (job.dir / "bench.json").write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
 
 
@@ -312,6 +429,8 @@ def mean_sd(xs: Sequence[float]) -> dict[str, Any]:
 
 
 def per_seed(job: Job) -> dict[str, Any]:
+    if job.is_search:
+        return search_seed(job)
     r = job.results or {}
     v, t = (r.get("validation") or {}).get("accuracy"), (r.get("test") or {}).get("accuracy")
     both = (v + t) / 2 if v is not None and t is not None else None
@@ -322,10 +441,46 @@ def per_seed(job: Job) -> dict[str, Any]:
             "wall_s": job.wall_s if job.wall_s is not None else bench.get("wall_s"), "code": bench.get("code")}
 
 
-def paired(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> dict[str, Any]:
-    """Mean ± sd of the per-seed differences a − b of the mean accuracy, in points (seeds share their splits)."""
-    bs = {r["seed"]: r["mean_accuracy"] for r in b if r["mean_accuracy"] is not None}
-    d = [100 * (r["mean_accuracy"] - bs[r["seed"]]) for r in a if r["mean_accuracy"] is not None and r["seed"] in bs]
+def _accuracy(metrics: Any) -> float | None:
+    v = metrics.get("accuracy") if isinstance(metrics, dict) else None
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
+
+
+def search_seed(job: Job) -> dict[str, Any]:
+    """A search's numbers for one seed, from its directory: the chosen (best) trial's validation accuracy at its
+    best epoch and test accuracy (search.json's ``best``, else best/results.json's), and under ``search`` the
+    chosen trial and config, the search's own untuned default trial's accuracies, search.json's ``comparison``
+    (McNemar on test, where the search has it), its statuses and its own wall time (``seconds``)."""
+    doc = job.results if job.results is not None else read_json(job.dir / "search.json")
+    doc = doc or {}
+    best, default = doc.get("best") or {}, doc.get("default") or {}
+    kept = (read_json(job.dir / "best" / "results.json") or {}) if best else {}
+    v = _accuracy(best.get("validation")) if best.get("validation") else _accuracy(kept.get("validation"))
+    t = _accuracy(best.get("test")) if best.get("test") else _accuracy(kept.get("test"))
+    both = (v + t) / 2 if v is not None and t is not None else None
+    bench = read_json(job.dir / "bench.json") or {}
+    history = kept.get("history") if isinstance(kept.get("history"), list) else []
+    epochs = [e["epoch"] for e in history if isinstance(e, dict) and isinstance(e.get("epoch"), (int, float))]
+    dv, dt = _accuracy(default.get("validation")), _accuracy(default.get("test"))
+    search = {"trial": best.get("trial"), "config": best.get("config") or kept.get("config"),
+              "trial_status": best.get("status"), "default_trial": default.get("trial"),
+              "default_validation_accuracy": dv, "default_test_accuracy": dt,
+              "test_vs_own_default_points": 100 * (t - dt) if t is not None and dt is not None else None,
+              "trials": doc.get("trials"), "statuses": doc.get("statuses"), "seconds": doc.get("seconds")}
+    if "comparison" in doc:
+        search["comparison"] = doc["comparison"]
+    return {"seed": job.seed, "status": job.status, "dir": str(job.dir), "validation_accuracy": v,
+            "test_accuracy": t, "mean_accuracy": both, "best_epoch": best.get("best_epoch", kept.get("best_epoch")),
+            "epochs_run": max(epochs) if epochs else None, "train_s": (kept.get("train") or {}).get("seconds"),
+            "wall_s": job.wall_s if job.wall_s is not None else bench.get("wall_s"), "code": bench.get("code"),
+            "search": search}
+
+
+def paired(a: list[dict[str, Any]], b: list[dict[str, Any]], key: str = "mean_accuracy") -> dict[str, Any]:
+    """Mean ± sd of the per-seed differences a − b of ``key`` (the mean accuracy), in points (seeds share their
+    splits)."""
+    bs = {r["seed"]: r[key] for r in b if r[key] is not None}
+    d = [100 * (r[key] - bs[r["seed"]]) for r in a if r[key] is not None and r["seed"] in bs]
     return mean_sd(d)
 
 
@@ -344,11 +499,43 @@ def summarize(names: list[str], seeds: list[int], jobs: dict[tuple[str, int], Jo
                      "test_accuracy": mean_sd([r["test_accuracy"] for r in ok]),
                      "mean_accuracy": mean_sd([r["mean_accuracy"] for r in ok]),
                      "wall_s_mean": sum(walls) / len(walls) if walls else None}
+        if first.is_search:
+            own = [r["search"]["test_vs_own_default_points"] for r in ok
+                   if r["search"]["test_vs_own_default_points"] is not None]
+            secs = [r["search"]["seconds"] for r in ok if isinstance(r["search"]["seconds"], (int, float))]
+            out[name]["search"] = {"tune_flags": SEARCHES[name], **{k: first.search.get(k) for k in SEARCH_SHOWN},
+                                   "options": first.search["options"],
+                                   "own_default_test_accuracy": mean_sd([r["search"]["default_test_accuracy"]
+                                                                         for r in ok if r["search"][
+                                                                             "default_test_accuracy"] is not None]),
+                                   "test_vs_own_default_points": mean_sd(own),
+                                   "seconds_mean": sum(secs) / len(secs) if secs else None}
     for name in names:
         for ref in ("full", "default"):
             if ref in out:
                 out[name][f"vs_{ref}_points"] = paired(out[name]["runs"], out[ref]["runs"])
+        if "default" in out:                    # the test split alone: what the chosen trial is judged on
+            out[name]["vs_default_test_points"] = paired(out[name]["runs"], out["default"]["runs"], "test_accuracy")
+    for name, c in out.items():
+        if "search" in c:
+            c["search"]["verdict"] = search_verdict(name, c, len(seeds))
     return out
+
+
+def search_verdict(name: str, c: dict[str, Any], seeds: int) -> str:
+    """In words: is the search's chosen adapter, on test and averaged over the splits, at least as good as the
+    untuned default (the ``default`` configuration's run on the same split, and the search's own untuned trial)?"""
+    def gap(s: dict[str, Any] | None, against: str) -> str | None:
+        if not s or s["mean"] is None:
+            return None
+        word = "at least as good as" if s["mean"] >= 0 else "worse than"
+        return f"{word} {against} ({points(s)} points, {s['n']} of {seeds} splits)"
+
+    parts = [g for g in (gap(c.get("vs_default_test_points"), "the untuned default (`default`)"),
+                         gap(c["search"]["test_vs_own_default_points"], "the search's own untuned trial")) if g]
+    if not parts:
+        return f"{name}: no split with both the chosen trial's and the untuned default's test accuracy"
+    return f"{name}: the chosen adapter's test accuracy, averaged over the splits, is " + "; and ".join(parts)
 
 
 # --- the table ----------------------------------------------------------------------------------
@@ -373,27 +560,56 @@ def short_options(o: dict[str, Any]) -> str:
     return f"{lr}, {','.join(o['targets'])}, r {o['rank']}, α {o['alpha']:g}, save {save}"
 
 
+def search_note(c: dict[str, Any]) -> str:
+    """A search row's options cell: what its numbers are."""
+    s = c["search"]
+    flags = s.get("tune_flags") or []
+    space = (f"space {flags[flags.index('--space') + 1]}" if "--space" in flags[:-1] else "the default space")
+    rungs = s.get("rungs_per_epoch") or 1
+    n = s["samples"]
+    an = "an" if str(n).startswith("8") or n in (11, 18) else "a"
+    return (f"the chosen trial of {an} {n}-trial search ({space}, ≤ {s['max_epochs']} epochs, ASHA, "
+            f"{rungs} rung{'s' if rungs != 1 else ''}/epoch, chosen by {s['metric']} on validation)")
+
+
+def describe(config: Any) -> str:
+    """A trial's config, as ``loratune tune`` prints it."""
+    if not isinstance(config, dict) or not config:
+        return "—"
+    def v(x: Any) -> str:
+        if isinstance(x, float):
+            return f"{x:.3g}"
+        return ",".join(map(str, x)) if isinstance(x, list) else str(x)
+    return " ".join(f"{k}={v(x)}" for k, x in config.items())
+
+
 def render(res: dict[str, Any]) -> str:
     from bench.common import table
 
     m, cfgs = res["machine"], res["configs"]
     extra = f"; extra flags `{res['extra']}`" if res["extra"] else ""
+    searches = [name for name, c in cfgs.items() if "search" in c]
+    alone = ("; each search alone, after them (its trials take every CPU)" if searches else "")
     head = [f"## Quality: {res['model']} on {res['data']}, seeds {','.join(map(str, res['seeds']))} "
             f"(split seed = training seed), {res['when']}", "",
             f"{m.get('cpu', '?')}, {m.get('cpus', '?')} CPUs, torch {m.get('torch', '?')}; {res['jobs']} runs at a time, "
-            f"1 thread each; code {res['code']}{extra}. Accuracy in %, mean ± sample sd over seeds; \"vs\": the paired "
-            f"per-seed difference of the mean of validation and test accuracy, in points (mean ± sd). Total "
-            f"{res['seconds'] / 60:.1f} min.", ""]
+            f"1 thread each{alone}; code {res['code']}{extra}. Accuracy in %, mean ± sample sd over seeds; \"vs\": the "
+            f"paired per-seed difference of the mean of validation and test accuracy, in points (mean ± sd); \"test vs "
+            f"default\": the same of test accuracy alone. Total {res['seconds'] / 60:.1f} min.", ""]
     rows = []
     for name, c in cfgs.items():
         label = name + (f" (= {c['runs_of']})" if c["runs_of"] else "")
-        rows.append([label, short_options(c["options"]), f"{c['mean_accuracy']['n']}/{len(res['seeds'])}",
+        rows.append([label, search_note(c) if "search" in c else short_options(c["options"]),
+                     f"{c['mean_accuracy']['n']}/{len(res['seeds'])}",
                      pct(c["validation_accuracy"]), pct(c["test_accuracy"]), "**" + pct(c["mean_accuracy"]) + "**",
                      points(c.get("vs_full_points")) if name != "full" else "",
                      points(c.get("vs_default_points")) if name != "default" else "",
+                     points(c.get("vs_default_test_points")) if name != "default" else "",
                      f"{c['wall_s_mean']:.0f}" if c["wall_s_mean"] is not None else "—"])
     parts = head + [table(rows, ["config", "options", "seeds", "validation", "test", "mean of val & test",
-                                 "vs full", "vs default", "s per run"]), ""]
+                                 "vs full", "vs default", "test vs default", "s per run"]), ""]
+    parts += [c["search"]["verdict"] + "." for c in cfgs.values() if "search" in c]
+    parts += [""] if searches else []
     seed_rows = []
     for name, c in cfgs.items():
         for r in c["runs"]:
@@ -403,6 +619,28 @@ def render(res: dict[str, Any]) -> str:
                               f"{r['wall_s']:.0f}" if r["wall_s"] is not None else "—", r["status"]])
     parts += ["Per seed:", "", table(seed_rows, ["config", "seed", "validation", "test", "mean", "best epoch",
                                                  "wall s", "status"]), ""]
+    search_rows = []
+    for name in searches:
+        for r in cfgs[name]["runs"]:
+            f = lambda x: "—" if x is None else f"{100 * x:.2f}"  # noqa: E731
+            s = r.get("search") or {}
+            cmp = s.get("comparison") or {}
+            p = cmp.get("p_value")
+            search_rows.append([name, r["seed"], s.get("trial") or "—", describe(s.get("config")),
+                                f(r["validation_accuracy"]), f(r["test_accuracy"]), f(s.get("default_test_accuracy")),
+                                "—" if s.get("test_vs_own_default_points") is None
+                                else f"{s['test_vs_own_default_points']:+.2f}",
+                                "—" if p is None else f"{p:.3g}" + (" *" if cmp.get("beyond_chance") else ""),
+                                ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in (s.get("statuses") or {}).items())
+                                or "—",
+                                f"{s['seconds']:.0f}" if isinstance(s.get("seconds"), (int, float)) else "—",
+                                f"{r['wall_s']:.0f}" if r["wall_s"] is not None else "—"])
+    if search_rows:
+        parts += [("Searches per seed: the chosen trial (by validation) and its config; its test accuracy beside the "
+                   "search's own untuned default trial's, their gap in points and McNemar's p on test (* below 0.05); "
+                   "the trials' statuses; the search's own time and the bench's wall time:"), "",
+                  table(search_rows, ["config", "seed", "chosen trial", "chosen config", "validation", "test",
+                                      "untuned trial test", "gap", "McNemar p", "trials", "search s", "wall s"]), ""]
     codes = {r["code"] for c in cfgs.values() for r in c["runs"] if r.get("code")}
     if len(codes) > 1:
         parts.append(f"Note: the runs come from different code versions: {', '.join(sorted(codes))}.")
@@ -418,7 +656,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="configurations:\n" + "\n".join(
-                                     f"  {k:15} {shlex.join(f) or '(no flags)'}: {d}" for k, (f, d) in CONFIGS.items()))
+                                     f"  {k:15} " + (f"loratune tune {shlex.join([*f, *SEARCHES[k]])}".rstrip()
+                                                     if k in SEARCHES else shlex.join(f) or "(no flags)") + f": {d}"
+                                     for k, (f, d) in CONFIGS.items()))
     ap.add_argument("--seeds", default="0,1,2", help="split seeds = training seeds (default: %(default)s)")
     ap.add_argument("--configs", default=DEFAULT_CONFIGS, help="configurations, comma-separated (default: %(default)s)")
     ap.add_argument("--out", type=Path, default=Path("runs/bench-quality"),
@@ -426,8 +666,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--json", type=Path, help="the figures (default: bench/results/quality-<UTC time>.json)")
     ap.add_argument("--jobs", type=int, default=2, help="runs at a time, one thread each (default: %(default)s)")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds one run may take (default: %(default)s)")
-    ap.add_argument("--extra", default="", help="flags appended to every training command, e.g. "
-                    "\"--max-steps 3 --sample-pct 0.05\" for a smoke run")
+    ap.add_argument("--search-timeout", type=float, default=7200,
+                    help="seconds one search may take (default: %(default)s)")
+    ap.add_argument("--extra", default="", help="flags appended to every training command (a search's too: the "
+                    "options it fixes), e.g. \"--max-steps 3 --sample-pct 0.05\" for a smoke run")
+    ap.add_argument("--search-extra", default="", help="flags of `loratune tune` appended to every search's "
+                    "command, e.g. \"--samples 2 --max-epochs 1\" for a smoke run")
     ap.add_argument("--fresh", action="store_true", help="run everything again (finished runs included)")
     ap.add_argument("--dry-run", action="store_true", help="print the commands only")
     ap.add_argument("--loratune", help=argparse.SUPPRESS)       # the program to run (tests: a stand-in)
@@ -446,18 +690,26 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def make_jobs(a: argparse.Namespace) -> tuple[dict[tuple[str, int], Job], list[Job]]:
     """(config, seed) -> its job (shared where options coincide), and the distinct jobs."""
-    extra = shlex.split(a.extra)
+    extra, search_extra = shlex.split(a.extra), shlex.split(getattr(a, "search_extra", "") or "")
     by_options: dict[str, Job] = {}
     jobs: dict[tuple[str, int], Job] = {}
     for name in a.configs:
         for seed in a.seeds:
-            flags = ["--split-seed", str(seed), "--seed", str(seed), "--threads", "1", *CONFIGS[name][0], *extra]
-            raw, resolved = resolve_both(flags)
-            key = json.dumps(resolved, sort_keys=True)
+            search = None
+            if name in SEARCHES:                # the training options it fixes, resolved as for `loratune train`
+                training = ["--split-seed", str(seed), "--seed", str(seed), *CONFIGS[name][0], *extra]
+                flags = [*training, *SEARCHES[name], *search_extra]
+                raw, resolved = resolve_both(training)
+                search = resolve_search(flags)
+                key = "search " + json.dumps([search, resolved], sort_keys=True)
+            else:
+                flags = ["--split-seed", str(seed), "--seed", str(seed), "--threads", "1", *CONFIGS[name][0], *extra]
+                raw, resolved = resolve_both(flags)
+                key = json.dumps(resolved, sort_keys=True)
             if key in by_options:
                 by_options[key].shared_by.append(name)
             else:
-                by_options[key] = Job(name, seed, flags, raw, resolved, a.out / name / f"seed-{seed}")
+                by_options[key] = Job(name, seed, flags, raw, resolved, a.out / name / f"seed-{seed}", search=search)
             jobs[name, seed] = by_options[key]
     return jobs, list(by_options.values())
 
@@ -475,8 +727,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # longest first (full fine-tuning costs about twice a LoRA run), so the last runs to finish are short ones
     order = sorted(distinct, key=lambda j: (j.action != "done", -(2 if j.resolved["method"] == "full" else 1)))
     todo = [j for j in order if j.action != "done"]
+    phases = schedule(todo, a.jobs)             # the training runs, then each search alone
     if a.dry_run:                               # in the order they would run, the finished ones first
-        for job in order:
+        for job in [j for j in order if j.action == "done"] + [j for batch, _ in phases for j in batch]:
             note = f"   # also {', '.join(job.shared_by)}" if job.shared_by else ""
             what = "# done: " if job.action == "done" else ""
             print(f"{what}{shlex.join(command(prog, job, job.action))}{note}")
@@ -489,32 +742,47 @@ def main(argv: Sequence[str] | None = None) -> int:
     log = lambda s: print(f"[{time.monotonic() - started:6.0f}s] {s}", file=sys.stderr, flush=True)  # noqa: E731
     for job in distinct:
         if job.action == "done":
-            job.results, job.status = read_json(job.dir / "results.json"), "reused"
+            job.results, job.status = read_json(job.dir / job.result_file), "reused"
     shared = [f"{j.config}={'='.join(j.shared_by)}" for j in distinct if j.shared_by and j.seed == a.seeds[0]]
+    n_search = sum(j.is_search for j in distinct)
     log(f"{len(distinct)} runs ({len(distinct) - len(todo)} already done, "
-        f"{sum(j.action == 'resume' for j in todo)} to resume), {a.jobs} at a time, 1 thread each; run dirs in {a.out}"
+        f"{sum(j.action == 'resume' for j in todo)} to resume), {a.jobs} at a time, 1 thread each"
+        + (f"; {n_search} searches, each alone after them" if n_search else "") + f"; run dirs in {a.out}"
         + (f"; same options, run once: {', '.join(shared)}" if shared else ""))
-    runner = Runner(prog, a.timeout, version)
+    runner = Runner(prog, a.timeout, version, a.search_timeout)
     previous = signal.signal(signal.SIGTERM, _sigterm)
     interrupted = False
-    pool = cf.ThreadPoolExecutor(max_workers=a.jobs)
+    pool: cf.ThreadPoolExecutor | None = None
+    n = 0
     try:
-        futures = [pool.submit(runner.run, job) for job in todo]
-        for n, fut in enumerate(cf.as_completed(futures), 1):
-            job = fut.result()
-            if job.status == "done":
-                v, t = job.results["validation"]["accuracy"], (job.results.get("test") or {}).get("accuracy")
-                what = f"validation {v:.4f}, test {t:.4f}" if t is not None else f"validation {v:.4f}"
-            else:
-                what = f"{job.status.upper()} (exit {job.returncode}; see {job.dir.parent / job.dir.name}.log)"
-            also = f" (= {', '.join(job.shared_by)})" if job.shared_by else ""
-            log(f"{n}/{len(todo)} {job.name}{also}: {what} in {job.wall_s or 0:.0f} s")
+        for batch, width in phases:             # a phase starts when the one before it has ended
+            pool = cf.ThreadPoolExecutor(max_workers=width)
+            futures = [pool.submit(runner.run, job) for job in batch]
+            for fut in cf.as_completed(futures):
+                n += 1
+                job = fut.result()
+                if job.status == "done":
+                    r = per_seed(job)
+                    v, t = r["validation_accuracy"], r["test_accuracy"]
+                    what = ("no trial chosen" if v is None else f"validation {v:.4f}"
+                            + (f", test {t:.4f}" if t is not None else ""))
+                    if job.is_search:
+                        s = r["search"]
+                        what += (f" (trial {s['trial']}: {describe(s['config'])}; untuned trial's test "
+                                 + ("—" if s["default_test_accuracy"] is None else f"{s['default_test_accuracy']:.4f}")
+                                 + ")")
+                else:
+                    what = f"{job.status.upper()} (exit {job.returncode}; see {job.dir.parent / job.dir.name}.log)"
+                also = f" (= {', '.join(job.shared_by)})" if job.shared_by else ""
+                log(f"{n}/{len(todo)} {job.name}{also}: {what} in {job.wall_s or 0:.0f} s")
+            pool.shutdown(wait=True)
     except KeyboardInterrupt:
         interrupted = True
         log("interrupted: stopping the runs (each writes a checkpoint; run the same command again to go on)")
         runner.stop_all()
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
         signal.signal(signal.SIGTERM, previous)
     if interrupted:
         return 130

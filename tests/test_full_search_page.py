@@ -141,3 +141,46 @@ def test_tune_names_what_the_best_trial_kept(tmp_path: Path, capsys: pytest.Capt
         assert f"best model: {search / 'best' / 'model'};" in out and "best adapter" not in out
     else:
         assert f"best adapter: {search / 'best' / 'adapter'};" in out and "best model" not in out
+
+
+def test_the_headline_says_whether_the_winner_beats_the_default_on_test(tmp_path: Path, no_model: list[Path],
+                                                                         capsys: pytest.CaptureFixture,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """search.json's comparison (McNemar on test) in the headline, a card and the CLI's summary; the interval
+    columns are the table's, never searched options; the option plots draw points and whiskers, no lines."""
+    from loratune.report import plots
+
+    search = make_search(tmp_path / "search")
+    rows = rundir.read_json(search / "trials.json")
+    for row, (lo, hi) in zip(rows, ((0.74, 0.82), (0.76, 0.84))):
+        row.update(val_accuracy_lo=lo, val_accuracy_hi=hi, val_f1_lo=lo, val_f1_hi=hi)
+    rundir.write_json(search / "trials.json", rows)
+    summary = rundir.read_json(search / "search.json")
+    verdict = ("best trial t0001: test accuracy 0.815 vs untuned default 0.790 (+2.5 points); McNemar p = 0.203: "
+               "not beyond chance on 400 test examples")
+    summary["comparison"] = {"same_trial": False, "split": "test", "n": 400, "best_accuracy": 0.815,
+                             "default_accuracy": 0.79, "best_only": 30, "default_only": 20, "p_value": 0.2026,
+                             "beyond_chance": False, "verdict": verdict}
+    rundir.write_json(search / "search.json", summary)
+    figures: list = []
+    monkeypatch.setattr(plots, "png", lambda fig: figures.append(fig) or "data:image/png;base64,")
+    text = read(write_report(search))
+    top = glance(text)
+    assert ("On test, against the untuned default: accuracy 0.815 vs 0.790 (+2.5 points), McNemar p = 0.203: "
+            "not beyond chance on 400 test examples (the winner was chosen on validation, so only test can judge "
+            "it).") in top
+    assert "vs untuned default, test" in top and "30 examples only the winner got right, 20 only the default" in top
+    assert not {"val_accuracy_lo", "val_f1_hi"} & set(option_rows(text))
+    assert "val_accuracy_lo" in section(text, "Trials")
+    panels = [ax for fig in figures for ax in fig.axes if ax.get_title().startswith("val_accuracy vs ")]
+    assert panels and all(line.get_linestyle() in ("None", "none", "") for ax in panels for line in ax.lines)
+    assert any(ax.collections and len(ax.collections) >= 2 for ax in panels)      # points and their whiskers
+
+    result = SearchResult(out=search, columns=["trial"], rows=[], best=summary["best"], default=summary["default"],
+                          metric="val_loss", mode="min", summary=summary)
+    ui = Renderer()
+    try:
+        tune_cli.print_results(ui, result)
+    finally:
+        ui.close()
+    assert verdict in capsys.readouterr().out

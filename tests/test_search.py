@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pytest
 from conftest import synthetic_rows, write_csv
@@ -22,7 +23,7 @@ from loratune.search.driver import tune
 
 FIXED = {"batch_size": 8, "max_length": 32, "log_every": 5}
 COLUMNS = ["trial", "status", "epochs_run"]
-METRICS = ["val_loss", "val_accuracy", "val_f1"]
+METRICS = ["val_loss", "val_accuracy", "val_accuracy_lo", "val_accuracy_hi", "val_f1", "val_f1_lo", "val_f1_hi"]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 CLI = [sys.executable, "-m", "loratune"]
 
@@ -72,9 +73,12 @@ def test_search_writes_the_table_tests_the_best_and_stays_on_loopback(tmp_path, 
         assert 1e-3 <= t["lr"] <= 1e-2 and t["rank"] in (2, 4) and t["alpha"] == t["rank"]
         assert t["targets"] in ("q", "v", "q,v")
     for t in table:
-        assert t["status"] in ("completed", "stopped_early") and 1 <= t["epochs_run"] <= 2
+        assert t["status"] in ("completed", "stopped_early") and t["epochs_run"] in (0.25, 0.5, 0.75, 1, 1.25, 1.5,
+                                                                                     1.75, 2)   # 4 rungs an epoch
         assert (t["status"] == "completed") == (t["epochs_run"] == 2)
         assert math.isfinite(t["val_loss"]) and 0 <= t["val_accuracy"] <= 1
+        assert t["val_accuracy_lo"] <= t["val_accuracy"] <= t["val_accuracy_hi"]   # from the logged confusion
+        assert t["val_f1_lo"] <= t["val_f1_hi"]
     best = min(table, key=lambda t: t["val_loss"])                    # chosen on validation loss alone
     assert r.best["trial"] == best["trial"] and r.best["validation"]["loss"] == best["val_loss"]
 
@@ -92,6 +96,12 @@ def test_search_writes_the_table_tests_the_best_and_stays_on_loopback(tmp_path, 
     summary = json.loads((out / "search.json").read_text())
     assert summary["best"]["test"]["accuracy"] == res["test"]["accuracy"] == r.best["test"]["accuracy"]
     assert summary["default"]["trial"] == first["trial"] and 0 <= summary["default"]["test"]["accuracy"] <= 1
+    cmp = summary["comparison"]                                      # McNemar on test: best vs default
+    if best["trial"] == first["trial"]:
+        assert cmp["same_trial"] and "nothing to compare" in cmp["verdict"]
+    else:
+        assert cmp["best_accuracy"] == summary["best"]["test"]["accuracy"] and 0 <= cmp["p_value"] <= 1
+        assert cmp["default_accuracy"] == summary["default"]["test"]["accuracy"] and "McNemar p =" in cmp["verdict"]
 
     # each trial: its own run directory, max_epochs long, threads = CPUs per trial; Ray's results in OUT/ray
     for t in table:
@@ -104,20 +114,22 @@ def test_search_writes_the_table_tests_the_best_and_stays_on_loopback(tmp_path, 
 
 def test_diverged_trial_is_never_chosen_and_lr_point_one_is_not_diverged(tmp_path, tiny_model_dir, tiny_data) -> None:
     """lr 1e30 blows AdamW's weights up -> NaN loss -> "diverged", never chosen; lr 0.1 is large but finite: it
-    trains to a finite loss and is judged on it like any trial (on this trivially learnable tiny task it may
-    even win; on the real data it collapses to chance, DESIGN.md). The best is the lowest finite val_loss."""
+    trains to a finite loss, and either is judged on it like any trial or, where it collapsed to one class (as on
+    the real data, DESIGN.md), ends "collapsed" and is never chosen either. The best is the lowest finite val_loss
+    of the others."""
     r = tune(space={"lr": {"grid": [3e-3, 0.1, 1e30]}}, samples=2, max_epochs=2, out=tmp_path / "s",
              model=tiny_model_dir, data=tiny_data, rank=4, **FIXED)
     by_lr = {t["lr"]: t for t in r.rows}
     assert sorted(by_lr) == [5e-4, 3e-3, 0.1, 1e30]                  # the default + one sample x the grid
     assert by_lr[1e30]["status"] == "diverged" and by_lr[1e30]["epochs_run"] == 0
     assert by_lr[1e30]["val_loss"] is None
-    assert by_lr[0.1]["status"] in ("completed", "stopped_early") and math.isfinite(by_lr[0.1]["val_loss"])
-    finite = {lr: t["val_loss"] for lr, t in by_lr.items() if t["val_loss"] is not None}
+    assert by_lr[0.1]["status"] in ("completed", "stopped_early", "collapsed") and math.isfinite(by_lr[0.1]["val_loss"])
+    finite = {lr: t["val_loss"] for lr, t in by_lr.items() if t["val_loss"] is not None and t["status"] != "collapsed"}
     assert r.best["config"]["lr"] == min(finite, key=finite.get) != 1e30
     assert r.best["validation"]["loss"] == pytest.approx(min(finite.values()))
     summary = json.loads((tmp_path / "s" / "search.json").read_text())
     assert summary["statuses"]["diverged"] == 1 and summary["trials"] == 4
+    assert by_lr[5e-4]["status"] == "completed" and by_lr[5e-4]["epochs_run"] == 2   # the default runs its course
 
 
 def test_optuna_search_starts_with_the_default(tmp_path, tiny_model_dir, tiny_data) -> None:
@@ -298,7 +310,7 @@ def test_a_trial_without_a_finite_validation_loss_ends_diverged_not_in_a_crash(t
     """Its evaluations' losses are null (NaN on the way in): a diverged row with empty val_* columns, never
     chosen, and the search still writes its table, best/ and search.json (it raised TypeError here once)."""
     from loratune.search.space import parse_space
-    from loratune.search.trials import finish, trial_record
+    from loratune.search.trials import Tested, finish, trial_record
     from loratune.training.options import TrainConfig
 
     space = parse_space({"rank": {"choice": [2, 4]}}, TrainConfig())
@@ -314,7 +326,7 @@ def test_a_trial_without_a_finite_validation_loss_ends_diverged_not_in_a_crash(t
     assert (rows["t4"]["val_loss"], trials[4]["best"]["epoch"]) == (0.55, 2)   # the finite epoch is its best
     done = [t for t in trials if t["status"] is not None]
     result = finish(tmp_path, {"metric": "val_loss", "mode": "min", "experiment": ""}, space, done, 1.0,
-                    lambda a: {"accuracy": 0.5}, lambda e: None)
+                    lambda a: Tested({"accuracy": 0.5}, np.array([True, False])), lambda e: None)
     assert result.best["trial"] == "t0" and result.best["validation"] == {"loss": 0.5, "accuracy": 0.5, "f1": 0.4}
     header, csv_rows = _read_csv(tmp_path / "trials.csv")
     assert [(r["trial"], r["status"], r["val_loss"]) for r in csv_rows] == [
@@ -323,3 +335,112 @@ def test_a_trial_without_a_finite_validation_loss_ends_diverged_not_in_a_crash(t
     assert json.loads((tmp_path / "search.json").read_text())["statuses"] == {"completed": 2, "diverged": 2,
                                                                            "failed": 1}
     assert json.loads((tmp_path / "best" / "results.json").read_text())["best_epoch"] == 2
+
+
+def test_intervals_and_the_comparison_on_test(tmp_path) -> None:
+    """Each row's accuracy and F1 carry their 95% intervals from the best epoch's confusion matrix (none for a
+    record without one); search.json's comparison pairs the best and the default on the same test examples
+    (McNemar, exact), and says so in words; a default that is the best has nothing to compare."""
+    from loratune.search.space import parse_space
+    from loratune.search.stats import bootstrap_f1, mcnemar, wilson
+    from loratune.search.trials import Tested, finish, trial_record
+    from loratune.training.options import TrainConfig
+
+    space = parse_space({"rank": {"choice": [2, 4]}}, TrainConfig())
+    conf = {"t0": [[150, 50], [40, 160]], "t1": [[170, 30], [20, 180]]}       # 310 and 350 of 400 right
+    trials = []
+    for name, losses in (("t0", [0.6, 0.5]), ("t1", [0.45, 0.4]), ("t2", [0.7])):
+        run = _trial_dir(tmp_path, name, losses)
+        if name in conf:                                              # the best (last) epoch logged its matrix
+            lines = (run / "metrics.jsonl").read_text().splitlines()
+            last = {**json.loads(lines[-1]), "epoch": 1.5, "confusion": conf[name]}  # a sub-epoch rung
+            (run / "metrics.jsonl").write_text("\n".join([*lines[:-1], json.dumps(last)]) + "\n")
+        trials.append(trial_record(space, name, "completed", {"rank": 2}, run))
+    row = trials[1]["row"]
+    assert (row["val_accuracy_lo"], row["val_accuracy_hi"]) == wilson(350, 400)
+    assert (row["val_f1_lo"], row["val_f1_hi"]) == bootstrap_f1(conf["t1"], seed=0)
+    assert row["val_accuracy_lo"] < 350 / 400 < row["val_accuracy_hi"] and row["val_f1_lo"] < row["val_f1_hi"]
+    assert [trials[2]["row"][k] for k in ("val_accuracy_lo", "val_accuracy_hi", "val_f1_lo", "val_f1_hi")] == [None] * 4
+
+    default_right = np.arange(400) < 316                                 # 0.790
+    best_right = default_right.copy()
+    best_right[316:346] = True                                           # b = 30 only the best got right
+    best_right[:20] = False                                              # c = 20 only the default did: 0.815
+    outcomes = {"best": best_right, "t0": default_right}
+    tested = []
+
+    def test(adapter: Path) -> Tested:
+        tested.append(adapter.parent.name)
+        right = outcomes[adapter.parent.name]
+        return Tested({"accuracy": float(right.mean())}, right)
+
+    result = finish(tmp_path, {"metric": "val_loss", "mode": "min", "experiment": ""}, space, trials, 1.0, test,
+                    lambda e: None)
+    assert tested == ["best", "t0"] and result.best["trial"] == "t1"
+    header, csv_rows = _read_csv(tmp_path / "trials.csv")
+    assert header == ["trial", "status", "epochs_run", "rank", *METRICS] == list(result.rows[0])
+    assert float(csv_rows[1]["val_accuracy_lo"]) == row["val_accuracy_lo"] and csv_rows[2]["val_f1_lo"] == ""
+    summary = json.loads((tmp_path / "search.json").read_text())
+    assert "confusion" not in summary["best"]["validation"] and summary["best"]["test"] == {"accuracy": 0.815}
+    cmp = summary["comparison"]
+    assert {k: cmp[k] for k in ("n", "best_only", "default_only", "beyond_chance", "same_trial")} == {
+        "n": 400, "best_only": 30, "default_only": 20, "beyond_chance": False, "same_trial": False}
+    assert cmp["p_value"] == mcnemar(30, 20) == pytest.approx(0.2026, abs=1e-4)
+    assert (cmp["best_accuracy"], cmp["default_accuracy"]) == (0.815, 0.79)
+    assert cmp["verdict"] == ("best trial t1: test accuracy 0.815 vs untuned default 0.790 (+2.5 points); "
+                              "McNemar p = 0.203: not beyond chance on 400 test examples")
+    best_right[346:386] = True                                           # now b = 70, c = 20
+    finish(tmp_path, {"metric": "val_loss", "mode": "min", "experiment": ""}, space, trials, 1.0, test,
+           lambda e: None)
+    cmp = json.loads((tmp_path / "search.json").read_text())["comparison"]
+    assert cmp["beyond_chance"] and cmp["p_value"] < 1e-6
+    assert "McNemar p < 0.001: better than the default beyond chance" in cmp["verdict"]
+
+    alone = finish(tmp_path, {"metric": "val_loss", "mode": "min", "experiment": ""}, space, trials[1:2], 1.0,
+                   test, lambda e: None)
+    assert alone.summary["comparison"] == {"same_trial": True,
+                                           "verdict": "best trial t1 is the untuned default itself: nothing to compare"}
+
+
+def test_collapsed_trials_stop_at_their_first_pass_after_warm_up_and_are_never_chosen(tmp_path,
+                                                                                      tiny_model_dir) -> None:
+    """Every text the same, labels half and half: no model can tell the rows apart, so each trial predicts one class
+    with a validation loss >= ln 2 (the labels' entropy). Warm-up is 6% of 80 steps (5), so each sampled trial is
+    stopped as ``collapsed`` at its first pass, step 10 (epoch 0.25 of 4 rungs an epoch). The untuned default is
+    neither collapse-checked nor stopped by ASHA (the reference the search is judged against trains its whole
+    schedule), so it completes and, the only trial left, is chosen."""
+    from loratune.search.trials import choose_best
+
+    data = write_csv(tmp_path / "same.csv", [("the same words", "pos" if i % 2 else "neg") for i in range(400)])
+    r = tune(space={"lr": {"loguniform": [1e-3, 1e-2]}}, samples=3, max_epochs=2, out=tmp_path / "s",
+             model=tiny_model_dir, data=data, rank=4, **FIXED)
+    assert [(t["status"], t["epochs_run"]) for t in r.rows] == [("completed", 2), ("collapsed", 0.25),
+                                                                 ("collapsed", 0.25)]
+    assert r.best["trial"] == r.rows[0]["trial"]
+    assert json.loads((tmp_path / "s" / "search.json").read_text())["statuses"] == {"completed": 1, "collapsed": 2}
+    for t in r.rows[1:]:
+        lines = [json.loads(x) for x in (tmp_path / "s" / "trials" / t["trial"] / "metrics.jsonl").read_text().splitlines()]
+        assert [x["step"] for x in lines if x["type"] == "eval"] == [10] and t["val_loss"] >= math.log(2)
+    good = {"trial": "a", "status": "stopped_early", "best": {"loss": 0.60}}
+    flat = {"trial": "b", "status": "collapsed", "best": {"loss": 0.50}}          # lower, and still never chosen
+    assert choose_best([flat, good], "val_loss", "min") is good
+
+
+def test_asha_never_stops_the_untuned_default() -> None:
+    """Reduction 2, grace 1: at the first rung a loss of 0.9 beside 0.5 is in the bottom half and stopped, unless it
+    is the untuned default's (its result still counts in the rung)."""
+    from types import SimpleNamespace
+
+    from loratune.search.driver import DefaultRunsOut, is_default
+
+    default = {"lr": 5e-4, "rank": 8}
+    asha = DefaultRunsOut(default, ["lr", "rank"], time_attr="t", metric="val_loss", mode="min", max_t=8,
+                          grace_period=1, reduction_factor=2, stop_last_trials=False)
+    trials = {name: SimpleNamespace(trial_id=name, config=config) for name, config in (
+        ("a", {"lr": 1e-3, "rank": 4}), ("d", dict(default)), ("e", {"lr": 2e-3, "rank": 16}))}
+    for t in trials.values():
+        asha.on_trial_add(None, t)
+    assert asha.on_trial_result(None, trials["a"], {"t": 1, "val_loss": 0.5}) == asha.CONTINUE
+    assert asha.on_trial_result(None, trials["d"], {"t": 1, "val_loss": 0.9}) == asha.CONTINUE
+    assert asha.on_trial_result(None, trials["e"], {"t": 1, "val_loss": 0.9}) == asha.STOP
+    assert is_default({"lr": 5e-4, "rank": 8, "alpha": "=rank"}, default, ["lr", "rank"])

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -20,11 +21,13 @@ from loratune.search.space import (
     check_device,
     columns,
     encode,
+    load_space,
     option_kind,
     parse_space,
+    space_presets,
     validate,
 )
-from loratune.search.trials import choose_best, finish, status_of, trial_record
+from loratune.search.trials import Tested, choose_best, finish, status_of, trial_record
 from loratune.training.options import OPTIONS, TrainConfig, option_names
 
 
@@ -81,17 +84,19 @@ def test_parsing_needs_no_ray() -> None:
     assert done.returncode == 0, done.stderr
 
 
-def test_default_space_is_the_seed_s(base) -> None:
+def test_default_space_is_loratunes_and_holds_the_untuned_default(base) -> None:
     space = parse_space(DEFAULT_SPACE, base)
-    assert space.dims == (Dim("lr", "loguniform", (1e-4, 1e-1)), Dim("rank", "choice", (2, 4, 6, 8, 10, 16)),
-                          Dim("targets", "choice", ("q", "v", "q,v")), Dim("dropout", "uniform", (0.1, 0.5)),
-                          Dim("alpha", "tie", ("rank",)))
-    # The untuned config: TrainConfig's defaults; alpha is NOT tied in the default trial (16, not 8).
-    assert space.default_point(base) == {"lr": 5e-4, "rank": 8, "targets": "q,v", "dropout": 0.1, "alpha": 16.0}
-    assert space.default_point(base.replace(rank=4, targets="v")) == {
-        "lr": 5e-4, "rank": 4, "targets": "v", "dropout": 0.1, "alpha": 16.0}
-    assert columns(space) == ["trial", "status", "epochs_run", "lr", "rank", "targets", "dropout", "alpha",
-                              "val_loss", "val_accuracy", "val_f1"]
+    assert space.dims == (Dim("lr", "loguniform", (2e-4, 2e-3)), Dim("rank", "choice", (4, 8, 16)),
+                          Dim("alpha", "choice", (8, 16, 32)), Dim("targets", "choice", ("q,v", "q,k,v,o")),
+                          Dim("dropout", "uniform", (0.0, 0.2)), Dim("modules_to_save", "choice", ("none", "pooler")))
+    assert load_space("default") == DEFAULT_SPACE and "default" in space_presets()
+    # The untuned config: TrainConfig's defaults, a point of the space (Optuna can enqueue it as it is).
+    default = space.default_point(base)
+    assert default == {"lr": 5e-4, "rank": 8, "alpha": 16.0, "targets": "q,v", "dropout": 0.1, "modules_to_save": "none"}
+    assert all(d.contains(default[d.key]) for d in space.sampled)
+    assert space.default_point(base.replace(rank=4, targets="v"))["targets"] == "v"
+    assert columns(space)[:9] == ["trial", "status", "epochs_run", "lr", "rank", "alpha", "targets", "dropout",
+                                  "modules_to_save"]
 
 
 def test_ties_follow_their_source_and_fixed_options(base) -> None:
@@ -198,10 +203,12 @@ def test_table_and_best_never_a_failed_or_diverged_trial(tmp_path, base) -> None
     assert choose_best(trials, "val_accuracy", "max")["trial"] == "t3"
     tested = []
     doc = {"metric": "val_loss", "mode": "min", "experiment": str(tmp_path / "ray")}
-    result = finish(tmp_path, doc, space, trials, 1.0, lambda a: tested.append(a) or {"accuracy": 0.5}, lambda e: None)
+    result = finish(tmp_path, doc, space, trials, 1.0,
+                    lambda a: tested.append(a) or Tested({"accuracy": 0.5}, np.ones(3, bool)), lambda e: None)
     assert [Path(a).parent.name for a in tested] == ["best", "t0"]          # the best, then the untuned default
     header, rows = _read_csv(tmp_path / "trials.csv")
-    assert header == ["trial", "status", "epochs_run", "rank", "alpha", "val_loss", "val_accuracy", "val_f1"]
+    assert header == ["trial", "status", "epochs_run", "rank", "alpha", "val_loss", "val_accuracy", "val_accuracy_lo",
+                      "val_accuracy_hi", "val_f1", "val_f1_lo", "val_f1_hi"]
     assert [(r["trial"], r["status"], r["epochs_run"], r["alpha"]) for r in rows] == [
         ("t0", "completed", "2", "16.0"), ("t1", "failed", "1", "2.0"), ("t2", "diverged", "1", "4.0"),
         ("t3", "stopped_early", "1", "2.0"), ("t4", "completed", "2", "4.0")]
@@ -280,9 +287,9 @@ def _shown(capsys, *argv: str) -> dict:
 
 
 def test_space_seed_is_the_seed_projects_space_exactly(capsys) -> None:
-    from loratune.search.space import load_space, space_presets
+    from loratune.search.space import SEED_SPACE as shipped
 
-    assert "seed" in space_presets()
+    assert "seed" in space_presets() and shipped == SEED_SPACE
     assert load_space("seed") == SEED_SPACE
     assert _shown(capsys, "--space", "seed") == SEED_SPACE
 
@@ -303,7 +310,7 @@ def test_show_space_prints_the_default_a_file_and_full_fine_tuning_s(capsys, tmp
 
 
 @pytest.mark.parametrize("argv,fragment", [
-    (["--space", "nope"], "neither a shipped space (seed"),
+    (["--space", "nope"], "neither a shipped space (default, seed"),
     (["--space", "LIST"], "holds no mapping"),
     (["--space", "BAD"], "search.rank"),
     (["--space", "seed", "--config", "CONFIG"], "the space is given twice"),

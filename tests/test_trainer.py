@@ -396,11 +396,11 @@ def test_resume_from_a_checkpoint_at_the_last_step_still_evaluates_it(tmp_path, 
     ref = loratune.train(out=tmp_path / "ref", **opts)
     real_end, calls = trainer.end_epoch, []
 
-    def killed_in_the_last_evaluation(run, optim, state, logs):
+    def killed_in_the_last_evaluation(run, optim, state, logs, **kw):
         calls.append(state.step)
         if state.step == steps and len(calls) == epochs:
             raise KeyboardInterrupt                                 # the kill, before the epoch's checkpoint
-        return real_end(run, optim, state, logs)
+        return real_end(run, optim, state, logs, **kw)
 
     monkeypatch.setattr(trainer, "end_epoch", killed_in_the_last_evaluation)
     with pytest.raises(KeyboardInterrupt):
@@ -411,3 +411,78 @@ def test_resume_from_a_checkpoint_at_the_last_step_still_evaluates_it(tmp_path, 
     assert again.train["steps"] == ref.train["steps"] == steps
     weights = "adapter/adapter_model.safetensors"
     assert (tmp_path / "run" / weights).read_bytes() == (tmp_path / "ref" / weights).read_bytes()
+
+
+def test_evals_per_epoch_validates_each_quarter_and_a_resume_from_a_quarter_ends_equal(tmp_path, tiny_model_dir,
+                                                                                      tiny_data, monkeypatch) -> None:
+    """--evals-per-epoch 4 on 40 steps an epoch: validation after steps 10, 20, 30, 40, ... logged as epochs 0.25 …
+    2 with each pass's confusion matrix; killed inside the third pass (before its checkpoint), the resumed run
+    ends on the very adapter, results and log lines of the uninterrupted one; more passes than steps: refused."""
+    opts = _opts(tiny_model_dir, tiny_data, evals_per_epoch=4)
+    ref = loratune.train(out=tmp_path / "ref", **opts)
+    evals = [json.loads(x) for x in (ref.run_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = [x for x in evals if x["type"] == "eval"]
+    assert [x["epoch"] for x in evals] == [0.25, 0.5, 0.75, 1, 1.25, 1.5, 1.75, 2]
+    assert [x["step"] for x in evals] == [10, 20, 30, 40, 50, 60, 70, 80]
+    for x in evals:                                          # 40 validation rows, 20 a class: rows are true classes
+        c = np.asarray(x["confusion"])
+        assert c.shape == (2, 2) and c.sum() == 40 and list(c.sum(axis=1)) == [20, 20]
+        assert np.trace(c) / 40 == pytest.approx(x["accuracy"])
+    assert ref.train["epochs_run"] == 2 and ref.best_epoch in [x["epoch"] for x in evals]
+    assert "confusion" not in ref.validation
+    real_end, calls = trainer.end_epoch, []
+
+    def killed_in_the_third_pass(run, optim, state, logs, **kw):
+        calls.append(state.step)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_end(run, optim, state, logs, **kw)
+
+    monkeypatch.setattr(trainer, "end_epoch", killed_in_the_third_pass)
+    with pytest.raises(KeyboardInterrupt):
+        loratune.train(out=tmp_path / "run", **opts)
+    monkeypatch.setattr(trainer, "end_epoch", real_end)
+    again = loratune.train(out=tmp_path / "run", resume=True)
+    assert (again.best_epoch, again.validation, again.test) == (ref.best_epoch, ref.validation, ref.test)
+    weights = "adapter/adapter_model.safetensors"
+    assert (tmp_path / "run" / weights).read_bytes() == (ref.run_dir / weights).read_bytes()
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [(x["type"], x["step"], x.get("epoch")) for x in lines] == \
+        [(x["type"], x["step"], x.get("epoch")) for x in map(json.loads, (ref.run_dir / "metrics.jsonl").read_text().splitlines())]
+    with pytest.raises(InputError, match="--evals-per-epoch: 41 .* an epoch has 40 optimizer step"):
+        loratune.train(out=tmp_path / "x", **_opts(tiny_model_dir, tiny_data, evals_per_epoch=41))
+
+
+def test_collapsed_is_one_class_and_a_loss_at_the_label_entropy() -> None:
+    """Closed form: balanced labels have entropy ln 2 = 0.6931 nats; skewed 3:1 labels 0.5623."""
+    balanced, skewed = np.array([0, 1] * 50), np.array([0, 0, 0, 1] * 25)
+    constant = [[20, 0], [20, 0]]                                    # every prediction class 0
+    assert trainer.collapsed(constant, 0.6932, balanced) and trainer.collapsed(constant, 3.0, balanced)
+    assert not trainer.collapsed(constant, 0.6930, balanced)         # below ln 2: it knows something
+    assert trainer.collapsed(constant, 0.5624, skewed) and not trainer.collapsed(constant, 0.5622, skewed)
+    assert trainer.collapsed([[18, 2], [18, 2]], 0.7, balanced)      # 90% one class: near-constant
+    assert not trainer.collapsed([[17, 3], [18, 2]], 0.7, balanced)  # 35 of 40 = 87.5%
+    assert not trainer.collapsed(constant, float("nan"), balanced)   # non-finite: diverged, not collapsed
+
+
+def test_a_collapsed_classifier_stops_at_its_first_pass_after_warm_up(tmp_path, tiny_model_dir, tiny_data,
+                                                                     monkeypatch) -> None:
+    """stop_collapsed (a search's trials): one class predicted with loss 0.70 >= ln 2 at every pass; warm-up 30% of
+    80 steps = 24, so the passes at steps 10 and 20 are not checked and the one at 30 (epoch 0.75) stops the run;
+    without stop_collapsed the same run trains on."""
+    real = trainer.evaluate
+
+    def one_class(model, enc, *a, **kw):
+        metrics, probs = real(model, enc, *a, **kw)
+        probs = np.tile(np.array([[0.6, 0.4]], dtype=probs.dtype), (len(probs), 1))
+        return {**metrics, "loss": 0.70}, probs
+
+    monkeypatch.setattr(trainer, "evaluate", one_class)
+    events: list[dict] = []
+    opts = _opts(tiny_model_dir, tiny_data, evals_per_epoch=4, warmup=0.3)
+    r = loratune.train(out=tmp_path / "run", stop_collapsed=True, progress=events.append, **opts)
+    assert r.train["collapsed"] is True and r.train["stopped_early"] is True and r.train["epochs_run"] == 0.75
+    assert [ev["epoch"] for ev in events if ev["kind"] == "collapsed"] == [0.75]
+    assert [ev["step"] for ev in events if ev["kind"] == "eval"] == [10, 20, 30]
+    plain = loratune.train(out=tmp_path / "plain", **opts)
+    assert "collapsed" not in plain.train and plain.train["epochs_run"] == 2

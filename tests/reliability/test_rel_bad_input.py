@@ -183,6 +183,10 @@ CASES: list[Case] = [
     ("space", "tie to an unknown option", _tune("search:\n  alpha: \"=rnak\"\n"), "search.alpha"),
     ("space", "auto among searched values", _tune("search:\n  lr: {choice: [auto, 0.001]}\n"), "search.lr: auto is not a value to search"),
     ("range", "tune --samples 0", _tune("samples: 0\n"), "--samples"),
+    ("range", "tune --rungs-per-epoch 0", _tune("rungs_per_epoch: 0\n"), "--rungs-per-epoch"),
+    ("space", "evals_per_epoch searched", _tune("search:\n  evals_per_epoch: {choice: [1, 2]}\n"), "--rungs-per-epoch"),
+    ("input", "tune --evals-per-epoch (the rungs decide)", lambda tmp, ctx: _tune("")(tmp, ctx) + ["--evals-per-epoch", "2"], "set --rungs-per-epoch"),
+    ("range", "train --evals-per-epoch beyond an epoch's steps", _train("--evals-per-epoch", "1000"), "--evals-per-epoch: 1000"),
     ("output", "tune --resume on a folder that holds no search", lambda tmp, ctx: ["tune", "--resume", str(tmp)], "no search"),
     # report and analyze
     ("output", "report on a missing folder", lambda tmp, ctx: ["report", str(tmp / "nope")], "does not exist"),

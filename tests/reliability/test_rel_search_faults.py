@@ -22,7 +22,8 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 def _start(tmp_path: Path, model: str, samples: int = 3) -> tuple[subprocess.Popen, Path, Path]:
     data = write_csv(tmp_path / "reviews.csv", synthetic_rows(800, seed=2))     # an epoch takes seconds
     config = tmp_path / "space.yaml"
-    config.write_text(f"samples: {samples}\nmax_epochs: 2\nsearch:\n  lr: {{loguniform: [1.0e-3, 1.0e-2]}}\n")
+    config.write_text(f"samples: {samples}\nmax_epochs: 2\nrungs_per_epoch: 1\n"       # a report, a rung: an epoch
+                      "search:\n  lr: {loguniform: [1.0e-3, 1.0e-2]}\n")
     out = tmp_path / "s"
     log = tmp_path / "driver.log"
     argv = ["tune", "--config", str(config), "--model", model, "--data", data, "--out", str(out),

@@ -20,9 +20,11 @@ from loratune.cli.common import (
 )
 from loratune.cli.progress import Renderer
 from loratune.errors import InputError
+from loratune.search.space import RUNGS_PER_EPOCH
 
 # Keys of the --config YAML that belong to the search, not to training (CLI flag = key with dashes).
-SEARCH_KEYS = {"search": None, "samples": 8, "max_epochs": 3, "cpus_per_trial": 1, "max_concurrent": None,
+SEARCH_KEYS = {"search": None, "samples": 8, "max_epochs": 3, "rungs_per_epoch": None, "cpus_per_trial": 1,
+               "max_concurrent": None,
                "search_alg": "random", "metric": "val_loss", "mode": "min", "max_failures": 2, "address": None,
                "storage": None}
 
@@ -38,6 +40,10 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     g.add_argument("--samples", type=int, metavar="N", **kw,
                    help="trials to sample, the default config included; grid values multiply the others (default: 8)")
     g.add_argument("--max-epochs", type=int, metavar="N", help="epochs per trial, ASHA's max_t (default: 3)", **kw)
+    g.add_argument("--rungs-per-epoch", type=int, metavar="N", **kw,
+                   help="ASHA's rungs per epoch: each trial validates every 1/N epoch and ASHA may stop it there "
+                        "(grace period one rung; max_t = max epochs x N; 1: once an epoch) (default: "
+                        f"{RUNGS_PER_EPOCH})")
     g.add_argument("--cpus-per-trial", type=int, metavar="C", **kw,
                    help="CPUs (and torch threads) per trial (default: 1)")
     g.add_argument("--max-concurrent", type=int, metavar="K", **kw,
@@ -206,8 +212,10 @@ class TrialLines:
         kind = ev["kind"]
         if kind == "search_start":
             what = "resuming the search" if ev["resumed"] else "searching"
+            rungs = ev.get("rungs_per_epoch") or 1
+            every = f", validated every 1/{rungs} epoch" if rungs > 1 else ""
             self.ui.event({"kind": "message", "text": f"{what}: {ev['trials']} trials of up to {ev['max_epochs']} "
-                                                      f"epochs; results in {ev['out']}"})
+                                                      f"epochs{every}; results in {ev['out']}"})
         elif kind == "trial":
             self.ui.event({"kind": "message", "text": self.line(ev)})
         elif kind == "message":
@@ -231,6 +239,8 @@ class TrialLines:
             return (f"{head} epoch {ev['epoch']}/{ev['epochs']}: val_loss {_num(m.get('val_loss'))} "
                     f"val_accuracy {_num(m.get('val_accuracy'))}" + (f" [{ev['node']}]" if ev.get("node") else ""))
         status = ev.get("status", what)
+        if status == "collapsed":
+            status = "collapsed (one class predicted, loss no better than the label frequencies)"
         return f"{head} {status.replace('_', ' ')}: {config}" + (f" (see {ev['error']})" if ev.get("error") else "")
 
 
@@ -256,12 +266,29 @@ def table(columns: list[str], rows: list[dict[str, Any]]) -> list[str]:
     return ["  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in cells]
 
 
+def with_intervals(columns: list[str], rows: list[dict[str, Any]]) -> tuple[list[str], list[dict[str, Any]]]:
+    """The terminal's table: each ``<metric>_lo``/``_hi`` pair (trials.csv's 95% intervals) shown in its metric's
+    cell, ``0.7900 [0.747, 0.828]``, instead of as two more columns."""
+    paired = [c for c in columns if f"{c}_lo" in columns and f"{c}_hi" in columns]
+    shown = [c for c in columns if not any(c in (f"{p}_lo", f"{p}_hi") for p in paired)]
+    out = []
+    for row in rows:
+        row = dict(row)
+        for c in paired:
+            v, lo, hi = row.get(c), row.get(f"{c}_lo"), row.get(f"{c}_hi")
+            if all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (v, lo, hi)):
+                row[c] = f"{v:.4f} [{lo:.3f}, {hi:.3f}]"
+        out.append(row)
+    return shown, out
+
+
 def print_results(ui: Renderer, result: Any) -> None:
-    for line in table(result.columns, result.rows):
+    for line in table(*with_intervals(result.columns, result.rows)):
         ui.out(line)
     best, default = result.best, result.default
     if best is None:
-        ui.line("no trial finished with a finite validation metric; nothing to choose")
+        ui.line("no trial to choose: none finished with a finite validation metric (each diverged, failed or "
+                "collapsed)")
         return
     metric = result.metric.removeprefix("val_")
     ui.line(f"best trial {best['trial']} by {result.metric} ({result.mode}): {describe(best['config'])}")
@@ -272,6 +299,9 @@ def print_results(ui: Renderer, result: Any) -> None:
         shown = dict.fromkeys([metric, "loss", "accuracy"])
         ui.line(f"{name:>15} (trial {t['trial']}): validation " + ", ".join(f"{k} {_num(v.get(k))}" for k in shown)
                 + f"; test accuracy {_num(test.get('accuracy'))}")
+    verdict = (result.summary.get("comparison") or {}).get("verdict")   # search.json's, McNemar on test
+    if verdict:
+        ui.line(verdict)
     from loratune.report import (
         baseline as bl,  # a --method full search keeps model/, not adapter/
     )

@@ -188,25 +188,28 @@ def _ticks(n: int) -> list[int]:
 
 def metric_vs_options(rows: Sequence[dict[str, Any]], metric: str, options: Sequence[str],
                       series: str | None, best: str | None) -> str:
-    """One panel per option (rank, lr on a log axis, dropout, ...): the metric of each trial, one colour
-    per value of ``series`` (the target set); for a numeric discrete option, the series' best per value is joined."""
+    """One panel per option (rank, lr on a log axis, dropout, ...): the metric of each trial as a point, one
+    colour per value of ``series`` (the target set), with its 95% interval as a whisker where the row has one
+    (``<metric>_lo``/``_hi``, trials.csv's). Points only: trials that share an option value differ in the
+    others, so no line joins them."""
     fig, axes = _fig(4.0 * len(options), 3.4, cols=len(options))
     groups = sorted({str(r.get(series, "")) for r in rows}) if series else [""]
     colors = {g: PALETTE[i % len(PALETTE)] for i, g in enumerate(groups)}
     for ax, opt in zip(axes, options):
         for g in groups:
-            pts = sorted((float(r[opt]), float(r[metric])) for r in rows
-                         if (not series or str(r.get(series, "")) == g) and finite(r.get(metric)) and is_number(r.get(opt)))
-            if not pts:
+            mine = [r for r in rows if (not series or str(r.get(series, "")) == g) and finite(r.get(metric))
+                    and is_number(r.get(opt))]
+            if not mine:
                 continue
-            x, y = zip(*pts)
+            x, y = [float(r[opt]) for r in mine], [float(r[metric]) for r in mine]
             name = f"{series} = {g}" if series else None
             ax.scatter(x, y, color=colors[g], s=28, alpha=0.85, label=name, zorder=3)
-            if opt == "rank":                             # the Table 6 question: a line through the best per rank
-                by = {}
-                for xi, yi in pts:
-                    by[xi] = min(by.get(xi, yi), yi) if metric.endswith("loss") else max(by.get(xi, yi), yi)
-                ax.plot(list(by), list(by.values()), color=colors[g], lw=1, alpha=0.6)
+            bars = [(float(r[opt]), float(r[metric]), float(r[f"{metric}_lo"]), float(r[f"{metric}_hi"]))
+                    for r in mine if finite(r.get(f"{metric}_lo")) and finite(r.get(f"{metric}_hi"))]
+            if bars:                                  # whiskers only: (2, k) distances below and above the point
+                bx, by, lo, hi = (np.array(v) for v in zip(*bars))
+                ax.errorbar(bx, by, yerr=np.stack([np.maximum(by - lo, 0), np.maximum(hi - by, 0)]), fmt="none",
+                            ecolor=colors[g], elinewidth=1, capsize=2, alpha=0.6, zorder=2)
         for r in rows:
             if best is not None and r.get("trial") == best and finite(r.get(metric)) and is_number(r.get(opt)):
                 ax.scatter([float(r[opt])], [float(r[metric])], marker="*", s=260, facecolor="none",

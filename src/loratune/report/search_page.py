@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import csv
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +33,12 @@ from loratune.report.sections import (
     size_section,
     test_section,
 )
+from loratune.search.space import INTERVAL_COLUMNS
+from loratune.search.stats import p_text
 from loratune.training import rundir
 from loratune.training.options import LORA_ONLY
 
-STANDARD = ("trial", "status", "epochs_run", "val_loss", "val_accuracy", "val_f1")
+STANDARD = ("trial", "status", "epochs_run", "val_loss", "val_accuracy", "val_f1", *INTERVAL_COLUMNS)
 OPTION_PLOTS = ("rank", "lr", "dropout")
 
 
@@ -111,6 +113,7 @@ class _Search:
     full: bool = False                           # a --method full search: no adapters, trials keep model/
     cmp: bl.Comparison | None = None             # the best trial against full fine-tuning (--baseline)
     baseline_note: str | None = None             # why a remembered baseline is not shown
+    comparison: dict[str, Any] = field(default_factory=dict)   # search.json's: best vs default on test (McNemar)
 
     @property
     def mname(self) -> str:
@@ -164,7 +167,7 @@ def _gather(run: Path) -> _Search:
                    best_res.get("train") or {}, info.get("validation") or best_res.get("validation") or {},
                    info.get("test") or best_res.get("test") or {}, summary.get("default") or {},
                    {str(r.get("trial")): str(r.get("status")) for r in rows}, summary.get("seconds"),
-                   full=search_method(run) == "full")
+                   full=search_method(run) == "full", comparison=summary.get("comparison") or {})
 
 
 def _glance(s: _Search) -> list[str]:
@@ -216,8 +219,33 @@ def _winner(s: _Search, r: float | None) -> list[str]:
                             if k not in ("rank", "targets") and k in s.cfg)
         winner = card("winner", f"rank {fmt(s.cfg.get('rank'))} · {fmt(s.cfg.get('targets'))}",
                       f"{others} — trial {s.best}", win=True)
-    return ["<p style='font-size:16px'><b>" + esc(sentence) + "</b></p><div class=glance>", winner,
-            card(f"validation {s.mname}", fmt(s.val.get(s.mname)), scores)]
+    return (["<p style='font-size:16px'><b>" + esc(sentence) + "</b>" + _on_test(s.comparison) + "</p>"
+             "<div class=glance>", winner, card(f"validation {s.mname}", fmt(s.val.get(s.mname)), scores)]
+            + _comparison_card(s.comparison))
+
+
+def _on_test(cmp: dict[str, Any]) -> str:
+    """The headline's second sentence: whether the winner beats the untuned default on test beyond chance
+    (search.json's ``comparison``; the winner was chosen on validation, so validation cannot judge it)."""
+    if not cmp.get("verdict") or cmp.get("same_trial"):
+        return ""                                # a search from before the comparison; the winner is the default
+    if cmp.get("p_value") is None:
+        return "<br>" + esc(cmp["verdict"][0].upper() + cmp["verdict"][1:] + ".")
+    return "<br>" + esc(
+        f"On test, against the untuned default: accuracy {cmp['best_accuracy']:.3f} vs {cmp['default_accuracy']:.3f}"
+        f" ({100 * (cmp['best_accuracy'] - cmp['default_accuracy']):+.1f} points), McNemar {p_text(cmp['p_value'])}: "
+        + ("a difference beyond chance" if cmp.get("beyond_chance") else "not beyond chance")
+        + f" on {cmp['n']} test examples (the winner was chosen on validation, so only test can judge it).")
+
+
+def _comparison_card(cmp: dict[str, Any]) -> list[str]:
+    """A card: the winner's test accuracy minus the default's, with McNemar's p and the discordant counts."""
+    if cmp.get("p_value") is None:
+        return []
+    return [card("vs untuned default, test", f"{100 * (cmp['best_accuracy'] - cmp['default_accuracy']):+.1f} points",
+                 f"McNemar {p_text(cmp['p_value'])} ({'beyond' if cmp.get('beyond_chance') else 'not beyond'} "
+                 f"chance) · {cmp['best_only']} examples only the winner got right, {cmp['default_only']} only the "
+                 f"default · n = {cmp['n']}")]
 
 
 def _full_winner(s: _Search) -> str:
@@ -278,7 +306,8 @@ def _what_mattered(s: _Search) -> list[str]:
         return []
     series = "targets" if "targets" in s.keys else None
     out = [f"<h2>What mattered</h2><p>Each trial's best-epoch score against the searched options; "
-           f"{'one colour per target set; ' if series else ''}the star is the winner.</p>"]
+           f"{'one colour per target set; ' if series else ''}the star is the winner; whiskers are "
+           "95% intervals (Wilson for accuracy, bootstrap for F1) where the trial logged its confusion matrix.</p>"]
     for m in dict.fromkeys([s.metric, "val_accuracy" if s.metric != "val_accuracy" else "val_loss"]):
         if any(finite(row.get(m)) for row in s.ok):
             out += guarded(f"{m} plots", lambda m=m: [img(plots.metric_vs_options(s.ok, m, options, series, s.best),

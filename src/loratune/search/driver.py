@@ -45,6 +45,7 @@ from loratune.runtime import available_cpus, release_memory, require
 from loratune.search.space import METRICS, Space, check_device, validate
 from loratune.search.trials import (
     SearchResult,
+    Tested,
     finish,
     load_result,
     new_search,
@@ -66,7 +67,7 @@ _LIVE: dict[str, Any] = {}            # the running search's progress sink and v
 
 
 def tune(config: TrainConfig | None = None, *, space: dict[str, Any] | None = None, samples: int = 8,
-         max_epochs: int = 3, cpus_per_trial: int = 1, max_concurrent: int | None = None, search_alg: str = "random",
+         max_epochs: int = 3, rungs_per_epoch: int | None = None, cpus_per_trial: int = 1, max_concurrent: int | None = None, search_alg: str = "random",
          metric: str = "val_loss", mode: str = "min", max_failures: int = 2, address: str | None = None,
          storage: str | os.PathLike | None = None, out: str | os.PathLike | None = None,
          resume: str | os.PathLike | None = None, overwrite: bool = False, progress: Progress | None = None,
@@ -75,7 +76,9 @@ def tune(config: TrainConfig | None = None, *, space: dict[str, Any] | None = No
 
     ``space`` is the contract's ``search:`` mapping (default: :data:`loratune.search.space.DEFAULT_SPACE`).
     ``samples`` counts the default trial; grid values multiply the others. Each trial's schedule
-    is ``max_epochs`` long; ASHA (grace 1, reduction 2) may stop it earlier on ``metric``/``mode``.
+    is ``max_epochs`` long; ASHA (grace one rung, reduction 2) may stop it earlier on ``metric``/``mode`` at any
+    of its ``rungs_per_epoch`` validation passes an epoch (default :data:`RUNGS_PER_EPOCH`; 1: once an epoch). A
+    classification trial found collapsed (training/loop.collapsed) at a pass after its warm-up stops there.
     ``resume=DIR`` continues the search in DIR with the options it was started with. The search holds
     its directory's lock (training/lock.py) from its first write to the end of ``on_done(result)``.
     """
@@ -93,7 +96,7 @@ def tune(config: TrainConfig | None = None, *, space: dict[str, Any] | None = No
             address = address or doc.get("address")
         else:
             doc = new_search(config, options, space, samples, max_epochs, cpus_per_trial, max_concurrent, search_alg,
-                             metric, mode, max_failures, address, storage)
+                             metric, mode, max_failures, address, storage, rungs_per_epoch)
             out = Path(out) if out is not None else rundir.default_out("tune")
             rundir.check_out(out, resume=False, overwrite=overwrite)
             storage_dir = Path(doc["storage"]) if doc["storage"] else out.resolve()
@@ -110,7 +113,8 @@ def tune(config: TrainConfig | None = None, *, space: dict[str, Any] | None = No
             rundir.start(out, overwrite=overwrite)
             (out / "search.yaml").write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
         emit({"kind": "search_start", "out": str(out), "trials": _trial_total(parsed, doc),
-              "resumed": resume is not None, "keys": parsed.keys, "max_epochs": doc["max_epochs"]})
+              "resumed": resume is not None, "keys": parsed.keys, "max_epochs": doc["max_epochs"],
+              "rungs_per_epoch": rungs_of(doc)})
         with _ray_session(address, out / "ray.log") as cluster:
             grid = _fit(doc, parsed, base, prepared, out, cluster, emit, resume is not None)
         trials = trial_records(grid, _LIVE.pop("view", None), parsed, base, out)
@@ -118,6 +122,11 @@ def tune(config: TrainConfig | None = None, *, space: dict[str, Any] | None = No
             raise Interrupted(f"search interrupted; its state is saved in {out}")
         return _done(finish(out, doc, parsed, trials, time.monotonic() - t0,
                             lambda adapter: test_metrics(adapter, prepared, base), emit), on_done)
+
+
+def rungs_of(doc: dict[str, Any]) -> int:
+    """A search's rungs per epoch (search.yaml; a search from before the option had one an epoch)."""
+    return int(doc.get("rungs_per_epoch") or 1)
 
 
 def _done(result: SearchResult, on_done: Callable[[SearchResult], None] | None) -> SearchResult:
@@ -144,7 +153,7 @@ def trial_records(results: Iterable[Any], view: LiveView | None, space: Space, b
 
     results = sorted(results, key=lambda r: (order.get(tid(r), 1 << 30), tid(r)))
     default = space.default_point(base)                   # the untuned trial; a duplicate of it would be equal
-    results.sort(key=lambda r: {k: config(r).get(k) for k in space.keys} != default)
+    results.sort(key=lambda r: not is_default(config(r), default, space.keys))
     return [trial_record(space, tid(r), "failed" if r.error else ended.get(tid(r)), config(r), out / "trials" / tid(r))
             for r in results]
 
@@ -239,7 +248,6 @@ def _restore_sigterm(old: Any) -> None:
 def _fit(doc: dict[str, Any], space: Space, base: TrainConfig, prepared: Prepared, out: Path,
          cluster: dict[str, float], emit: Progress, resumed: bool) -> Any:
     """Build (or restore) the Tuner and run it; returns Ray's ResultGrid."""
-    from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 
     cpus = doc["cpus_per_trial"]
@@ -253,11 +261,12 @@ def _fit(doc: dict[str, Any], space: Space, base: TrainConfig, prepared: Prepare
     use_gpu = base.device == "cuda" or (base.device == "auto" and gpus > 0)
     resources = {"cpu": cpus, "gpu": min(1.0, gpus / concurrent)} if use_gpu else {"cpu": cpus}
     check_device(space, base, "cuda" if use_gpu else "cpu")
-    setup = {"options": {**base.to_dict(), "epochs": doc["max_epochs"], "threads": cpus,
+    rungs = rungs_of(doc)
+    setup = {"options": {**base.to_dict(), "epochs": doc["max_epochs"], "threads": cpus, "evals_per_epoch": rungs,
                          "device": "cuda" if use_gpu else "cpu"},
-             "trials_dir": str((out / "trials").resolve()), "space": space}
+             "trials_dir": str((out / "trials").resolve()), "space": space, "default": space.default_point(base)}
     trainable = rt.with_resources(rt.with_parameters(_trial, prepared=prepared, setup=setup), resources)
-    default = space.default_point(base)
+    default = setup["default"]
     if doc["search_alg"] == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
@@ -276,9 +285,9 @@ def _fit(doc: dict[str, Any], space: Space, base: TrainConfig, prepared: Prepare
         tuner = rt.Tuner.restore(str(exp), trainable=trainable, param_space=param_space, resume_unfinished=True,
                                  resume_errored=False, restart_errored=False)
     else:
-        scheduler = ASHAScheduler(time_attr="training_iteration", metric=doc["metric"], mode=doc["mode"],
-                                  max_t=doc["max_epochs"], grace_period=1, reduction_factor=2,
-                                  stop_last_trials=False)
+        scheduler = DefaultRunsOut(default, space.keys, time_attr="training_iteration", metric=doc["metric"],
+                                   mode=doc["mode"], max_t=doc["max_epochs"] * rungs, grace_period=1,
+                                   reduction_factor=2, stop_last_trials=False)
         run = rt.RunConfig(name=exp.name, storage_path=str(exp.parent), verbose=0, callbacks=[LiveView()],
                            failure_config=rt.FailureConfig(max_failures=doc["max_failures"]),
                            checkpoint_config=rt.CheckpointConfig(num_to_keep=2))
@@ -289,6 +298,34 @@ def _fit(doc: dict[str, Any], space: Space, base: TrainConfig, prepared: Prepare
         return tuner.fit()
     finally:
         _LIVE.pop("sink", None)
+
+
+def _asha() -> type:
+    from ray.tune.schedulers import ASHAScheduler
+
+    return ASHAScheduler
+
+
+class DefaultRunsOut(_asha()):  # type: ignore[misc]
+    """ASHA, except that the untuned default trial is never stopped: its results still count in every rung (the
+    others are judged against it), but it trains its whole schedule, as ``loratune train`` would, so the search's
+    comparison of its best with the default (on test, search.json) is with the default a user would get."""
+
+    def __init__(self, default: dict[str, Any], keys: list[str], **kw: Any) -> None:
+        super().__init__(**kw)
+        self.default, self.keys = dict(default), list(keys)
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+        action = super().on_trial_result(tune_controller, trial, result)
+        if action == self.STOP and is_default(trial.config, self.default, self.keys):
+            self._num_stopped -= 1
+            return self.CONTINUE
+        return action
+
+
+def is_default(config: dict[str, Any], default: dict[str, Any], keys: list[str]) -> bool:
+    """The trial of this Ray config is the untuned default (its searched values are the default point's)."""
+    return {k: config.get(k) for k in keys} == default
 
 
 def ray_space(space: Space, base: TrainConfig) -> dict[str, Any]:
@@ -398,23 +435,26 @@ def _emit(event: dict[str, Any]) -> None:
 # --- one trial (runs in a Ray worker) ---------------------------------------------------------------
 
 def _trial(config: dict[str, Any], prepared: Prepared, setup: dict[str, Any]) -> None:
-    """Train one config; report each epoch with the checkpoint; continue from Ray's checkpoint if any."""
+    """Train one config; report each validation pass (a rung) with its checkpoint; continue from Ray's checkpoint
+    if any. A collapsed classifier's last report carries ``collapsed=1`` (with its metrics: ASHA ranks it)."""
     from loratune.training.checkpoint import load_checkpoint
 
     out = Path(setup["trials_dir"]) / rt.get_context().get_trial_id()
     cfg = TrainConfig.from_stored({**setup["options"], **setup["space"].resolve(config)})
     node = ray.util.get_node_ip_address()
-    state = {"epoch": 0, "planned": cfg.epochs}
+    state: dict[str, Any] = {"epoch": 0, "planned": cfg.epochs, "collapsed": 0}
     stage = out / STAGE                           # what Ray copies to storage: a link to this epoch's checkpoint
 
     def on_event(event: dict[str, Any]) -> None:
         if event["kind"] == "start":
             state["planned"] = event["epochs"]
+        elif event["kind"] == "collapsed":
+            state["collapsed"] = 1
 
-    def on_epoch(epoch: int, val: dict[str, float], ckpt: Path) -> None:
+    def on_epoch(epoch: float, val: dict[str, float], ckpt: Path) -> None:
         state["epoch"] = epoch
         metrics = {**{f"val_{k}": float(v) for k, v in val.items()}, "epoch": epoch, "epochs_planned": state["planned"],
-                   "diverged": 0, "node_ip": node}
+                   "diverged": 0, "collapsed": state["collapsed"], "node_ip": node}
         shutil.rmtree(stage, ignore_errors=True)
         stage.mkdir()
         try:
@@ -428,10 +468,12 @@ def _trial(config: dict[str, Any], prepared: Prepared, setup: dict[str, Any]) ->
     with restored.as_directory() if restored is not None else contextlib.nullcontext(None) as where:
         resume_from = max(Path(where).glob("*.pt")) if where else None      # local storage: no copy
         if resume_from is not None:
-            state["epoch"] = int(load_checkpoint(resume_from)["epoch"])
+            saved = load_checkpoint(resume_from)
+            state["epoch"] = saved["epoch"] + saved.get("rung", 0) / cfg.evals_per_epoch
         try:
             train(cfg, out=out, overwrite=resume_from is None, prepared=prepared, resume_from=resume_from,
-                  on_epoch=on_epoch, evaluate_test=False, progress=on_event, claim=False)   # the search holds its folder
+                  on_epoch=on_epoch, evaluate_test=False, progress=on_event, claim=False,   # the search holds its folder
+                  stop_collapsed=not is_default(config, setup["default"], setup["space"].keys))
         except Diverged as e:                    # no metric in this report: ASHA and the searcher skip it
             rt.report({"diverged": 1, "epoch": state["epoch"], "epochs_planned": state["planned"],
                        "diverged_step": e.step, "node_ip": node})
@@ -439,9 +481,12 @@ def _trial(config: dict[str, Any], prepared: Prepared, setup: dict[str, Any]) ->
             shutil.rmtree(stage, ignore_errors=True)
 
 
-def test_metrics(adapter: Path, prepared: Prepared, base: TrainConfig) -> dict[str, float]:
-    """The adapter's metrics on the prepared test split (the very split and tokens the trials had)."""
+def test_metrics(adapter: Path, prepared: Prepared, base: TrainConfig) -> Tested:
+    """The adapter's metrics on the prepared test split (the very split and tokens the trials had), and which
+    examples it got right (the arg-max of its probabilities against the labels, in the split's order: what
+    McNemar's test pairs between the best and the untuned default)."""
     from loratune.infer.inference import run_split
 
-    return run_split(adapter, split="test", encoded=prepared.test, precision=base.precision,
-                     device=base.device).metrics
+    split = run_split(adapter, split="test", encoded=prepared.test, precision=base.precision,
+                      device=base.device)
+    return Tested(split.metrics, split.probs.argmax(axis=1) == split.labels)

@@ -43,23 +43,33 @@ from loratune.training.options import (
 )
 
 METRICS = ("val_loss", "val_accuracy", "val_f1", "val_f1_macro", "val_precision", "val_recall", "val_roc_auc")
+INTERVAL_COLUMNS = ("val_accuracy_lo", "val_accuracy_hi", "val_f1_lo", "val_f1_hi")   # trials.csv: 95% intervals
 OK_STATUSES = ("completed", "stopped_early")              # the statuses a best trial may have
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
-DEFAULT_SPACE: dict[str, Any] = {
-    "lr": {"loguniform": [1e-4, 1e-1]},
-    "rank": {"choice": [2, 4, 6, 8, 10, 16]},
-    "targets": {"choice": [["q"], ["v"], ["q", "v"]]},
-    "dropout": {"uniform": [0.1, 0.5]},
-    "alpha": "=rank",
-}
-"""The seed project's space: lr, r, target modules, dropout; alpha tied to r (also shipped as ``--space seed``,
-spaces/seed.yaml; the default until ``make bench-quality`` shows a better one, the [search] issue)."""
+SPACES_DIR = Path(__file__).resolve().parent / "spaces"
+"""The shipped spaces, one YAML file each (``--space NAME``): ``default`` (loratune's) and ``seed`` (the seed
+project's)."""
+
+
+def _shipped(name: str) -> dict[str, Any]:
+    import yaml
+
+    return yaml.safe_load((SPACES_DIR / f"{name}.yaml").read_text(encoding="utf-8"))
+
+
+DEFAULT_SPACE: dict[str, Any] = _shipped("default")
+"""loratune's space (spaces/default.yaml): lr 2e-4–2e-3 log-uniform, rank 4/8/16, alpha 8/16/32, targets q,v or
+all four attention projections, dropout 0–0.2, the pooler trained in full or not; the untuned default (lr 5e-4, r 8,
+α 16, q,v, dropout 0.1, head only) lies inside it. Chosen with ``make bench-quality`` (BENCHMARKS.md)."""
+SEED_SPACE: dict[str, Any] = _shipped("seed")
+"""The seed project's space (``--space seed``): lr 1e-4–0.1, r, target modules, dropout; alpha tied to r."""
+RUNGS_PER_EPOCH = 4
+"""``--rungs-per-epoch``'s default: a trial validates every quarter epoch and ASHA may stop it there (measured in
+BENCHMARKS.md, "Search": the seed's once-an-epoch rungs spent whole epochs on trials that were bad after a
+quarter of one)."""
 FULL_SPACE: dict[str, Any] = {"lr": {"loguniform": [1e-5, 2e-4]}}
 """``--method full`` has no adapter to shape: the default space is its learning rate alone."""
 
-
-SPACES_DIR = Path(__file__).resolve().parent / "spaces"
-"""The shipped spaces, one YAML file each (``--space NAME``): ``seed``, the seed project's."""
 
 
 def space_presets() -> list[str]:
@@ -105,6 +115,7 @@ FIXED_ONLY = {
     "max_length": "the data is tokenized once for all trials; fix it with --max-length",
     "epochs": "every trial trains --max-epochs epochs (ASHA's budget); set --max-epochs",
     "max_steps": "every trial trains --max-epochs epochs (ASHA's budget)",
+    "evals_per_epoch": "a trial's validation passes are ASHA's rungs, the same for all trials; set --rungs-per-epoch",
     "threads": "a trial's threads equal its CPUs; set --cpus-per-trial",
     "device": "the device is chosen for the whole search; fix it with --device",
 }
@@ -403,5 +414,7 @@ def check_device(space: Space, base: TrainConfig, device: str) -> None:
 
 
 def columns(space: Space) -> list[str]:
-    """trials.csv's columns (the contract's order)."""
-    return ["trial", "status", "epochs_run", *space.keys, "val_loss", "val_accuracy", "val_f1"]
+    """trials.csv's columns (the contract's order): the best epoch's validation accuracy and F1 each with its
+    95% interval (``_lo``/``_hi``: Wilson, bootstrap; :func:`loratune.search.trials.intervals`)."""
+    return ["trial", "status", "epochs_run", *space.keys, "val_loss", "val_accuracy", *INTERVAL_COLUMNS[:2],
+            "val_f1", *INTERVAL_COLUMNS[2:]]

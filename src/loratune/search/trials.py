@@ -4,7 +4,8 @@
 :func:`finish` builds each trial's row from its own run directory (read by :mod:`loratune.training.rundir`,
 which also says which epoch is a trial's best), picks the best trial by the validation metric alone (never
 a diverged or failed one), copies it to ``best/`` and evaluates it, and the untuned default trial, on the
-test split once. No Ray here.
+test split once, with McNemar's test of the two there (:func:`comparison`). Each row's validation accuracy
+and F1 carry 95% intervals (:func:`intervals`, from :mod:`loratune.search.stats`). No Ray here.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import logging
 import math
 import shutil
 from collections import Counter
@@ -19,12 +21,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+import numpy as np
 import yaml
 
 from loratune.errors import InputError
+from loratune.search import stats
 from loratune.search.space import (
+    INTERVAL_COLUMNS,
     METRICS,
     OK_STATUSES,
+    RUNGS_PER_EPOCH,
     Space,
     columns,
     default_space,
@@ -33,7 +39,11 @@ from loratune.search.space import (
 from loratune.training import rundir
 from loratune.training.options import TrainConfig
 
+log = logging.getLogger(__name__)
+
 ALGORITHMS = ("random", "optuna")
+ALPHA = 0.05                                     # McNemar's level: "beyond chance" means p < ALPHA
+F1_SEED = 0                                      # the F1 bootstrap's seed: a trial's interval is reproducible
 
 @dataclass
 class SearchResult:
@@ -53,11 +63,13 @@ class SearchResult:
 
 def status_of(last: Mapping[str, Any], *, error: bool) -> str:
     """From a trial's last report: completed (ran its planned epochs), stopped_early (ASHA or
-    --early-stop), diverged, failed (an error after its retries)."""
+    --early-stop), collapsed (training/loop.collapsed stopped it), diverged, failed (an error after its retries)."""
     if error:
         return "failed"
     if last.get("diverged"):
         return "diverged"
+    if last.get("collapsed"):
+        return "collapsed"
     return "completed" if last.get("epoch", 0) >= last.get("epochs_planned", math.inf) else "stopped_early"
 
 
@@ -65,7 +77,8 @@ def trial_record(space: Space, trial: str, status: str | None, config: Mapping[s
     """One trial: its contract row and what stands behind it, from its run directory's evaluations.
 
     Its best epoch is :func:`rundir.best_evaluation`'s (the lowest finite validation loss: the epoch whose
-    adapter the trainer kept). A trial that evaluated but never to a finite loss has no best (``val_*``
+    adapter the trainer kept); its accuracy and F1 intervals come from that epoch's confusion matrix
+    (:func:`intervals`). A trial that evaluated but never to a finite loss has no best (``val_*``
     empty) and ends ``diverged``, unless it failed or has not ended (``status`` None).
     """
     hist = rundir.evaluations(run)
@@ -73,10 +86,50 @@ def trial_record(space: Space, trial: str, status: str | None, config: Mapping[s
     if hist and not best and status not in (None, "failed"):
         status = "diverged"
     values = {k: _typed(k, v) for k, v in space.resolve(config).items() if k in space.keys}
-    row = {"trial": trial, "status": status, "epochs_run": len(hist), **values,
+    run_to = max((e["epoch"] for e in hist), default=0)                  # 0.25: one rung of four
+    row = {"trial": trial, "status": status, "epochs_run": run_to, **values,
            "val_loss": best.get("loss"), "val_accuracy": best.get("accuracy"), "val_f1": best.get("f1")}
+    row = _beside(row, intervals(best))
     return {"row": row, "trial": trial, "status": status, "config": values, "best": best, "history": hist,
             "run_dir": run}
+
+
+def intervals(best: Mapping[str, Any]) -> dict[str, float | None]:
+    """The 95% intervals of a best epoch's validation accuracy (Wilson: ``k`` = the confusion matrix's
+    trace, ``n`` = its sum) and F1 (:func:`stats.bootstrap_f1`, seed :data:`F1_SEED`), as trials.csv's
+    ``val_accuracy_lo/hi`` and ``val_f1_lo/hi``; all None where the evaluation has no usable ``confusion``
+    (a run from before it was logged, or no best epoch)."""
+    m = _confusion(best.get("confusion"))
+    if m is None:
+        return dict.fromkeys(INTERVAL_COLUMNS)
+    acc, f1 = stats.wilson(int(np.trace(m)), int(m.sum())), stats.bootstrap_f1(m, seed=F1_SEED)
+    return dict(zip(INTERVAL_COLUMNS, (*acc, *f1)))
+
+
+def _beside(row: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    """``row`` with each ``<key>_lo``/``<key>_hi`` of ``extra`` right after ``<key>``: trials.json's key order is
+    trials.csv's column order (:func:`columns`)."""
+    out: dict[str, Any] = {}
+    for key, value in row.items():
+        out[key] = value
+        out.update({k: extra[k] for k in (f"{key}_lo", f"{key}_hi") if k in extra})
+    return out
+
+
+def _confusion(value: Any) -> np.ndarray | None:
+    """A logged confusion matrix as a (C, C) integer array, or None (logged) when it is missing or malformed."""
+    if value is None:
+        return None
+    try:
+        m = np.asarray(value)
+        ok = (m.ndim == 2 and m.shape[0] == m.shape[1] > 0 and m.dtype.kind in "iu" and bool((m >= 0).all())
+              and m.sum() > 0)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        log.warning("a validation record's confusion matrix is malformed (%r): no intervals", value)
+        return None
+    return m.astype(np.int64)
 
 
 def _typed(key: str, value: Any) -> Any:
@@ -95,10 +148,22 @@ def choose_best(trials: list[dict[str, Any]], metric: str, mode: str) -> dict[st
     return min(ok, key=lambda t: score(t) if mode == "min" else -score(t)) if ok else None  # type: ignore[operator]
 
 
+@dataclass(frozen=True)
+class Tested:
+    """One adapter on the test split: its metrics (search.json's ``test``) and which examples it classified
+    right, ``(N,)`` booleans in the split's order (what :func:`comparison` pairs across two adapters)."""
+
+    __test__ = False                      # not a pytest class, whatever its name
+
+    metrics: dict[str, float]
+    correct: np.ndarray
+
+
 def finish(out: Path, doc: Mapping[str, Any], space: Space, trials: list[dict[str, Any]], seconds: float,
-           test: Callable[[Path], dict[str, float]], emit: Callable[[dict[str, Any]], None]) -> SearchResult:
+           test: Callable[[Path], Tested], emit: Callable[[dict[str, Any]], None]) -> SearchResult:
     """Write trials.csv/json, copy the best trial to ``best/`` and test it (``test(adapter_dir)``), test
-    the default (first) trial too, and write search.json."""
+    the default (first) trial too, and write search.json, whose ``comparison`` (:func:`comparison`) says
+    whether the two differ on test beyond chance: the best was chosen on validation, so only test can say."""
     cols, rows = columns(space), [t["row"] for t in trials]
     with open(out / "trials.csv", "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=cols)
@@ -108,25 +173,30 @@ def finish(out: Path, doc: Mapping[str, Any], space: Space, trials: list[dict[st
     best = choose_best(trials, doc["metric"], doc["mode"])
     summary: dict[str, Any] = {"metric": doc["metric"], "mode": doc["mode"], "trials": len(trials),
                                "statuses": dict(Counter(t["status"] for t in trials)), "seconds": seconds,
-                               "experiment": doc["experiment"], "best": None, "default": None}
+                               "experiment": doc["experiment"], "best": None, "default": None, "comparison": None}
     if best is not None:
         emit({"kind": "message", "text": f"testing the best trial {best['trial']} on the test split"})
         dest = out / "best"
         shutil.rmtree(dest, ignore_errors=True)
         shutil.copytree(best["run_dir"], dest, ignore=shutil.ignore_patterns(".tune-checkpoint", ".lock"))
-        summary["best"] = _brief(best, test(artifact(dest)), dest)
+        best_test = test(artifact(dest))
+        summary["best"] = _brief(best, best_test.metrics, dest)
         old = rundir.read_results(dest) or {}                          # the trainer's, if the trial ran to its end
         rundir.write_json(dest / "results.json", {
             "validation": summary["best"]["validation"], "test": summary["best"]["test"],
             "best_epoch": best["best"]["epoch"], "train": old.get("train", {}), "history": best["history"],
             "trial": best["trial"], "config": best["config"]})
     if trials:
-        first = trials[0]
+        first, default_test = trials[0], None
         if best is not None and first["trial"] == best["trial"]:
             summary["default"] = dict(summary["best"])
         else:
-            tested = first["best"] and artifact(first["run_dir"]).is_dir()
-            summary["default"] = _brief(first, test(artifact(first["run_dir"])) if tested else None, first["run_dir"])
+            if first["best"] and artifact(first["run_dir"]).is_dir():
+                emit({"kind": "message", "text": f"testing the untuned default trial {first['trial']} on test"})
+                default_test = test(artifact(first["run_dir"]))
+            summary["default"] = _brief(first, default_test.metrics if default_test else None, first["run_dir"])
+        if best is not None:
+            summary["comparison"] = comparison(best, first, best_test, default_test)
     rundir.write_json(out / "search.json", summary)
     return SearchResult(out, cols, rows, summary["best"], summary["default"], doc["metric"], doc["mode"], seconds,
                         summary=summary)
@@ -137,10 +207,41 @@ def artifact(run_dir: Path) -> Path:
     return run_dir / "model" if (run_dir / "model").is_dir() else run_dir / "adapter"
 
 
+def comparison(best: Mapping[str, Any], default: Mapping[str, Any], best_test: Tested,
+               default_test: Tested | None) -> dict[str, Any]:
+    """search.json's ``comparison``: the best trial against the untuned default on the test split, by
+    McNemar's exact test (:func:`stats.paired`; both saw the same examples in the same order).
+
+    ``{"split": "test", "method", "n", "best_accuracy", "default_accuracy", "best_only", "default_only",
+    "p_value", "chi2", "alpha", "beyond_chance", "verdict"}``: ``best_only`` (McNemar's b) counts the examples
+    only the best got right, ``default_only`` (c) those only the default did; ``beyond_chance`` is
+    ``p_value < alpha``; ``verdict`` says it in words. Where the default is the best trial, or has no
+    adapter to test, only ``verdict`` (and ``same_trial``) say so.
+    """
+    who = f"best trial {best['trial']}"
+    if best["trial"] == default["trial"]:
+        return {"same_trial": True, "verdict": f"{who} is the untuned default itself: nothing to compare"}
+    if default_test is None:
+        return {"same_trial": False, "verdict": f"{who}: the untuned default (trial {default['trial']}, "
+                f"{str(default['status']).replace('_', ' ')}) left no adapter to test: no comparison on test"}
+    p = stats.paired(best_test.correct, default_test.correct)
+    ours, theirs, pv = p["first_accuracy"], p["second_accuracy"], p["p_value"]
+    beyond = pv < ALPHA
+    words = (("better than" if ours > theirs else "worse than") + " the default beyond chance" if beyond
+             else "not beyond chance")
+    verdict = (f"{who}: test accuracy {ours:.3f} vs untuned default {theirs:.3f} ({100 * (ours - theirs):+.1f} "
+               f"points); McNemar {stats.p_text(pv)}: {words} on {p['n']} test examples")
+    return {"same_trial": False, "split": "test", "method": "McNemar exact (two-sided binomial on the discordant "
+            "examples)", "n": p["n"], "best_accuracy": ours, "default_accuracy": theirs,
+            "best_only": p["first_only"], "default_only": p["second_only"], "p_value": pv, "chi2": p["chi2"],
+            "alpha": ALPHA, "beyond_chance": beyond, "verdict": verdict}
+
+
 def _brief(trial: dict[str, Any], test: dict[str, float] | None, run_dir: Path) -> dict[str, Any]:
-    """A trial as search.json lists it: config, best-epoch validation metrics, test metrics, run directory."""
+    """A trial as search.json lists it: config, best-epoch validation metrics (not its confusion matrix: that
+    stays in the trial's metrics.jsonl, and its intervals are in trials.csv), test metrics, run directory."""
     return {"trial": trial["trial"], "status": trial["status"], "config": trial["config"],
-            "validation": {k: v for k, v in trial["best"].items() if k not in ("epoch", "step")} or None,
+            "validation": {k: v for k, v in trial["best"].items() if k not in ("epoch", "step", "confusion")} or None,
             "best_epoch": trial["best"].get("epoch"), "test": test, "run_dir": str(run_dir)}
 
 
@@ -156,9 +257,11 @@ def load_result(out: Path, doc: Mapping[str, Any]) -> SearchResult:
 
 def new_search(config: TrainConfig | None, options: dict[str, Any], space: dict[str, Any] | None, samples: int,
                 max_epochs: int, cpus_per_trial: int, max_concurrent: int | None, search_alg: str, metric: str,
-                mode: str, max_failures: int, address: str | None, storage: Any) -> dict[str, Any]:
+                mode: str, max_failures: int, address: str | None, storage: Any,
+                rungs_per_epoch: int | None = None) -> dict[str, Any]:
     """Check the search's own options; the document saved as search.yaml (all a resume needs)."""
-    for name, value, lo in (("samples", samples, 1), ("max_epochs", max_epochs, 1),
+    rungs_per_epoch = RUNGS_PER_EPOCH if rungs_per_epoch is None else rungs_per_epoch
+    for name, value, lo in (("samples", samples, 1), ("max_epochs", max_epochs, 1), ("rungs_per_epoch", rungs_per_epoch, 1),
                             ("cpus_per_trial", cpus_per_trial, 1), ("max_failures", max_failures, 0),
                             ("max_concurrent", max_concurrent, 1)):
         if value is None and name == "max_concurrent":
@@ -173,6 +276,8 @@ def new_search(config: TrainConfig | None, options: dict[str, Any], space: dict[
         raise InputError("--search-alg optuna: optuna is not installed (pip install 'loratune[optuna]')")
     if "epochs" in options:
         raise InputError("--epochs: every trial trains --max-epochs epochs (ASHA's budget); set --max-epochs")
+    if "evals_per_epoch" in options:
+        raise InputError("--evals-per-epoch: a trial's validation passes are ASHA's rungs; set --rungs-per-epoch")
     base = config.replace(**options) if config is not None else TrainConfig.from_dict(options)
     if base.threads not in (None, cpus_per_trial):
         raise InputError(f"--threads: a trial's torch threads equal its CPUs; set --cpus-per-trial {base.threads}")
@@ -184,6 +289,7 @@ def new_search(config: TrainConfig | None, options: dict[str, Any], space: dict[
     if storage is not None and Path(storage).expanduser().resolve() == Path.home().resolve():
         raise InputError(f"--storage: {storage} is the home directory; give a folder for the search's results")
     return {"options": base.to_dict(), "search": raw, "samples": samples, "max_epochs": max_epochs,
+            "rungs_per_epoch": rungs_per_epoch,
             "cpus_per_trial": cpus_per_trial, "max_concurrent": max_concurrent, "search_alg": search_alg,
             "metric": metric, "mode": mode, "max_failures": max_failures, "address": address,
             "storage": str(Path(storage).expanduser().resolve()) if storage is not None else None}

@@ -60,7 +60,10 @@ from loratune.training.state import Optim, TrainState
 
 log = logging.getLogger(__name__)
 Progress = Callable[[dict[str, Any]], None]
-OnEpoch = Callable[[int, dict[str, float], Path], None]
+OnEpoch = Callable[[float, dict[str, float], Path], None]
+COLLAPSE_SHARE = 0.9
+"""A classifier is collapsed when at least this share of its validation predictions is one class and its
+validation loss is at or above the entropy of the training labels (what predicting their frequencies scores)."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -87,7 +90,7 @@ class RunResult:
     run_dir: Path
     validation: dict[str, float]
     test: dict[str, float] | None
-    best_epoch: int
+    best_epoch: float
     train: dict[str, Any] = field(default_factory=dict)
     already_done: bool = False
 
@@ -113,6 +116,7 @@ class Run:
     epochs: int
     base_bytes: int                                     # the base model's weights as loaded (before any bf16 cast)
     tokenizer: Any = None                               # full fine-tuning: saved with the model
+    stop_collapsed: bool = False                        # a collapsed classifier stops (a search's trials)
 
     @property
     def artifact(self) -> Path:
@@ -196,6 +200,10 @@ def setup(cfg: TrainConfig, data: Prepared, out: Path, *, device: torch.device, 
     levers.apply(model, precision)                          # after inject: the adapters took the fp32 dtype
     steps_per_epoch = math.ceil(math.ceil(len(data.train) / cfg.batch_size) / cfg.grad_accum)
     total = cfg.max_steps or steps_per_epoch * cfg.epochs
+    if cfg.evals_per_epoch > steps_per_epoch:
+        raise InputError(f"--evals-per-epoch: {cfg.evals_per_epoch} validation passes per epoch, but an epoch has "
+                         f"{steps_per_epoch} optimizer step(s) ({len(data.train)} training examples, batch "
+                         f"{cfg.batch_size} x {cfg.grad_accum}); give at most {steps_per_epoch}")
     weight = None
     if cfg.class_weights == "balanced":
         weight = class_weights(data.train.labels, len(data.label_names)).to(device)
@@ -232,14 +240,16 @@ def train(config: TrainConfig | None = None, *, out: str | Path | None = None, r
           overwrite: bool = False, progress: Progress | None = None, prepared: Prepared | None = None,
           resume_from: str | Path | None = None, on_epoch: OnEpoch | None = None, evaluate_test: bool = True,
           levers: Levers = Levers(), claim: bool = True, on_done: Callable[[RunResult], None] | None = None,
-          **options: Any) -> RunResult:
+          stop_collapsed: bool = False, **options: Any) -> RunResult:
     """Train one LoRA adapter; the run directory gets the contract's files.
 
     ``options`` override fields of ``config`` (``train(rank=4)``). With ``resume`` the run in ``out``
     continues from its newest checkpoint with the options it was started with. ``prepared`` is the
     tokenized data (a search prepares it once for all trials). ``resume_from`` names
     a checkpoint file to continue from (a search's trial). ``on_epoch(epoch, val_metrics, ckpt)`` is
-    called after each epoch's checkpoint (the search reports through it). ``levers``: the speed levers
+    called after each validation pass's checkpoint (the search reports through it; ``epoch`` is a decimal for a
+    pass inside an epoch, ``--evals-per-epoch``). ``stop_collapsed``: a classifier found collapsed
+    (:func:`collapsed`) at a validation pass after the warm-up stops there (a search's trials). ``levers``: the speed levers
     (cost, not results; bench/ switches them off). Raises :class:`Diverged` when a training or validation
     loss is not finite (see :func:`optimizer_step`, :func:`end_epoch`).
 
@@ -267,6 +277,7 @@ def train(config: TrainConfig | None = None, *, out: str | Path | None = None, r
         device = runtime.resolve_device(cfg.device)
         run = setup(cfg, prepared or prepare_data(cfg), out, device=device, threads=runtime.set_threads(cfg.threads),
                     precision=runtime.resolve_precision(cfg.precision, device), levers=levers, emit=emit)
+        run.stop_collapsed = stop_collapsed
         if claim and not resume:
             held.enter_context(lock.hold(out, flag="--out"))
             rundir.check_out(out, resume=False, overwrite=overwrite)     # again, now that no one else can write
@@ -319,20 +330,39 @@ def fit(run: Run, optim: Optim, state: TrainState, stop: threading.Event, *, res
         while state.epoch < run.epochs and not state.stopped_early:
             run.model.train()
             order = _epoch_batches(run, state.epoch)
-            while state.next_batch < len(order) and state.step < run.total:
+            ends = rung_ends(len(order), cfg.grad_accum, cfg.evals_per_epoch)
+            while state.next_batch < len(order) and state.step < run.total and not state.stopped_early:
                 group = order[state.next_batch:state.next_batch + cfg.grad_accum]  # one step's micro-batches
                 loss = optimizer_step(run, optim, state, group)
                 _log_step(run, optim, state, logs, loss)
                 if stop.is_set():                                       # Ctrl-C, SIGTERM: save, then stop
                     path = checkpoint(run, optim, state, logs)
                     raise Interrupted(f"interrupted at step {state.step}; checkpoint {path}")
-                if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0 and state.next_batch < len(order):
-                    checkpoint(run, optim, state, logs)                  # mid-epoch; an epoch's end has its own
-            val = end_epoch(run, optim, state, logs)
-            path = checkpoint(run, optim, state, logs)
-            if on_epoch is not None:
-                on_epoch(state.epoch, val, path)
+                inside = state.next_batch < len(order) and state.step < run.total   # an epoch's end has its own
+                if inside and state.rung < len(ends) and state.next_batch >= ends[state.rung]:
+                    _validate(run, optim, state, logs, on_epoch, epoch_end=False)  # a pass inside the epoch
+                    run.model.train()
+                elif inside and cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
+                    checkpoint(run, optim, state, logs)
+            if not state.stopped_early:                 # early stopping (or a collapse) inside the epoch: done
+                _validate(run, optim, state, logs, on_epoch, epoch_end=True)
     return finish(run, optim, state, evaluate_test)
+
+
+def rung_ends(batches: int, grad_accum: int, evals: int) -> list[int]:
+    """Where the validation passes inside an epoch come: after the first ``ceil(k · S / evals)`` of its S
+    optimizer steps, k = 1 … evals − 1, as batch indices (the epoch's end has its own pass)."""
+    steps = math.ceil(batches / grad_accum)
+    return [min(batches, math.ceil(k * steps / evals) * grad_accum) for k in range(1, evals)]
+
+
+def _validate(run: Run, optim: Optim, state: TrainState, logs: _Logs, on_epoch: OnEpoch | None, *,
+              epoch_end: bool) -> None:
+    """A validation pass (:func:`end_epoch`), then its checkpoint, then ``on_epoch``."""
+    val = end_epoch(run, optim, state, logs, epoch_end=epoch_end)
+    path = checkpoint(run, optim, state, logs)
+    if on_epoch is not None:
+        on_epoch(state.progress(run.cfg.evals_per_epoch), val, path)
 
 
 def _epoch_batches(run: Run, epoch: int) -> list[np.ndarray]:
@@ -412,9 +442,10 @@ def _causal_step(run: Run, optim: Optim, state: TrainState, group: list[np.ndarr
     return loss_sum / max(1, n)
 
 
-def end_epoch(run: Run, optim: Optim, state: TrainState, logs: _Logs) -> dict[str, float]:
+def end_epoch(run: Run, optim: Optim, state: TrainState, logs: _Logs, *, epoch_end: bool = True) -> dict[str, float]:
     """Evaluate on the validation split, keep the epoch if it is the best so far, log it, decide early stopping;
-    returns the validation metrics.
+    returns the validation metrics. ``epoch_end`` False: a pass inside the epoch (``--evals-per-epoch``), logged
+    with the epoch as a decimal (1.25: one of four passes into the second epoch); it counts like an epoch below.
 
     The best epoch is :func:`rundir.is_better`'s: a finite loss below the best so far (the earlier epoch on a
     tie). A new best saves the adapter and a copy of the trainable tensors; any other epoch counts towards
@@ -422,27 +453,63 @@ def end_epoch(run: Run, optim: Optim, state: TrainState, logs: _Logs) -> dict[st
     diverged, and :class:`Diverged` is raised right after that evaluation is logged (metrics.jsonl shows the
     loss as null), before a checkpoint or ``on_epoch`` sees the epoch.
     """
-    val = evaluate_split(run, run.data.validation)
+    val, confusion = _evaluate_validation(run)
     runtime.release_memory()                                # the epoch's activations, freed, back to the OS
-    state.epoch += 1
-    state.next_batch = 0
+    if epoch_end:
+        state.epoch, state.next_batch, state.rung = state.epoch + 1, 0, 0
+    else:
+        state.rung += 1
+    at = state.progress(run.cfg.evals_per_epoch)
     improved = rundir.is_better(val["loss"], state.best)
     if improved:
-        state.best, state.best_epoch, state.bad_epochs = val["loss"], state.epoch, 0
+        state.best, state.best_epoch, state.bad_epochs = val["loss"], at, 0
         state.best_state = {n: p.detach().cpu().clone() for n, p in optim.params.items()}
         save_artifact(run)
     else:
         state.bad_epochs += 1
-    state.history.append({"epoch": state.epoch, "step": state.step, **val})
-    logs.record({"type": "eval", "split": "validation", "epoch": state.epoch, "step": state.step, **val})
+    extra = {"confusion": confusion} if confusion is not None else {}
+    state.history.append({"epoch": at, "step": state.step, **val, **extra})
+    logs.record({"type": "eval", "split": "validation", "epoch": at, "step": state.step, **val, **extra})
     for k, v in val.items():
         logs.tb.add_scalar(f"validation/{k}", v, state.step)
-    run.emit({"kind": "eval", "epoch": state.epoch, "epochs": run.epochs, "step": state.step, "metrics": val,
+    run.emit({"kind": "eval", "epoch": at, "epochs": run.epochs, "step": state.step, "metrics": val,
               "best": improved})
     if not math.isfinite(val["loss"]):
         raise Diverged(state.step, val["loss"], "validation loss")
     state.stopped_early = bool(run.cfg.early_stop and state.bad_epochs >= run.cfg.early_stop)
+    if run.stop_collapsed and confusion is not None and state.step >= math.ceil(run.cfg.warmup * run.total) \
+            and collapsed(confusion, val["loss"], run.data.train.labels):
+        state.stopped_early = state.collapsed = True
+        run.emit({"kind": "collapsed", "epoch": at, "step": state.step, "metrics": val})
+        log.warning("stopped at epoch %s: collapsed (%.0f%% of the validation predictions are one class, validation "
+                    "loss %.4f is no better than predicting the class frequencies)", at,
+                    100 * max(np.asarray(confusion).sum(axis=0)) / max(1, np.asarray(confusion).sum()), val["loss"])
     return val
+
+
+def _evaluate_validation(run: Run) -> tuple[dict[str, float], list[list[int]] | None]:
+    """The validation split's metrics and, for a classifier, its confusion matrix (rows: true class, columns:
+    predicted), which metrics.jsonl keeps with each pass (a search's intervals are drawn from it)."""
+    split = run.data.validation
+    if isinstance(split, CausalSplit):
+        return evaluate_split(run, split), None
+    metrics, probs = evaluate(run.model, split, run.device, run.precision, run.data.pad_id)
+    c = len(run.data.label_names)
+    cells = np.bincount(split.labels.astype(np.int64) * c + probs.argmax(axis=1), minlength=c * c)
+    return metrics, cells.reshape(c, c).tolist()
+
+
+def collapsed(confusion: Any, loss: float, train_labels: np.ndarray) -> bool:
+    """A collapsed classifier: at least :data:`COLLAPSE_SHARE` of the predictions are one class (the confusion
+    matrix's largest column) and the loss (nats) is at or above the entropy of the training labels'
+    distribution, which a model that ignores its input reaches by predicting the class frequencies."""
+    cells = np.asarray(confusion, dtype=np.float64)
+    n = cells.sum()
+    if n <= 0 or not math.isfinite(loss):
+        return False
+    freq = np.bincount(np.asarray(train_labels, dtype=np.int64), minlength=cells.shape[0]) / max(1, len(train_labels))
+    entropy = float(-sum(p * math.log(p) for p in freq if p > 0))
+    return cells.sum(axis=0).max() / n >= COLLAPSE_SHARE and loss >= entropy
 
 
 def evaluate_split(run: Run, split: Encoded | CausalSplit) -> dict[str, float]:
@@ -498,7 +565,7 @@ def finish(run: Run, optim: Optim, state: TrainState, evaluate_test: bool) -> Ru
     with torch.no_grad():
         for n, t in state.best_state.items():
             optim.params[n].copy_(t)
-    best_val = {k: v for k, v in best.items() if k not in ("epoch", "step")}
+    best_val = {k: v for k, v in best.items() if k not in ("epoch", "step", "confusion")}
     test = None
     if evaluate_test:
         test = evaluate_split(run, run.data.test)
@@ -516,8 +583,8 @@ def _train_stats(run: Run, state: TrainState) -> dict[str, Any]:
     seconds = max(state.seconds, 1e-9)
     trainable, total_params = count_parameters(run.model)
     return {"tokens_per_s": state.tokens / seconds, "samples_per_s": state.samples / seconds,
-            "seconds": state.seconds, "steps": state.step, "epochs_run": state.epoch,
-            "stopped_early": state.stopped_early, "precision": run.precision, "threads": run.threads,
+            "seconds": state.seconds, "steps": state.step, "epochs_run": state.progress(run.cfg.evals_per_epoch),
+            "stopped_early": state.stopped_early, **({"collapsed": True} if state.collapsed else {}), "precision": run.precision, "threads": run.threads,
             "trainable_params": trainable, "all_params": total_params, "adapter_bytes": artifact_bytes(run.artifact),
             "model_bytes": run.base_bytes,
             "padding_fraction": padding_fraction(run.data.train.lengths, _epoch_batches(run, 0)),

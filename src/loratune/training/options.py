@@ -358,8 +358,11 @@ class TrainConfig:
     grad_accum: int = option(1, "int", "forward passes per optimizer step", ge=1, metavar="N")
     clip: float | None = option(1.0, "float", "gradient-norm clipping (0: off)", ge=0, optional=True,
                                 parse=_zero_is_off, unset="off", metavar="NORM")
-    early_stop: int | None = option(None, "int", "stop after this many epochs without a better validation loss",
-                                    ge=1, optional=True, unset="off", metavar="EPOCHS")
+    early_stop: int | None = option(None, "int", "stop after this many validation passes without a better "
+                                    "validation loss (epochs, with one pass per epoch)", ge=1, optional=True,
+                                    unset="off", metavar="EVALS")
+    evals_per_epoch: int = option(1, "int", "validation passes per epoch, each after 1/N of its optimizer steps (a "
+                                  "search's ASHA rungs: --rungs-per-epoch)", ge=1, metavar="N")
     class_weights: str = option("none", "str", "loss weights: none, or balanced (inversely proportional to class "
                                 "frequency)", choices=CLASS_WEIGHTS)
     precision: str = option("auto", "str", "auto (bf16 where native, fp16 on GPUs without bf16, else fp32), fp32, "

@@ -190,7 +190,8 @@ def evaluations(run: Path) -> list[dict[str, Any]]:
     """Per-epoch validation metrics from ``metrics.jsonl``, in order: ``{"epoch", "step", "loss", "accuracy",
     ...}`` (the trainer's ``history`` entries); a loss that was NaN or infinite reads as None (JSON has neither)."""
     return [{k: v for k, v in x.items() if k not in ("type", "split")} for x in read_metrics(run)
-            if x.get("type") == "eval" and isinstance(x.get("epoch"), int)]
+            if x.get("type") == "eval" and isinstance(x.get("epoch"), (int, float))
+            and not isinstance(x.get("epoch"), bool)]
 
 
 def train_losses(run: Path) -> list[tuple[int, float]]:

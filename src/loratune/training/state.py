@@ -78,14 +78,18 @@ class TrainState:
     """Epochs finished (evaluated)."""
     next_batch: int = 0
     """The next batch of the current epoch's order (0 at an epoch's start)."""
+    rung: int = 0
+    """Validation passes done inside the current epoch (``--evals-per-epoch`` above 1; 0 at an epoch's start)."""
     best: float | None = None
     """The best (lowest finite) validation loss so far; None: no epoch evaluated yet."""
-    best_epoch: int = 0
-    """The epoch (1-based) of ``best``; 0: none yet."""
+    best_epoch: float = 0
+    """The epoch (1-based) of ``best``, a decimal when it was a pass inside an epoch (1.25); 0: none yet."""
     bad_epochs: int = 0
-    """Epochs in a row without a new best (early stopping counts these)."""
+    """Validation passes in a row without a new best (early stopping counts these)."""
     stopped_early: bool = False
     """Early stopping fired: no more epochs, even after a resume."""
+    collapsed: bool = False
+    """The classifier collapsed (loop.collapsed) and the run stopped for it (``stopped_early`` is set too)."""
     best_state: dict[str, torch.Tensor] = field(default_factory=dict)
     """The trainable tensors of the best epoch (CPU copies); the run ends on them."""
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -100,6 +104,13 @@ class TrainState:
     """The length of metrics.jsonl when this state was checkpointed: a resume cuts off lines logged later."""
     baseline: dict[str, dict[str, float]] | None = None
     """Causal LM: the base model's metrics per split before the first step (None: not evaluated yet)."""
+
+    def progress(self, evals_per_epoch: int) -> float | int:
+        """Epochs done, with the passes inside the current one as a fraction: 1, or 1.25 (one of four); the
+        ``epoch`` of evaluation records, rounded to 4 digits."""
+        if not self.rung:
+            return self.epoch
+        return round(self.epoch + self.rung / evals_per_epoch, 4)
 
     def to_checkpoint(self, optim: Optim) -> dict[str, Any]:
         """This state, ``optim``'s tensors and states and the torch RNG as one dict of plain containers and
