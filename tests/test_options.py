@@ -28,7 +28,8 @@ CONTRACT_DEFAULTS = {
     "layers": None, "rank": 8, "alpha": 16.0, "dropout": 0.1, "bias": "none", "init": "kaiming", "variant": "lora",
     "rank_pattern": {}, "alpha_pattern": {}, "loraplus_ratio": None, "rslora": False,
     "modules_to_save": "auto", "lr": 5e-4, "weight_decay": 0.01, "warmup": 0.06, "epochs": 3, "max_steps": None, "batch_size": 16,
-    "grad_accum": 1, "clip": 1.0, "early_stop": None, "class_weights": "none", "precision": "auto",
+    "grad_accum": 1, "clip": 1.0, "early_stop": None, "evals_per_epoch": 1, "class_weights": "none",
+    "precision": "auto",
     "device": "auto", "seed": 0, "log_every": 20, "bucket": True, "checkpoint_every": None, "threads": None,
 }
 
