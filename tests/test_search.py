@@ -405,16 +405,16 @@ def test_intervals_and_the_comparison_on_test(tmp_path) -> None:
 def test_collapsed_trials_stop_at_their_first_pass_after_warm_up_and_are_never_chosen(tmp_path,
                                                                                       tiny_model_dir) -> None:
     """Every text the same, labels half and half: no model can tell the rows apart, so each trial predicts one class
-    with a validation loss >= ln 2 (the labels' entropy). Warm-up is 6% of 80 steps (5), so each sampled trial is
+    with a validation loss >= ln 2 (the labels' entropy). Warm-up is 6% of 40 steps (3), so each sampled trial is
     stopped as ``collapsed`` at its first pass, step 10 (epoch 0.25 of 4 rungs an epoch). The untuned default is
     neither collapse-checked nor stopped by ASHA (the reference the search is judged against trains its whole
     schedule), so it completes and, the only trial left, is chosen."""
     from loratune.search.trials import choose_best
 
     data = write_csv(tmp_path / "same.csv", [("the same words", "pos" if i % 2 else "neg") for i in range(400)])
-    r = tune(space={"lr": {"loguniform": [1e-3, 1e-2]}}, samples=3, max_epochs=2, out=tmp_path / "s",
+    r = tune(space={"lr": {"loguniform": [1e-3, 1e-2]}}, samples=3, max_epochs=1, out=tmp_path / "s",
              model=tiny_model_dir, data=data, rank=4, **FIXED)
-    assert [(t["status"], t["epochs_run"]) for t in r.rows] == [("completed", 2), ("collapsed", 0.25),
+    assert [(t["status"], t["epochs_run"]) for t in r.rows] == [("completed", 1), ("collapsed", 0.25),
                                                                  ("collapsed", 0.25)]
     assert r.best["trial"] == r.rows[0]["trial"]
     assert json.loads((tmp_path / "s" / "search.json").read_text())["statuses"] == {"completed": 1, "collapsed": 2}
