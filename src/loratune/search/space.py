@@ -60,7 +60,8 @@ def _shipped(name: str) -> dict[str, Any]:
 DEFAULT_SPACE: dict[str, Any] = _shipped("default")
 """loratune's space (spaces/default.yaml): lr 2e-4–2e-3 log-uniform, rank 4/8/16, alpha 8/16/32, targets q,v or
 all four attention projections, dropout 0–0.2, the pooler trained in full or not; the untuned default (lr 5e-4, r 8,
-α 16, q,v, dropout 0.1, head only) lies inside it. Chosen with ``make bench-quality`` (BENCHMARKS.md)."""
+α 16, q,v, dropout 0.1, head only) lies inside it. Measured with ``make bench-quality`` (BENCHMARKS.md): its
+chosen adapter is not yet better than the default on test."""
 SEED_SPACE: dict[str, Any] = _shipped("seed")
 """The seed project's space (``--space seed``): lr 1e-4–0.1, r, target modules, dropout; alpha tied to r."""
 RUNGS_PER_EPOCH = 4
