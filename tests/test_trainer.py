@@ -385,6 +385,24 @@ def test_resume_after_the_early_stop_checkpoint_trains_no_more(tmp_path, tiny_mo
     assert (again.best_epoch, again.train, again.validation) == (r.best_epoch, r.train, r.validation)
 
 
+def _killed_in_an_evaluation_then_resumed(monkeypatch, run: Path, opts: dict, kill):
+    """Train in ``run``, raising KeyboardInterrupt (the kill) inside the n-th validation pass (1-based) at ``step``
+    where ``kill(step, n)`` holds, before that pass's checkpoint; then ``--resume`` it and return the result."""
+    real_end, calls = trainer.end_epoch, []
+
+    def killed(r, optim, state, logs, **kw):
+        calls.append(state.step)
+        if kill(state.step, len(calls)):
+            raise KeyboardInterrupt
+        return real_end(r, optim, state, logs, **kw)
+
+    monkeypatch.setattr(trainer, "end_epoch", killed)
+    with pytest.raises(KeyboardInterrupt):
+        loratune.train(out=run, **opts)
+    monkeypatch.setattr(trainer, "end_epoch", real_end)
+    return loratune.train(out=run, resume=True)
+
+
 @pytest.mark.parametrize("epochs", [1, 2])
 def test_resume_from_a_checkpoint_at_the_last_step_still_evaluates_it(tmp_path, tiny_model_dir, tiny_data,
                                                                       monkeypatch, epochs) -> None:
@@ -394,19 +412,9 @@ def test_resume_from_a_checkpoint_at_the_last_step_still_evaluates_it(tmp_path, 
     steps = 40 * (epochs - 1) + 10                                  # 40 steps an epoch: the last one ends mid-way
     opts = _opts(tiny_model_dir, tiny_data, epochs=epochs, max_steps=steps, checkpoint_every=5)
     ref = loratune.train(out=tmp_path / "ref", **opts)
-    real_end, calls = trainer.end_epoch, []
-
-    def killed_in_the_last_evaluation(run, optim, state, logs, **kw):
-        calls.append(state.step)
-        if state.step == steps and len(calls) == epochs:
-            raise KeyboardInterrupt                                 # the kill, before the epoch's checkpoint
-        return real_end(run, optim, state, logs, **kw)
-
-    monkeypatch.setattr(trainer, "end_epoch", killed_in_the_last_evaluation)
-    with pytest.raises(KeyboardInterrupt):
-        loratune.train(out=tmp_path / "run", **opts)
-    monkeypatch.setattr(trainer, "end_epoch", real_end)
-    again = loratune.train(out=tmp_path / "run", resume=True)
+    # the kill, in the last evaluation (before the epoch's checkpoint)
+    again = _killed_in_an_evaluation_then_resumed(monkeypatch, tmp_path / "run", opts,
+                                                  lambda step, n: step == steps and n == epochs)
     assert (again.best_epoch, again.validation, again.test) == (ref.best_epoch, ref.validation, ref.test)
     assert again.train["steps"] == ref.train["steps"] == steps
     weights = "adapter/adapter_model.safetensors"
@@ -430,19 +438,7 @@ def test_evals_per_epoch_validates_each_quarter_and_a_resume_from_a_quarter_ends
         assert np.trace(c) / 40 == pytest.approx(x["accuracy"])
     assert ref.train["epochs_run"] == 2 and ref.best_epoch in [x["epoch"] for x in evals]
     assert "confusion" not in ref.validation
-    real_end, calls = trainer.end_epoch, []
-
-    def killed_in_the_third_pass(run, optim, state, logs, **kw):
-        calls.append(state.step)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real_end(run, optim, state, logs, **kw)
-
-    monkeypatch.setattr(trainer, "end_epoch", killed_in_the_third_pass)
-    with pytest.raises(KeyboardInterrupt):
-        loratune.train(out=tmp_path / "run", **opts)
-    monkeypatch.setattr(trainer, "end_epoch", real_end)
-    again = loratune.train(out=tmp_path / "run", resume=True)
+    again = _killed_in_an_evaluation_then_resumed(monkeypatch, tmp_path / "run", opts, lambda step, n: n == 3)
     assert (again.best_epoch, again.validation, again.test) == (ref.best_epoch, ref.validation, ref.test)
     weights = "adapter/adapter_model.safetensors"
     assert (tmp_path / "run" / weights).read_bytes() == (ref.run_dir / weights).read_bytes()

@@ -39,6 +39,7 @@ import ray
 import yaml
 from ray import tune as rt
 from ray.tune import Callback
+from ray.tune.schedulers import ASHAScheduler
 
 from loratune.errors import Diverged, InputError, Interrupted
 from loratune.runtime import available_cpus, release_memory, require
@@ -300,13 +301,7 @@ def _fit(doc: dict[str, Any], space: Space, base: TrainConfig, prepared: Prepare
         _LIVE.pop("sink", None)
 
 
-def _asha() -> type:
-    from ray.tune.schedulers import ASHAScheduler
-
-    return ASHAScheduler
-
-
-class DefaultRunsOut(_asha()):  # type: ignore[misc]
+class DefaultRunsOut(ASHAScheduler):
     """ASHA, except that the untuned default trial is never stopped: its results still count in every rung (the
     others are judged against it), but it trains its whole schedule, as ``loratune train`` would, so the search's
     comparison of its best with the default (on test, search.json) is with the default a user would get."""

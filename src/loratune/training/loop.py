@@ -481,9 +481,10 @@ def end_epoch(run: Run, optim: Optim, state: TrainState, logs: _Logs, *, epoch_e
             and collapsed(confusion, val["loss"], run.data.train.labels):
         state.stopped_early = state.collapsed = True
         run.emit({"kind": "collapsed", "epoch": at, "step": state.step, "metrics": val})
+        cells = np.asarray(confusion)
         log.warning("stopped at epoch %s: collapsed (%.0f%% of the validation predictions are one class, validation "
                     "loss %.4f is no better than predicting the class frequencies)", at,
-                    100 * max(np.asarray(confusion).sum(axis=0)) / max(1, np.asarray(confusion).sum()), val["loss"])
+                    100 * cells.sum(axis=0).max() / max(1, cells.sum()), val["loss"])
     return val
 
 
