@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import threading
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 SAMPLES, MAX_EPOCHS, SEED = 8, 3, 0
+OURS_ARGS: list[str] = []          # extra ``loratune tune`` flags for our side (``--ours-args``), e.g. other rungs
 
 
 # --- the reference: the seed's Ray Tune + peft code ------------------------------------------------------------
@@ -107,7 +109,8 @@ def reference(out: Path) -> dict[str, Any]:
         accs = [r.metrics_dataframe["val_accuracy"].max() for r in grid if r.metrics_dataframe is not None]
         res = {"seconds": time.monotonic() - t0, "best_val_loss": float(row["val_loss"]),
                "best_val_accuracy": float(row["val_accuracy"]), "max_val_accuracy": float(max(accs)),
-               "best_config": {k: best.config[k] for k in ("lr", "rank", "targets", "dropout")}, "trials": len(grid)}
+               "best_config": {k: best.config[k] for k in ("lr", "rank", "targets", "dropout")}, "trials": len(grid),
+               "epochs_trained": sum(len(r.metrics_dataframe) for r in grid if r.metrics_dataframe is not None)}
     return res
 
 
@@ -116,7 +119,7 @@ def ours(out: Path) -> dict[str, Any]:
     t0 = time.monotonic()
     exe = Path(sys.executable).with_name("loratune")
     cmd = [str(exe), "tune", "--samples", str(SAMPLES), "--max-epochs", str(MAX_EPOCHS), "--seed", str(SEED),
-           "--out", str(out), "--overwrite"]
+           "--out", str(out), "--overwrite", *OURS_ARGS]
     with open(out.parent / "ours.stdout", "w", encoding="utf-8") as f:     # the table and summary a user sees
         subprocess.run(cmd, check=True, stdout=f)
     seconds = time.monotonic() - t0
@@ -126,7 +129,9 @@ def ours(out: Path) -> dict[str, Any]:
     return {"seconds": seconds, "best_val_loss": best["validation"]["loss"],
             "best_val_accuracy": best["validation"]["accuracy"],
             "max_val_accuracy": max(t["val_accuracy"] for t in trials if t.get("val_accuracy") is not None),
-            "best_config": best["config"], "trials": len(trials), "statuses": summary["statuses"]}
+            "best_config": best["config"], "trials": len(trials), "statuses": summary["statuses"],
+            "epochs_trained": sum(float(t["epochs_run"] or 0) for t in trials), "tune_args": OURS_ARGS,
+            "comparison": summary.get("comparison")}
 
 
 # --- driver: each side in a child process, peak RSS and PSS of its process tree ---------------------------------------
@@ -157,7 +162,8 @@ def measure(side: str, root: Path) -> dict[str, Any]:
     result = root / f"{side}.json"
     result.unlink(missing_ok=True)
     child = subprocess.Popen([sys.executable, "-m", "bench.search", "--side", side, "--root", str(root), "--child",
-                              "--samples", str(SAMPLES), "--max-epochs", str(MAX_EPOCHS)],
+                              "--samples", str(SAMPLES), "--max-epochs", str(MAX_EPOCHS),
+                              "--ours-args", shlex.join(OURS_ARGS)],
                              cwd=Path(__file__).resolve().parent.parent, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     peak = [0, 0]
 
@@ -182,30 +188,32 @@ def rows(res: dict[str, dict[str, Any]]) -> list[list[Any]]:
     for side, name in (("reference", "seed reference (Ray Tune + peft, fp32, cpu 2/trial)"), ("ours", "loratune tune")):
         r = res.get(side)
         if r is None or "error" in r:
-            out.append([name, "not run" if r is None else r["error"], "", "", "", "", ""])
+            out.append([name, "not run" if r is None else r["error"], "", "", "", "", "", ""])
         else:
-            out.append([name, r["seconds"], r["best_val_accuracy"], r["best_val_loss"], r["max_val_accuracy"],
-                        r["peak_rss_mib"], r.get("peak_pss_mib", "")])
+            out.append([name, r["seconds"], r.get("epochs_trained", ""), r["best_val_accuracy"], r["best_val_loss"],
+                        r["max_val_accuracy"], r["peak_rss_mib"], r.get("peak_pss_mib", "")])
     if all(s in res and "error" not in res[s] for s in ("ours", "reference")):
         out.append(["ratio (reference / ours)", res["reference"]["seconds"] / res["ours"]["seconds"], "", "", "", "",
-                    ""])
+                    "", ""])
     return out
 
 
-HEADER = ["search", "wall s", "best val acc", "best val loss", "max val acc (any trial)", "peak RSS MiB",
+HEADER = ["search", "wall s", "epochs trained", "best val acc", "best val loss", "max val acc (any trial)", "peak RSS MiB",
           "peak PSS MiB"]
 
 
 def main(argv: list[str] | None = None) -> int:
-    global SAMPLES, MAX_EPOCHS
+    global SAMPLES, MAX_EPOCHS, OURS_ARGS
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--side", choices=["ours", "reference", "both"], default="both")
     ap.add_argument("--root", default="/tmp/lt-bench-search")
     ap.add_argument("--samples", type=int, default=SAMPLES, help="trials (smoke runs: fewer)")
     ap.add_argument("--max-epochs", type=int, default=MAX_EPOCHS, help="epochs per trial (smoke runs: 1)")
+    ap.add_argument("--ours-args", default="", help="extra `loratune tune` flags for our side, e.g. "
+                    "'--rungs-per-epoch 1' (the default: none, what `make demo` runs)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
-    SAMPLES, MAX_EPOCHS = a.samples, a.max_epochs
+    SAMPLES, MAX_EPOCHS, OURS_ARGS = a.samples, a.max_epochs, shlex.split(a.ours_args)
     root = Path(a.root)
     root.mkdir(parents=True, exist_ok=True)
     if a.child:

@@ -310,7 +310,7 @@ def test_show_space_prints_the_default_a_file_and_full_fine_tuning_s(capsys, tmp
 
 
 @pytest.mark.parametrize("argv,fragment", [
-    (["--space", "nope"], "neither a shipped space (default, seed"),
+    (["--space", "nope"], "neither a shipped space (causal, default, seed"),
     (["--space", "LIST"], "holds no mapping"),
     (["--space", "BAD"], "search.rank"),
     (["--space", "seed", "--config", "CONFIG"], "the space is given twice"),

@@ -20,12 +20,16 @@ from loratune.cli.common import (
 )
 from loratune.cli.progress import Renderer
 from loratune.errors import InputError
-from loratune.search.space import RUNGS_PER_EPOCH
+from loratune.search.space import (
+    CAUSAL_METRICS,
+    CLASSIFICATION_METRICS,
+    RUNGS_PER_EPOCH,
+)
 
 # Keys of the --config YAML that belong to the search, not to training (CLI flag = key with dashes).
 SEARCH_KEYS = {"search": None, "samples": 8, "max_epochs": 3, "rungs_per_epoch": None, "cpus_per_trial": 1,
                "max_concurrent": None,
-               "search_alg": "random", "metric": "val_loss", "mode": "min", "max_failures": 2, "address": None,
+               "search_alg": "random", "metric": "val_loss", "mode": None, "max_failures": 2, "address": None,
                "storage": None}
 
 
@@ -49,9 +53,12 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     g.add_argument("--max-concurrent", type=int, metavar="K", **kw,
                    help="trials at a time (default: CPUs / CPUs per trial)")
     g.add_argument("--search-alg", choices=["random", "optuna"], help="random or optuna (TPE) (default: random)", **kw)
-    g.add_argument("--metric", metavar="M", help="validation metric that picks the best trial (default: val_loss)",
-                   **kw)
-    g.add_argument("--mode", choices=["min", "max"], help="min or max (default: min)", **kw)
+    g.add_argument("--metric", metavar="M", **kw,
+                   help=f"validation metric that picks the best trial: {', '.join(CLASSIFICATION_METRICS)} "
+                        f"(classification); {', '.join(CAUSAL_METRICS)} (causal-lm; accuracy where the completions "
+                        "are a label set) (default: val_loss)")
+    g.add_argument("--mode", choices=["min", "max"], **kw,
+                   help="min or max (default: min for val_loss and val_perplexity, max for the others)")
     g.add_argument("--max-failures", type=int, metavar="F", help="retries of a failed trial (default: 2)", **kw)
     g.add_argument("--address", metavar="A", **kw,
                    help="join a running Ray cluster (default: a local one on 127.0.0.1)")
@@ -236,8 +243,10 @@ class TrialLines:
             return f"{head} diverged (non-finite loss) after {ev.get('epoch') or 0} epochs"
         if what == "epoch":
             m = ev["metrics"]
-            return (f"{head} epoch {ev['epoch']}/{ev['epochs']}: val_loss {_num(m.get('val_loss'))} "
-                    f"val_accuracy {_num(m.get('val_accuracy'))}" + (f" [{ev['node']}]" if ev.get("node") else ""))
+            shown = (("val_loss", "val_accuracy") if "val_exact_match" not in m else     # a causal LM's: its accuracy
+                     [k for k in ("val_loss", "val_accuracy", "val_exact_match") if k in m])  # where it has one
+            return (f"{head} epoch {ev['epoch']}/{ev['epochs']}: " + " ".join(f"{k} {_num(m.get(k))}" for k in shown)
+                    + (f" [{ev['node']}]" if ev.get("node") else ""))
         status = ev.get("status", what)
         if status == "collapsed":
             status = "collapsed (one class predicted, loss no better than the label frequencies)"
@@ -296,12 +305,18 @@ def print_results(ui: Renderer, result: Any) -> None:
         if not t:
             continue
         v, test = t.get("validation") or {}, t.get("test") or {}
-        shown = dict.fromkeys([metric, "loss", "accuracy"])
+        shown = [k for k in dict.fromkeys([metric, "loss", "accuracy", "exact_match"]) if k in v] or [
+            metric, "loss", "accuracy"]
+        if "exact_match" in test:          # a causal LM's: its metric, choice accuracy where it has one, exact match
+            tested = "test " + ", ".join(f"{k} {_num(test[k])}" for k in dict.fromkeys([metric, "accuracy",
+                                                                                       "exact_match"]) if k in test)
+        else:
+            tested = f"test accuracy {_num(test.get('accuracy'))}"
         ui.line(f"{name:>15} (trial {t['trial']}): validation " + ", ".join(f"{k} {_num(v.get(k))}" for k in shown)
-                + f"; test accuracy {_num(test.get('accuracy'))}")
+                + f"; {tested}")
     verdict = (result.summary.get("comparison") or {}).get("verdict")   # search.json's, McNemar on test
-    if verdict:
-        ui.line(verdict)
+    if verdict or result.summary.get("comparison_note"):
+        ui.line(verdict or result.summary["comparison_note"])
     from loratune.report import (
         baseline as bl,  # a --method full search keeps model/, not adapter/
     )

@@ -33,12 +33,12 @@ from loratune.report.sections import (
     size_section,
     test_section,
 )
-from loratune.search.space import INTERVAL_COLUMNS
+from loratune.search.space import INTERVAL_COLUMNS, METRICS
 from loratune.search.stats import p_text
 from loratune.training import rundir
 from loratune.training.options import LORA_ONLY
 
-STANDARD = ("trial", "status", "epochs_run", "val_loss", "val_accuracy", "val_f1", *INTERVAL_COLUMNS)
+STANDARD = ("trial", "status", "epochs_run", *METRICS, *INTERVAL_COLUMNS)   # the rest of a row: searched options
 OPTION_PLOTS = ("rank", "lr", "dropout")
 
 

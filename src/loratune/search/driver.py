@@ -14,6 +14,8 @@ then runs one :func:`loratune.training.loop.train` per trial with ASHA early sto
   turns non-finite reports ``diverged=1`` without the metric (ASHA and the searchers skip it) and ends.
 - Each trial writes its own run directory ``OUT/trials/<trial id>``; the best one by the validation
   metric alone is copied to ``OUT/best`` and evaluated on the test split once.
+- A causal-LM search evaluates the base model (a run's epoch 0) once, in this process before the first trial
+  (:func:`base_model`, kept in ``OUT/base_model.json`` for a resume), and hands it to every trial.
 
 A local search keeps Ray on 127.0.0.1, in a short temp folder (Unix socket paths have 107 bytes),
 with a per-process auth token in the environment (nothing in the home directory); Ray's results go
@@ -33,7 +35,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import ray
 import yaml
@@ -43,13 +45,24 @@ from ray.tune.schedulers import ASHAScheduler
 
 from loratune.errors import Diverged, InputError, Interrupted
 from loratune.runtime import available_cpus, release_memory, require
-from loratune.search.space import METRICS, Space, check_device, validate
+from loratune.search.space import (
+    METRICS,
+    Space,
+    candidates,
+    check_device,
+    check_metric,
+    task_metrics,
+    validate,
+)
 from loratune.search.trials import (
+    BASE_MODEL,
     SearchResult,
     Tested,
+    baseline_for,
     finish,
     load_result,
     new_search,
+    read_base_model,
     read_search_yaml,
     status_of,
     trial_record,
@@ -69,7 +82,7 @@ _LIVE: dict[str, Any] = {}            # the running search's progress sink and v
 
 def tune(config: TrainConfig | None = None, *, space: dict[str, Any] | None = None, samples: int = 8,
          max_epochs: int = 3, rungs_per_epoch: int | None = None, cpus_per_trial: int = 1, max_concurrent: int | None = None, search_alg: str = "random",
-         metric: str = "val_loss", mode: str = "min", max_failures: int = 2, address: str | None = None,
+         metric: str = "val_loss", mode: str | None = None, max_failures: int = 2, address: str | None = None,
          storage: str | os.PathLike | None = None, out: str | os.PathLike | None = None,
          resume: str | os.PathLike | None = None, overwrite: bool = False, progress: Progress | None = None,
          on_done: Callable[[SearchResult], None] | None = None, **options: Any) -> SearchResult:
@@ -80,6 +93,9 @@ def tune(config: TrainConfig | None = None, *, space: dict[str, Any] | None = No
     is ``max_epochs`` long; ASHA (grace one rung, reduction 2) may stop it earlier on ``metric``/``mode`` at any
     of its ``rungs_per_epoch`` validation passes an epoch (default :data:`RUNGS_PER_EPOCH`; 1: once an epoch). A
     classification trial found collapsed (training/loop.collapsed) at a pass after its warm-up stops there.
+    ``metric`` must be one the task's trials report (:func:`loratune.search.space.task_metrics`: a causal LM's
+    ``val_loss``, ``val_perplexity``, ``val_exact_match``, and ``val_accuracy`` where its data is a label set);
+    ``mode`` None is the metric's own (min for a loss, max for a score).
     ``resume=DIR`` continues the search in DIR with the options it was started with. The search holds
     its directory's lock (training/lock.py) from its first write to the end of ``on_done(result)``.
     """
@@ -103,11 +119,10 @@ def tune(config: TrainConfig | None = None, *, space: dict[str, Any] | None = No
             storage_dir = Path(doc["storage"]) if doc["storage"] else out.resolve()
             doc["experiment"] = str(storage_dir / ("ray" if not doc["storage"] else f"{out.name}-{secrets.token_hex(3)}"))
         base = TrainConfig.from_stored(doc["options"])
-        if base.task == "causal-lm":
-            raise InputError(f"tune: this search's task is causal-lm (--data {base.data}, --model {base.model}); a "
-                             "search over causal-LM training is not built yet: train one adapter with `loratune train`")
         parsed = validate(doc["search"], base, search_alg=doc["search_alg"], load_model=resume is None)
         prepared = prepare_data(base)
+        check_metric(doc["metric"], base.task, bool(prepared.label_names))
+        metrics = task_metrics(base.task, bool(prepared.label_names)) if prepared.task == "causal-lm" else None
         if resume is None:
             held.enter_context(lock.hold(out, flag="--out"))
             rundir.check_out(out, resume=False, overwrite=overwrite)        # again, now that no one else can write
@@ -118,11 +133,11 @@ def tune(config: TrainConfig | None = None, *, space: dict[str, Any] | None = No
               "rungs_per_epoch": rungs_of(doc)})
         with _ray_session(address, out / "ray.log") as cluster:
             grid = _fit(doc, parsed, base, prepared, out, cluster, emit, resume is not None)
-        trials = trial_records(grid, _LIVE.pop("view", None), parsed, base, out)
+        trials = trial_records(grid, _LIVE.pop("view", None), parsed, base, out, metrics)
         if any(t["status"] is None for t in trials) or len(trials) < _trial_total(parsed, doc):
             raise Interrupted(f"search interrupted; its state is saved in {out}")
         return _done(finish(out, doc, parsed, trials, time.monotonic() - t0,
-                            lambda adapter: test_metrics(adapter, prepared, base), emit), on_done)
+                            lambda adapter: test_metrics(adapter, prepared, base), emit, metrics), on_done)
 
 
 def rungs_of(doc: dict[str, Any]) -> int:
@@ -137,8 +152,9 @@ def _done(result: SearchResult, on_done: Callable[[SearchResult], None] | None) 
 
 
 def trial_records(results: Iterable[Any], view: LiveView | None, space: Space, base: TrainConfig,
-                  out: Path) -> list[dict[str, Any]]:
-    """One record per Ray result, the untuned trial first, then in creation order.
+                  out: Path, metrics: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """One record per Ray result, the untuned trial first, then in creation order (``metrics``: a causal-LM
+    search's columns, :func:`loratune.search.trials.trial_record`).
 
     A trial whose worker died before it reported anything has no config in Ray's result (``Result.config``
     is None: Ray keeps the config in the metrics); the config the callback saw when the trial started or
@@ -155,8 +171,8 @@ def trial_records(results: Iterable[Any], view: LiveView | None, space: Space, b
     results = sorted(results, key=lambda r: (order.get(tid(r), 1 << 30), tid(r)))
     default = space.default_point(base)                   # the untuned trial; a duplicate of it would be equal
     results.sort(key=lambda r: not is_default(config(r), default, space.keys))
-    return [trial_record(space, tid(r), "failed" if r.error else ended.get(tid(r)), config(r), out / "trials" / tid(r))
-            for r in results]
+    return [trial_record(space, tid(r), "failed" if r.error else ended.get(tid(r)), config(r), out / "trials" / tid(r),
+                         metrics) for r in results]
 
 
 def _trial_total(space: Space, doc: dict[str, Any]) -> int:
@@ -266,6 +282,8 @@ def _fit(doc: dict[str, Any], space: Space, base: TrainConfig, prepared: Prepare
     setup = {"options": {**base.to_dict(), "epochs": doc["max_epochs"], "threads": cpus, "evals_per_epoch": rungs,
                          "device": "cuda" if use_gpu else "cpu"},
              "trials_dir": str((out / "trials").resolve()), "space": space, "default": space.default_point(base)}
+    if prepared.task == "causal-lm":
+        setup["base_model"] = base_model(TrainConfig.from_stored(setup["options"]), space, prepared, out, emit)
     trainable = rt.with_resources(rt.with_parameters(_trial, prepared=prepared, setup=setup), resources)
     default = setup["default"]
     if doc["search_alg"] == "optuna":
@@ -468,7 +486,8 @@ def _trial(config: dict[str, Any], prepared: Prepared, setup: dict[str, Any]) ->
         try:
             train(cfg, out=out, overwrite=resume_from is None, prepared=prepared, resume_from=resume_from,
                   on_epoch=on_epoch, evaluate_test=False, progress=on_event, claim=False,   # the search holds its folder
-                  stop_collapsed=not is_default(config, setup["default"], setup["space"].keys))
+                  stop_collapsed=not is_default(config, setup["default"], setup["space"].keys),
+                  baseline=baseline_for(setup.get("base_model"), setup["space"].resolve(config), setup["options"]))
         except Diverged as e:                    # no metric in this report: ASHA and the searcher skip it
             rt.report({"diverged": 1, "epoch": state["epoch"], "epochs_planned": state["planned"],
                        "diverged_step": e.step, "node_ip": node})
@@ -479,9 +498,72 @@ def _trial(config: dict[str, Any], prepared: Prepared, setup: dict[str, Any]) ->
 def test_metrics(adapter: Path, prepared: Prepared, base: TrainConfig) -> Tested:
     """The adapter's metrics on the prepared test split (the very split and tokens the trials had), and which
     examples it got right (the arg-max of its probabilities against the labels, in the split's order: what
-    McNemar's test pairs between the best and the untuned default)."""
-    from loratune.infer.inference import run_split
+    McNemar's test pairs between the best and the untuned default). A causal LM is scored as training scores
+    it (tasks/causal_eval.score_causal): right or wrong by choice scoring, None without a label set."""
+    from loratune.infer.inference import load, run_split
+    from loratune.runtime import resolve_precision, set_threads
+    from loratune.tasks.causal_eval import CausalSplit, score_causal
 
+    if isinstance(prepared.test, CausalSplit):
+        set_threads(None)                                 # as run_split: the driver's CPUs, Ray is gone
+        loaded = load(adapter, device=base.device)
+        dev = next(loaded.model.parameters()).device
+        scores = score_causal(loaded.model, loaded.tokenizer, prepared.test, dev,
+                              resolve_precision(base.precision, dev), prepared.pad_id)
+        return Tested(scores.metrics, scores.correct)
     split = run_split(adapter, split="test", encoded=prepared.test, precision=base.precision,
                       device=base.device)
     return Tested(split.metrics, split.probs.argmax(axis=1) == split.labels)
+
+
+def base_model(cfg: TrainConfig, space: Space, prepared: Prepared, out: Path, emit: Progress) -> dict[str, Any] | None:
+    """A causal-LM search's epoch 0: the base model on validation and test, evaluated here once for all trials
+    (each would otherwise load and evaluate it again, generations included, before its first step), on the
+    trials' device and threads, at each ``--precision`` a trial may have (:func:`base_model_metrics`). Kept in
+    ``OUT/base_model.json``, so a resumed search reuses it; None where this process cannot use the trials'
+    device (a GPU cluster joined from a machine without one): each trial then evaluates it itself."""
+    import torch
+
+    saved = read_base_model(out, cfg.device)
+    precisions = sorted({str(p) for p in candidates(space, "precision", cfg)})
+    if saved is not None and set(precisions) <= set(saved["by_precision"]):
+        return saved
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        log.info("the trials run on CUDA and this process has none: each trial evaluates the base model itself")
+        return None
+    emit({"kind": "message", "text": "evaluating the base model on validation and test (once, for every trial)"})
+    doc = {"device": cfg.device, "threads": cfg.threads,
+           "by_precision": base_model_metrics(cfg, prepared, precisions)}
+    rundir.write_json(out / BASE_MODEL, doc)
+    return read_base_model(out, cfg.device)               # as a resume reads it: NaN where JSON has null
+
+
+def base_model_metrics(cfg: TrainConfig, prepared: Prepared,
+                       precisions: Iterable[str]) -> dict[str, dict[str, dict[str, float]]]:
+    """``{precision: {"validation": metrics, "test": metrics}}`` of the base model with the untuned default's
+    no-op adapter (B = 0), built as a trial builds its model (training/loop.setup, speed levers included) on
+    ``cfg.device`` with ``cfg.threads`` torch threads: the very numbers a trial's own epoch 0 would have. Each
+    precision option is resolved; options that resolve alike share one evaluation."""
+    import torch
+
+    from loratune.runtime import resolve_device, resolve_precision, set_threads
+    from loratune.training.levers import Levers
+    from loratune.training.loop import evaluate_split, setup
+
+    device, before = resolve_device(cfg.device), torch.get_num_threads()
+    threads = set_threads(cfg.threads)
+    done: dict[str, dict[str, dict[str, float]]] = {}
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    try:
+        for option in precisions:
+            precision = resolve_precision(option, device)
+            if precision not in done:
+                run = setup(cfg.replace(precision=option), prepared, Path("."), device=device, precision=precision,
+                            threads=threads, levers=Levers(), emit=lambda event: None)
+                done[precision] = {name: evaluate_split(run, getattr(prepared, name)) for name in ("validation", "test")}
+                del run
+                release_memory()
+            out[option] = done[precision]
+    finally:
+        torch.set_num_threads(before)
+    return out

@@ -42,7 +42,14 @@ from loratune.training.options import (
     parse_targets,
 )
 
-METRICS = ("val_loss", "val_accuracy", "val_f1", "val_f1_macro", "val_precision", "val_recall", "val_roc_auc")
+CLASSIFICATION_METRICS = ("val_loss", "val_accuracy", "val_f1", "val_f1_macro", "val_precision", "val_recall",
+                          "val_roc_auc")
+CAUSAL_METRICS = ("val_loss", "val_perplexity", "val_accuracy", "val_exact_match")
+"""A causal-LM trial's validation metrics (tasks/causal_eval.py), in trials.csv's column order; ``val_accuracy``
+(choice scoring) only where the data's completions are a label set."""
+METRICS = tuple(dict.fromkeys(CLASSIFICATION_METRICS + CAUSAL_METRICS))
+"""Every metric a search can pick its best trial by (``--metric``); :func:`check_metric` says which a task offers."""
+LOWER_IS_BETTER = ("val_loss", "val_perplexity")
 INTERVAL_COLUMNS = ("val_accuracy_lo", "val_accuracy_hi", "val_f1_lo", "val_f1_hi")   # trials.csv: 95% intervals
 OK_STATUSES = ("completed", "stopped_early")              # the statuses a best trial may have
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
@@ -62,6 +69,10 @@ DEFAULT_SPACE: dict[str, Any] = _shipped("default")
 all four attention projections, dropout 0–0.2, the pooler trained in full or not; the untuned default (lr 5e-4, r 8,
 α 16, q,v, dropout 0.1, head only) lies inside it. Measured with ``make bench-quality`` (BENCHMARKS.md): its
 chosen adapter is not yet better than the default on test."""
+CAUSAL_SPACE: dict[str, Any] = _shipped("causal")
+"""The default space for causal-LM data (spaces/causal.yaml): lr 1e-4–2e-3 log-uniform, rank 4/8/16, alpha 8/16/32,
+targets q,v, the attention projections or all linear layers, dropout 0–0.2; no ``modules_to_save`` (a causal LM has
+no pooler). The untuned causal-LM default (lr 5e-4, r 8, α 16, q,v, dropout 0.1) lies inside it."""
 SEED_SPACE: dict[str, Any] = _shipped("seed")
 """The seed project's space (``--space seed``): lr 1e-4–0.1, r, target modules, dropout; alpha tied to r."""
 RUNGS_PER_EPOCH = 4
@@ -99,8 +110,11 @@ def load_space(spec: str) -> dict[str, Any]:
 
 
 def default_space(base: TrainConfig) -> dict[str, Any]:
-    """The space searched when none is given: :data:`DEFAULT_SPACE`, or :data:`FULL_SPACE` for ``--method full``."""
-    return FULL_SPACE if base.method == "full" else DEFAULT_SPACE
+    """The space searched when none is given: :data:`FULL_SPACE` for ``--method full``, :data:`CAUSAL_SPACE` for
+    causal-LM data, else :data:`DEFAULT_SPACE`."""
+    if base.method == "full":
+        return FULL_SPACE
+    return CAUSAL_SPACE if base.task == "causal-lm" else DEFAULT_SPACE
 
 # Options a search cannot vary, and why (the message tells the user what to do instead).
 FIXED_ONLY = {
@@ -412,6 +426,34 @@ def check_device(space: Space, base: TrainConfig, device: str) -> None:
     if device == "cpu" and "fp16" in candidates(space, "precision", base):
         where = "search.precision" if "precision" in space.keys else "--precision"
         raise InputError(f"{where}: fp16 is for CUDA devices, and the trials run on CPUs; use bf16 or fp32")
+
+
+def default_mode(metric: str) -> str:
+    """``--mode`` where none is given: ``min`` for a loss (:data:`LOWER_IS_BETTER`), ``max`` for the scores."""
+    return "min" if metric in LOWER_IS_BETTER else "max"
+
+
+def task_metrics(task: str, choices: bool = True) -> tuple[str, ...]:
+    """The validation metrics a trial of ``task`` reports: a classifier's :data:`CLASSIFICATION_METRICS`, a causal
+    LM's :data:`CAUSAL_METRICS`, without ``val_accuracy`` where its data has no label set (``choices`` False)."""
+    if task != "causal-lm":
+        return CLASSIFICATION_METRICS
+    return tuple(m for m in CAUSAL_METRICS if choices or m != "val_accuracy")
+
+
+def check_metric(metric: str, task: str, choices: bool | None = None) -> None:
+    """InputError unless ``metric`` is one a trial of ``task`` reports (before Ray starts: a metric no trial
+    reports would leave ASHA nothing to rank). ``choices``: whether the causal-LM data's completions are a label
+    set (None: not known yet, so ``val_accuracy`` passes until the data is read)."""
+    offered = task_metrics(task, choices is not False)
+    if metric in offered:
+        return
+    from loratune.training.causal_data import MAX_CHOICES
+
+    what = (f"this causal-LM data's completions are not a label set (at most {MAX_CHOICES} distinct answers), so no "
+            "choice accuracy is scored" if task == "causal-lm" and metric == "val_accuracy"
+            else f"a {task} trial does not report it")
+    raise InputError(f"--metric: {metric}: {what}; this search offers {', '.join(offered)}")
 
 
 def columns(space: Space) -> list[str]:

@@ -1,11 +1,14 @@
-"""A search's own files: ``search.yaml`` (its options, all a resume needs), and after it the trials table
+"""A search's own files: ``search.yaml`` (its options, all a resume needs), ``base_model.json`` (a causal-LM
+search's epoch 0: the base model evaluated once for all trials), and after it the trials table
 (``trials.csv`` / ``trials.json``), the best trial, ``best/``.
 
 :func:`finish` builds each trial's row from its own run directory (read by :mod:`loratune.training.rundir`,
 which also says which epoch is a trial's best), picks the best trial by the validation metric alone (never
 a diverged or failed one), copies it to ``best/`` and evaluates it, and the untuned default trial, on the
 test split once, with McNemar's test of the two there (:func:`comparison`). Each row's validation accuracy
-and F1 carry 95% intervals (:func:`intervals`, from :mod:`loratune.search.stats`). No Ray here.
+and F1 carry 95% intervals (:func:`intervals`, from :mod:`loratune.search.stats`). A causal-LM search's rows
+carry its metrics instead (:func:`table_columns`), without intervals: no confusion matrix stands behind them.
+No Ray here.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import shutil
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import yaml
@@ -32,7 +35,9 @@ from loratune.search.space import (
     OK_STATUSES,
     RUNGS_PER_EPOCH,
     Space,
+    check_metric,
     columns,
+    default_mode,
     default_space,
     option_kind,
 )
@@ -44,6 +49,7 @@ log = logging.getLogger(__name__)
 ALGORITHMS = ("random", "optuna")
 ALPHA = 0.05                                     # McNemar's level: "beyond chance" means p < ALPHA
 F1_SEED = 0                                      # the F1 bootstrap's seed: a trial's interval is reproducible
+BASE_MODEL = "base_model.json"                   # a causal-LM search's base-model metrics (driver.base_model)
 
 @dataclass
 class SearchResult:
@@ -73,23 +79,29 @@ def status_of(last: Mapping[str, Any], *, error: bool) -> str:
     return "completed" if last.get("epoch", 0) >= last.get("epochs_planned", math.inf) else "stopped_early"
 
 
-def trial_record(space: Space, trial: str, status: str | None, config: Mapping[str, Any], run: Path) -> dict[str, Any]:
+def trial_record(space: Space, trial: str, status: str | None, config: Mapping[str, Any], run: Path,
+                 metrics: Sequence[str] | None = None) -> dict[str, Any]:
     """One trial: its contract row and what stands behind it, from its run directory's evaluations.
 
     Its best epoch is :func:`rundir.best_evaluation`'s (the lowest finite validation loss: the epoch whose
     adapter the trainer kept); its accuracy and F1 intervals come from that epoch's confusion matrix
     (:func:`intervals`). A trial that evaluated but never to a finite loss has no best (``val_*``
-    empty) and ends ``diverged``, unless it failed or has not ended (``status`` None).
+    empty) and ends ``diverged``, unless it failed or has not ended (``status`` None). ``metrics``: a causal-LM
+    search's columns (:func:`loratune.search.space.task_metrics`), each the best epoch's value, no intervals;
+    None: a classifier's. A causal LM's epoch 0 (the base model, before any step) is not one of its epochs.
     """
-    hist = rundir.evaluations(run)
+    hist = [e for e in rundir.evaluations(run) if e["epoch"] > 0]
     best = rundir.best_evaluation(hist) or {}
     if hist and not best and status not in (None, "failed"):
         status = "diverged"
     values = {k: _typed(k, v) for k, v in space.resolve(config).items() if k in space.keys}
     run_to = max((e["epoch"] for e in hist), default=0)                  # 0.25: one rung of four
-    row = {"trial": trial, "status": status, "epochs_run": run_to, **values,
-           "val_loss": best.get("loss"), "val_accuracy": best.get("accuracy"), "val_f1": best.get("f1")}
-    row = _beside(row, intervals(best))
+    row = {"trial": trial, "status": status, "epochs_run": run_to, **values}
+    if metrics is not None:
+        row.update({m: best.get(m.removeprefix("val_")) for m in metrics})
+    else:
+        row.update({"val_loss": best.get("loss"), "val_accuracy": best.get("accuracy"), "val_f1": best.get("f1")})
+        row = _beside(row, intervals(best))
     return {"row": row, "trial": trial, "status": status, "config": values, "best": best, "history": hist,
             "run_dir": run}
 
@@ -148,23 +160,37 @@ def choose_best(trials: list[dict[str, Any]], metric: str, mode: str) -> dict[st
     return min(ok, key=lambda t: score(t) if mode == "min" else -score(t)) if ok else None  # type: ignore[operator]
 
 
+def table_columns(space: Space, metrics: Sequence[str] | None = None) -> list[str]:
+    """trials.csv's columns: a classifier's (:func:`loratune.search.space.columns`), or with ``metrics`` a causal
+    LM's, ``trial, status, epochs_run``, the searched options, then each metric (no intervals)."""
+    if metrics is None:
+        return columns(space)
+    return ["trial", "status", "epochs_run", *space.keys, *metrics]
+
+
 @dataclass(frozen=True)
 class Tested:
-    """One adapter on the test split: its metrics (search.json's ``test``) and which examples it classified
-    right, ``(N,)`` booleans in the split's order (what :func:`comparison` pairs across two adapters)."""
+    """One adapter on the test split: its metrics (search.json's ``test``) and which examples it got right,
+    ``(N,)`` booleans in the split's order (what :func:`comparison` pairs across two adapters): a classifier's
+    arg-max, a causal LM's choice scoring; None where no example is right or wrong (causal-LM data without a
+    label set: no choice accuracy)."""
 
     __test__ = False                      # not a pytest class, whatever its name
 
     metrics: dict[str, float]
-    correct: np.ndarray
+    correct: np.ndarray | None
 
 
 def finish(out: Path, doc: Mapping[str, Any], space: Space, trials: list[dict[str, Any]], seconds: float,
-           test: Callable[[Path], Tested], emit: Callable[[dict[str, Any]], None]) -> SearchResult:
+           test: Callable[[Path], Tested], emit: Callable[[dict[str, Any]], None],
+           metrics: Sequence[str] | None = None) -> SearchResult:
     """Write trials.csv/json, copy the best trial to ``best/`` and test it (``test(adapter_dir)``), test
     the default (first) trial too, and write search.json, whose ``comparison`` (:func:`comparison`) says
-    whether the two differ on test beyond chance: the best was chosen on validation, so only test can say."""
-    cols, rows = columns(space), [t["row"] for t in trials]
+    whether the two differ on test beyond chance: the best was chosen on validation, so only test can say.
+    Where there is nothing to pair (no per-example correctness), ``comparison`` is None and
+    ``comparison_note`` says why. ``metrics``: a causal-LM search's columns (:func:`table_columns`); its
+    ``best/results.json`` gets the base model's ``baseline`` (:data:`BASE_MODEL`), as a ``train`` run's has."""
+    cols, rows = table_columns(space, metrics), [t["row"] for t in trials]
     with open(out / "trials.csv", "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=cols)
         writer.writeheader()
@@ -182,10 +208,11 @@ def finish(out: Path, doc: Mapping[str, Any], space: Space, trials: list[dict[st
         best_test = test(artifact(dest))
         summary["best"] = _brief(best, best_test.metrics, dest)
         old = rundir.read_results(dest) or {}                          # the trainer's, if the trial ran to its end
+        base = baseline_for(read_base_model(out), best["config"], doc.get("options") or {})
         rundir.write_json(dest / "results.json", {
             "validation": summary["best"]["validation"], "test": summary["best"]["test"],
             "best_epoch": best["best"]["epoch"], "train": old.get("train", {}), "history": best["history"],
-            "trial": best["trial"], "config": best["config"]})
+            "trial": best["trial"], "config": best["config"], **({"baseline": base} if base else {})})
     if trials:
         first, default_test = trials[0], None
         if best is not None and first["trial"] == best["trial"]:
@@ -197,6 +224,8 @@ def finish(out: Path, doc: Mapping[str, Any], space: Space, trials: list[dict[st
             summary["default"] = _brief(first, default_test.metrics if default_test else None, first["run_dir"])
         if best is not None:
             summary["comparison"] = comparison(best, first, best_test, default_test)
+            if summary["comparison"] is None:
+                summary["comparison_note"] = NO_PAIRS
     rundir.write_json(out / "search.json", summary)
     return SearchResult(out, cols, rows, summary["best"], summary["default"], doc["metric"], doc["mode"], seconds,
                         summary=summary)
@@ -207,8 +236,13 @@ def artifact(run_dir: Path) -> Path:
     return run_dir / "model" if (run_dir / "model").is_dir() else run_dir / "adapter"
 
 
+NO_PAIRS = ("no test of the best trial against the untuned default: this causal-LM data's completions are not a "
+            "label set, so no example is scored right or wrong (no choice accuracy) for McNemar's test to pair")
+"""search.json's ``comparison_note`` where :func:`comparison` is None."""
+
+
 def comparison(best: Mapping[str, Any], default: Mapping[str, Any], best_test: Tested,
-               default_test: Tested | None) -> dict[str, Any]:
+               default_test: Tested | None) -> dict[str, Any] | None:
     """search.json's ``comparison``: the best trial against the untuned default on the test split, by
     McNemar's exact test (:func:`stats.paired`; both saw the same examples in the same order).
 
@@ -216,14 +250,19 @@ def comparison(best: Mapping[str, Any], default: Mapping[str, Any], best_test: T
     "p_value", "chi2", "alpha", "beyond_chance", "verdict"}``: ``best_only`` (McNemar's b) counts the examples
     only the best got right, ``default_only`` (c) those only the default did; ``beyond_chance`` is
     ``p_value < alpha``; ``verdict`` says it in words. Where the default is the best trial, or has no
-    adapter to test, only ``verdict`` (and ``same_trial``) say so.
+    adapter to test, only ``verdict`` (and ``same_trial``) say so. None where the test split has no per-example
+    correctness to pair (``best_test.correct`` None: :data:`NO_PAIRS`); no other test stands in for it.
     """
+    if best_test.correct is None:
+        return None
     who = f"best trial {best['trial']}"
     if best["trial"] == default["trial"]:
         return {"same_trial": True, "verdict": f"{who} is the untuned default itself: nothing to compare"}
     if default_test is None:
         return {"same_trial": False, "verdict": f"{who}: the untuned default (trial {default['trial']}, "
                 f"{str(default['status']).replace('_', ' ')}) left no adapter to test: no comparison on test"}
+    if default_test.correct is None:
+        return None
     p = stats.paired(best_test.correct, default_test.correct)
     ours, theirs, pv = p["first_accuracy"], p["second_accuracy"], p["p_value"]
     beyond = pv < ALPHA
@@ -253,14 +292,44 @@ def load_result(out: Path, doc: Mapping[str, Any]) -> SearchResult:
                         doc["metric"], doc["mode"], summary.get("seconds", 0.0), already_done=True, summary=summary)
 
 
+# --- base_model.json ----------------------------------------------------------------------------------
+
+def read_base_model(out: Path, device: str | None = None) -> dict[str, Any] | None:
+    """``out/base_model.json`` (``{"device", "threads", "by_precision": {precision: {"validation": {...}, "test":
+    {...}}}}``), with null metrics back as NaN (JSON has none); None where it is missing or unreadable, or (with
+    ``device``) was computed on another device than the trials now run on."""
+    doc = rundir.read_json(out / BASE_MODEL)
+    if not isinstance(doc, dict) or not isinstance(doc.get("by_precision"), dict):
+        return None
+    if device is not None and doc.get("device") != device:
+        return None
+    nan = float("nan")
+    doc["by_precision"] = {str(p): {split: {k: nan if v is None else v for k, v in m.items()}
+                                    for split, m in splits.items() if isinstance(m, dict)}
+                           for p, splits in doc["by_precision"].items() if isinstance(splits, dict)}
+    return doc
+
+
+def baseline_for(base_model: Mapping[str, Any] | None, config: Mapping[str, Any],
+                 options: Mapping[str, Any]) -> dict[str, dict[str, float]] | None:
+    """The base model's metrics a trial of ``config`` (its searched values; ``options``: the fixed ones) starts
+    from: those computed at its ``--precision`` (the only option that changes a no-op adapter's outputs), or None."""
+    if not base_model:
+        return None
+    precision = config.get("precision", options.get("precision"))
+    return base_model["by_precision"].get(str(precision))
+
+
 # --- search.yaml ------------------------------------------------------------------------------------
 
 def new_search(config: TrainConfig | None, options: dict[str, Any], space: dict[str, Any] | None, samples: int,
                 max_epochs: int, cpus_per_trial: int, max_concurrent: int | None, search_alg: str, metric: str,
-                mode: str, max_failures: int, address: str | None, storage: Any,
+                mode: str | None, max_failures: int, address: str | None, storage: Any,
                 rungs_per_epoch: int | None = None) -> dict[str, Any]:
-    """Check the search's own options; the document saved as search.yaml (all a resume needs)."""
+    """Check the search's own options; the document saved as search.yaml (all a resume needs). ``mode`` None:
+    the metric's own (:func:`loratune.search.space.default_mode`: min for a loss, max for a score)."""
     rungs_per_epoch = RUNGS_PER_EPOCH if rungs_per_epoch is None else rungs_per_epoch
+    mode = default_mode(metric) if mode is None and metric in METRICS else mode
     for name, value, lo in (("samples", samples, 1), ("max_epochs", max_epochs, 1), ("rungs_per_epoch", rungs_per_epoch, 1),
                             ("cpus_per_trial", cpus_per_trial, 1), ("max_failures", max_failures, 0),
                             ("max_concurrent", max_concurrent, 1)):
@@ -282,6 +351,7 @@ def new_search(config: TrainConfig | None, options: dict[str, Any], space: dict[
     if base.threads not in (None, cpus_per_trial):
         raise InputError(f"--threads: a trial's torch threads equal its CPUs; set --cpus-per-trial {base.threads}")
     base = _absolute_paths(base)
+    check_metric(metric, base.task)                    # val_accuracy of causal-LM data: once the data is read
     try:
         raw = json.loads(json.dumps(default_space(base) if space is None else space))     # plain values, as in YAML
     except (TypeError, ValueError) as e:

@@ -15,6 +15,8 @@ turn), its reference (that turn's text) and, where the data's references are a l
 
 Where every row trains on its last turn only (prompt-completion data, the built-in), the gold
 candidate's sequence *is* the row's sequence, so the loss comes from the choice pass at no extra cost.
+:func:`score_causal` is the same evaluation that also says which rows choice scoring got right (a
+search pairs them between its best and its untuned default in McNemar's test).
 """
 
 from __future__ import annotations
@@ -87,19 +89,41 @@ def prepare_split(convs: Sequence[list[dict[str, Any]]], tokenizer: Any, max_len
     return CausalSplit(enc, refs, choices, gold, last_only, ref_tokens + EXTRA_NEW_TOKENS)
 
 
+@dataclass(frozen=True, eq=False)
+class CausalScores:
+    """:func:`score_causal`'s answer: the split's metrics, the greedy generations in row order (empty without
+    ``generate``), and ``correct``, ``(N,)`` booleans in row order: whether choice scoring picked the row's
+    reference (None without a label set). ``correct.mean()`` is ``metrics["accuracy"]``."""
+
+    metrics: dict[str, float]
+    generations: list[str]
+    correct: np.ndarray | None
+
+
 def evaluate_causal(model: nn.Module, tokenizer: Any, split: CausalSplit, device: torch.device, precision: str,
                     pad_id: int, *, batch_size: int = 16,
                     generate: bool = True) -> tuple[dict[str, float], list[str]]:
     """The split's metrics (module docstring) and the greedy generations in row order (empty when
     ``generate`` is False: no ``exact_match`` then)."""
+    scores = score_causal(model, tokenizer, split, device, precision, pad_id, batch_size=batch_size,
+                          generate=generate)
+    return scores.metrics, scores.generations
+
+
+def score_causal(model: nn.Module, tokenizer: Any, split: CausalSplit, device: torch.device, precision: str,
+                 pad_id: int, *, batch_size: int = 16, generate: bool = True) -> CausalScores:
+    """:func:`evaluate_causal`, with which rows choice scoring got right as well (what McNemar's test pairs
+    between two adapters on the same split: a search's best against its untuned default)."""
     metrics: dict[str, float] = {}
+    correct: np.ndarray | None = None
     loss_from_choices = False
     if split.choices is not None and split.gold is not None:
         k = len(split.choices) // max(1, len(split))
         sums, counts = sequence_logprobs(model, split.choices, device, precision, pad_id, batch_size)
         scores = sums.reshape(len(split), k)
         picks = np.argmax(scores, axis=1)
-        metrics["accuracy"] = float(np.mean(picks == split.gold))
+        correct = picks == split.gold
+        metrics["accuracy"] = float(np.mean(correct))
         if split.last_turn_only and (split.gold >= 0).all():
             rows = np.arange(len(split)) * k + split.gold
             n = int(counts[rows].sum())
@@ -123,4 +147,4 @@ def evaluate_causal(model: nn.Module, tokenizer: Any, split: CausalSplit, device
                 for p, g, r in zip(prompts, generations, split.references)]
         metrics["exact_match"] = float(np.mean(hits)) if hits else float("nan")
     order = ("loss", "perplexity", "accuracy", "exact_match")
-    return {key: metrics[key] for key in order if key in metrics}, generations
+    return CausalScores({key: metrics[key] for key in order if key in metrics}, generations, correct)

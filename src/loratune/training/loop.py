@@ -22,7 +22,7 @@ import time
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -117,6 +117,7 @@ class Run:
     base_bytes: int                                     # the base model's weights as loaded (before any bf16 cast)
     tokenizer: Any = None                               # full fine-tuning: saved with the model
     stop_collapsed: bool = False                        # a collapsed classifier stops (a search's trials)
+    given_baseline: dict[str, dict[str, float]] | None = None   # the base model's metrics, computed by the caller
 
     @property
     def artifact(self) -> Path:
@@ -240,7 +241,8 @@ def train(config: TrainConfig | None = None, *, out: str | Path | None = None, r
           overwrite: bool = False, progress: Progress | None = None, prepared: Prepared | None = None,
           resume_from: str | Path | None = None, on_epoch: OnEpoch | None = None, evaluate_test: bool = True,
           levers: Levers = Levers(), claim: bool = True, on_done: Callable[[RunResult], None] | None = None,
-          stop_collapsed: bool = False, **options: Any) -> RunResult:
+          stop_collapsed: bool = False, baseline: Mapping[str, Mapping[str, float]] | None = None,
+          **options: Any) -> RunResult:
     """Train one LoRA adapter; the run directory gets the contract's files.
 
     ``options`` override fields of ``config`` (``train(rank=4)``). With ``resume`` the run in ``out``
@@ -251,7 +253,10 @@ def train(config: TrainConfig | None = None, *, out: str | Path | None = None, r
     pass inside an epoch, ``--evals-per-epoch``). ``stop_collapsed``: a classifier found collapsed
     (:func:`collapsed`) at a validation pass after the warm-up stops there (a search's trials). ``levers``: the speed levers
     (cost, not results; bench/ switches them off). Raises :class:`Diverged` when a training or validation
-    loss is not finite (see :func:`optimizer_step`, :func:`end_epoch`).
+    loss is not finite (see :func:`optimizer_step`, :func:`end_epoch`). ``baseline``: a causal LM's epoch 0, the
+    base model's metrics ``{"validation": {...}, "test": {...}}`` computed already (a search evaluates the base
+    model once for all its trials): written to metrics.jsonl and results.json as :func:`baseline` would have
+    computed them; a split it lacks is evaluated here.
 
     ``claim``: check ``out`` and hold its lock (training/lock.py) from the first write to the last, so no
     other process writes there meanwhile; a search's trials pass False (the search holds its directory).
@@ -278,6 +283,7 @@ def train(config: TrainConfig | None = None, *, out: str | Path | None = None, r
         run = setup(cfg, prepared or prepare_data(cfg), out, device=device, threads=runtime.set_threads(cfg.threads),
                     precision=runtime.resolve_precision(cfg.precision, device), levers=levers, emit=emit)
         run.stop_collapsed = stop_collapsed
+        run.given_baseline = {k: dict(v) for k, v in baseline.items()} if baseline is not None else None
         if claim and not resume:
             held.enter_context(lock.hold(out, flag="--out"))
             rundir.check_out(out, resume=False, overwrite=overwrite)     # again, now that no one else can write
@@ -522,13 +528,15 @@ def evaluate_split(run: Run, split: Encoded | CausalSplit) -> dict[str, float]:
 
 def baseline(run: Run, state: TrainState, logs: _Logs, *, evaluate_test: bool) -> None:
     """The base model (its fresh adapter is a no-op: B = 0) on validation and test before the first step: epoch 0
-    of metrics.jsonl and ``results.json["baseline"]``, so a run shows what training added."""
+    of metrics.jsonl and ``results.json["baseline"]``, so a run shows what training added. A split whose metrics
+    the caller gave (``run.given_baseline``: a search computes them once) is written as given, not evaluated."""
     run.emit({"kind": "baseline", "step": 0})
     state.baseline = {}
+    given = run.given_baseline or {}
     for name, split in (("validation", run.data.validation), ("test", run.data.test)):
         if name == "test" and not evaluate_test:
             continue
-        metrics = evaluate_split(run, split)
+        metrics = dict(given[name]) if name in given else evaluate_split(run, split)
         state.baseline[name] = metrics
         logs.record({"type": "eval", "split": name, "epoch": 0, "step": 0, **metrics})
         for k, v in metrics.items():
