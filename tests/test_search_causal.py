@@ -166,7 +166,7 @@ def test_a_metric_the_task_does_not_report_is_refused_before_ray(tmp_path, capsy
                                                                  free_text) -> None:
     reviews = write_csv(tmp_path / "reviews.csv", synthetic_rows(40))       # text/label: classification
     space = tmp_path / "space.yaml"
-    space.write_text(json.dumps(SPACE))                       # the default space's modules_to_save is an encoder's
+    space.write_text(json.dumps(SPACE))                       # a small space: each search is refused before it runs
     causal = ["--model", llama_dir, "--max-length", "64", "--samples", "2", "--max-epochs", "1", "--space", str(space)]
     cases = [([*causal, "--data", data, "--metric", "val_f1"],
               "--metric: val_f1: a causal-lm trial does not report it; this search offers val_loss, val_perplexity, "

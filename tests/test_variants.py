@@ -724,7 +724,8 @@ def test_train_and_eval_a_dora_pissa_run_through_the_cli(tmp_path, tiny_model_di
     out = tmp_path / "run"
     code, _, err = run(capsys, "train", "--model", tiny_model_dir, "--data", tiny_data, "--out", str(out),
                        "--epochs", "1", "--batch-size", "16", "--max-length", "32", "--rank", "4", "--threads", "1",
-                       "--variant", "dora", "--init", "pissa", "--rank-pattern", "query=2", "--loraplus-ratio", "4")
+                       "--variant", "dora", "--init", "pissa", "--rank-pattern", "query=2", "--loraplus-ratio", "4",
+                       "--precision", "fp32")      # exact to 1e-6 in fp32; bf16 (auto on some CPUs) rounds the two apart
     assert code == 0, err
     cfg = saved_config(out / "adapter")
     assert cfg["use_dora"] is True and cfg["r"] == 8 and cfg["rank_pattern"] == {"query": 4}
@@ -742,7 +743,7 @@ def test_train_and_eval_a_dora_pissa_run_through_the_cli(tmp_path, tiny_model_di
     assert "DoRA: a learned magnitude per output row" in top          # the report says what the variant changed
     assert "PiSSA init: adapter/ is saved converted for the original W0 (peft&#x27;s rule), at rank 2r = 8" in top \
         or "PiSSA init: adapter/ is saved converted for the original W0 (peft's rule), at rank 2r = 8" in top
-    code, printed, err = run(capsys, "eval", "--adapter", str(out / "adapter"), "--json")
+    code, printed, err = run(capsys, "eval", "--adapter", str(out / "adapter"), "--json", "--precision", "fp32")
     assert code == 0, err
     got, results = json.loads(printed), json.loads((out / "results.json").read_text())["test"]
     for key in ("loss", "accuracy", "f1"):
