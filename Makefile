@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.loratune-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup data browser demo test test-fast bench bench-levers bench-quality bench-variants bench-serve clean
+.PHONY: setup data browser demo test test-fast bench bench-levers bench-quality bench-variants bench-serve bench-llm clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +51,9 @@ bench-quality: data             ## accuracy, 3 split seeds × default, full, can
 bench-variants: data            ## each LoRA variant (DoRA, LoRA+, PiSSA, OLoRA) vs the default: accuracy over 3 split seeds, then speed
 	$(BIN)/python -m bench.quality --configs default,dora,loraplus,pissa,olora $(QUALITY_ARGS)
 	$(BIN)/python -m bench.variants $(VARIANTS_ARGS)
+
+bench-llm: data                 ## the built-in LLM (SmolLM2-135M: LoRA classifier, zero-shot, LoRA instruction-tuned) vs MiniLM + LoRA on the same 3 splits (≈55 min; LLM_ARGS=--instruct-sample-pct 0.5 | --dry-run)
+	$(BIN)/python -m bench.llm $(LLM_ARGS)
 
 bench-serve: data               ## serving: 16 mixed adapters vs one merged vs the base, texts/s, p50/p99, RSS (≈7 min); generation: tokens/s, TTFT, 1 vs 4 adapters (≈6 min) (SERVE_ARGS=--quick)
 	$(BIN)/python -m bench.serve $(SERVE_ARGS)

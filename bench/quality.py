@@ -55,7 +55,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import yaml
 
@@ -688,8 +688,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return a
 
 
-def make_jobs(a: argparse.Namespace) -> tuple[dict[tuple[str, int], Job], list[Job]]:
-    """(config, seed) -> its job (shared where options coincide), and the distinct jobs."""
+def make_jobs(a: argparse.Namespace, configs: Mapping[str, tuple[list[str], str]] | None = None
+              ) -> tuple[dict[tuple[str, int], Job], list[Job]]:
+    """(config, seed) -> its job (shared where options coincide), and the distinct jobs. ``configs``: name ->
+    (flags, description), :data:`CONFIGS` unless given (bench.llm's rows)."""
+    configs = CONFIGS if configs is None else configs
     extra, search_extra = shlex.split(a.extra), shlex.split(getattr(a, "search_extra", "") or "")
     by_options: dict[str, Job] = {}
     jobs: dict[tuple[str, int], Job] = {}
@@ -697,13 +700,13 @@ def make_jobs(a: argparse.Namespace) -> tuple[dict[tuple[str, int], Job], list[J
         for seed in a.seeds:
             search = None
             if name in SEARCHES:                # the training options it fixes, resolved as for `loratune train`
-                training = ["--split-seed", str(seed), "--seed", str(seed), *CONFIGS[name][0], *extra]
+                training = ["--split-seed", str(seed), "--seed", str(seed), *configs[name][0], *extra]
                 flags = [*training, *SEARCHES[name], *search_extra]
                 raw, resolved = resolve_both(training)
                 search = resolve_search(flags)
                 key = "search " + json.dumps([search, resolved], sort_keys=True)
             else:
-                flags = ["--split-seed", str(seed), "--seed", str(seed), "--threads", "1", *CONFIGS[name][0], *extra]
+                flags = ["--split-seed", str(seed), "--seed", str(seed), "--threads", "1", *configs[name][0], *extra]
                 raw, resolved = resolve_both(flags)
                 key = json.dumps(resolved, sort_keys=True)
             if key in by_options:
@@ -712,6 +715,49 @@ def make_jobs(a: argparse.Namespace) -> tuple[dict[tuple[str, int], Job], list[J
                 by_options[key] = Job(name, seed, flags, raw, resolved, a.out / name / f"seed-{seed}", search=search)
             jobs[name, seed] = by_options[key]
     return jobs, list(by_options.values())
+
+
+def outcome(job: Job) -> str:
+    """A finished job in a few words, for the progress log."""
+    if job.status != "done":
+        return f"{job.status.upper()} (exit {job.returncode}; see {job.dir.parent / job.dir.name}.log)"
+    r = per_seed(job)
+    v, t = r["validation_accuracy"], r["test_accuracy"]
+    what = "no trial chosen" if v is None else f"validation {v:.4f}" + (f", test {t:.4f}" if t is not None else "")
+    if job.is_search:
+        s = r["search"]
+        what += (f" (trial {s['trial']}: {describe(s['config'])}; untuned trial's test "
+                 + ("—" if s["default_test_accuracy"] is None else f"{s['default_test_accuracy']:.4f}") + ")")
+    return what
+
+
+def run_all(phases: Sequence[tuple[list[Job], int]], runner: Runner, log: Callable[[str], None]) -> bool:
+    """Runs the phases (:func:`schedule`) one after the other, each one's jobs ``width`` at a time in the order
+    given, logging each as it ends; True when interrupted (Ctrl-C or SIGTERM: every run is stopped and writes a
+    checkpoint, so the same command goes on later)."""
+    total = sum(len(batch) for batch, _ in phases)
+    previous = signal.signal(signal.SIGTERM, _sigterm)
+    pool: cf.ThreadPoolExecutor | None = None
+    n = 0
+    try:
+        for batch, width in phases:             # a phase starts when the one before it has ended
+            pool = cf.ThreadPoolExecutor(max_workers=width)
+            futures = [pool.submit(runner.run, job) for job in batch]
+            for fut in cf.as_completed(futures):
+                n += 1
+                job = fut.result()
+                also = f" (= {', '.join(job.shared_by)})" if job.shared_by else ""
+                log(f"{n}/{total} {job.name}{also}: {outcome(job)} in {job.wall_s or 0:.0f} s")
+            pool.shutdown(wait=True)
+    except KeyboardInterrupt:
+        log("interrupted: stopping the runs (each writes a checkpoint; run the same command again to go on)")
+        runner.stop_all()
+        return True
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+        signal.signal(signal.SIGTERM, previous)
+    return False
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -749,42 +795,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{sum(j.action == 'resume' for j in todo)} to resume), {a.jobs} at a time, 1 thread each"
         + (f"; {n_search} searches, each alone after them" if n_search else "") + f"; run dirs in {a.out}"
         + (f"; same options, run once: {', '.join(shared)}" if shared else ""))
-    runner = Runner(prog, a.timeout, version, a.search_timeout)
-    previous = signal.signal(signal.SIGTERM, _sigterm)
-    interrupted = False
-    pool: cf.ThreadPoolExecutor | None = None
-    n = 0
-    try:
-        for batch, width in phases:             # a phase starts when the one before it has ended
-            pool = cf.ThreadPoolExecutor(max_workers=width)
-            futures = [pool.submit(runner.run, job) for job in batch]
-            for fut in cf.as_completed(futures):
-                n += 1
-                job = fut.result()
-                if job.status == "done":
-                    r = per_seed(job)
-                    v, t = r["validation_accuracy"], r["test_accuracy"]
-                    what = ("no trial chosen" if v is None else f"validation {v:.4f}"
-                            + (f", test {t:.4f}" if t is not None else ""))
-                    if job.is_search:
-                        s = r["search"]
-                        what += (f" (trial {s['trial']}: {describe(s['config'])}; untuned trial's test "
-                                 + ("—" if s["default_test_accuracy"] is None else f"{s['default_test_accuracy']:.4f}")
-                                 + ")")
-                else:
-                    what = f"{job.status.upper()} (exit {job.returncode}; see {job.dir.parent / job.dir.name}.log)"
-                also = f" (= {', '.join(job.shared_by)})" if job.shared_by else ""
-                log(f"{n}/{len(todo)} {job.name}{also}: {what} in {job.wall_s or 0:.0f} s")
-            pool.shutdown(wait=True)
-    except KeyboardInterrupt:
-        interrupted = True
-        log("interrupted: stopping the runs (each writes a checkpoint; run the same command again to go on)")
-        runner.stop_all()
-    finally:
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
-        signal.signal(signal.SIGTERM, previous)
-    if interrupted:
+    if run_all(phases, Runner(prog, a.timeout, version, a.search_timeout), log):
         return 130
 
     res: dict[str, Any] = {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(),

@@ -203,6 +203,125 @@ def test_fast_attention_drops_probabilities() -> None:
     assert not torch.allclose(one, ref, atol=1e-3)
 
 
+def _gqa(pad: bool, seed: int = 5):
+    """Causal grouped-query inputs (4 query heads, 2 KV heads), fp32, and sdpa's bool mask when padded."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(3, 4, 7, 8, generator=g)
+    k, v = (torch.randn(3, 2, 7, 8, generator=g) for _ in range(2))
+    mask = None
+    if pad:                                            # left padding, then causal: True = attend
+        keep = torch.ones(3, 7, dtype=torch.bool)
+        keep[1, :2] = False
+        causal = torch.ones(7, 7, dtype=torch.bool).tril()
+        mask = (causal[None] & keep[:, None, :])[:, None]
+        mask[1, 0, :2] = causal[:2]                    # rows of padding attend to themselves (finite softmax)
+    return q, k, v, mask
+
+
+@pytest.mark.parametrize("pad", [False, True])
+def test_fast_attention_bf16_backward_matches_sdpa(pad: bool) -> None:
+    """A decoder's bf16 training step (causal, grouped-query heads, no dropout) is written out: its output and the
+    gradients of q, k, v agree with sdpa's in fp32 to bf16's rounding, and with transformers' eager attention
+    (the same bf16 computation) closely."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    module = torch.nn.Module()
+    module.is_causal, module.training, module.num_key_value_groups = True, True, 2
+    q, k, v, mask = _gqa(pad)
+    grad = torch.randn(3, 7, 4, 8, generator=torch.Generator().manual_seed(6))
+
+    def run(fn, dtype, m):
+        leaves = [t.clone().to(dtype).requires_grad_() for t in (q, k, v)]
+        out, _ = fn(module, *leaves, m, dropout=0.0, scaling=0.35)
+        out.backward(grad.to(dtype))
+        return [out.float()] + [t.grad.float() for t in leaves]
+
+    ref = run(sdpa_attention_forward, torch.float32, mask)
+    ours = run(fast_attention, torch.bfloat16, mask)
+    additive = None if mask is None else torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.bfloat16).min)
+    if additive is None:
+        additive = torch.zeros(7, 7).masked_fill(~torch.ones(7, 7, dtype=torch.bool).tril(), -1e30)[None, None]
+    eager = run(eager_attention_forward, torch.bfloat16, additive.to(torch.bfloat16))
+    for a, r, e in zip(ours, ref, eager):
+        assert a.shape == r.shape
+        assert (a - r).abs().max() < 0.03 * r.abs().max()     # bf16 (8 bits) against fp32
+        assert (a - e).abs().max() < 0.01 * r.abs().max()     # the same bf16 computation as eager's
+    assert torch.allclose(ours[0], ref[0], atol=0.05)
+    if mask is None:                                   # the causal mask was built: no attending ahead
+        q2 = q.clone()
+        q2[:, :, 4:] += 1.0
+        k2, v2 = k.clone(), v.clone()
+        k2[:, :, 5:] += 3.0
+        v2[:, :, 5:] -= 3.0
+        a = fast_attention(module, q.to(torch.bfloat16).requires_grad_(), k2.to(torch.bfloat16),
+                           v2.to(torch.bfloat16), None, scaling=0.35)[0]
+        b = fast_attention(module, q.to(torch.bfloat16).requires_grad_(), k.to(torch.bfloat16),
+                           v.to(torch.bfloat16), None, scaling=0.35)[0]
+        assert torch.equal(a[:, :5], b[:, :5]) and not torch.equal(a[:, 5:], b[:, 5:])
+
+
+def test_fast_attention_leaves_sdpa_where_it_is_fast() -> None:
+    """Without dropout: fp32 training, and any bf16 pass without gradients (evaluation), are sdpa's own output."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    module = torch.nn.Module()
+    module.is_causal, module.num_key_value_groups = True, 2
+    q, k, v, mask = _gqa(True)
+    for dtype, grad in ((torch.float32, True), (torch.bfloat16, False)):
+        qq, kk, vv = (t.detach().clone().to(dtype).requires_grad_(grad) for t in (q, k, v))
+        with torch.set_grad_enabled(grad):
+            ours = fast_attention(module, qq, kk, vv, mask, dropout=0.0, scaling=0.35)[0]
+            ref = sdpa_attention_forward(module, qq, kk, vv, mask, dropout=0.0, scaling=0.35)[0]
+        assert torch.equal(ours, ref)
+
+
+def test_a_decoder_trains_through_the_written_out_attention_in_bf16() -> None:
+    """A tiny Llama (grouped-query heads) in training mode under bf16 autocast: with the lever its logits and
+    its gradients are transformers' eager attention's to bf16 rounding, and the written-out path is the one taken."""
+    import transformers as tf
+
+    from loratune.training import fastops
+
+    torch.manual_seed(0)
+    conf = tf.LlamaConfig(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, intermediate_size=64, pad_token_id=0, bos_token_id=1, eos_token_id=1)
+    base = tf.LlamaForCausalLM(conf)
+    eager = copy.deepcopy(base)
+    eager.config._attn_implementation = "eager"
+    for m in eager.modules():
+        if getattr(m, "config", None) is not None:
+            m.config._attn_implementation = "eager"
+    assert use_fast_attention(base)
+    ids = torch.randint(2, 120, (3, 11), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0                                    # left padding in one row
+    calls = []
+    original = torch.Tensor.repeat_interleave
+
+    def spy(self, *a, **kw):
+        calls.append(self.shape)
+        return original(self, *a, **kw)
+
+    out = {}
+    for name, model in (("ours", base), ("eager", eager)):
+        model.train()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            if name == "ours":
+                torch.Tensor.repeat_interleave = spy
+            try:
+                logits = model(input_ids=ids, attention_mask=mask).logits.float()
+            finally:
+                torch.Tensor.repeat_interleave = original
+        logits[mask.bool()].square().mean().backward()
+        out[name] = (logits.detach(), model.model.layers[0].self_attn.k_proj.weight.grad.clone())
+    assert len(calls) == 4                             # key and value of each of the 2 layers: written out
+    assert (out["ours"][0] - out["eager"][0])[mask.bool()].abs().max() < 0.05
+    g, ge = out["ours"][1], out["eager"][1]
+    assert (g - ge).abs().max() < 0.05 * ge.abs().max()
+    assert fastops.FAST_ATTENTION == base.config._attn_implementation
+
+
 def test_use_fast_attention_only_replaces_sdpa() -> None:
     model = tiny_model("bert")
     assert model.config._attn_implementation == "sdpa"

@@ -1,11 +1,13 @@
 """The search on causal-LM data, on the tiny random Llama of test_causal_train: one real search (its table's causal
 columns, the best by validation loss tested on test, McNemar on choice scoring, the base model evaluated once and as
-``train`` evaluates it, a resume that reuses it, the CLI's summary and the report), the metric each task offers and
-its mode, refused before Ray starts, and the trainer writing a given baseline as its own."""
+``train`` evaluates it, its answers each trial's generations.json keeps, a resume that reuses it, the CLI's summary
+and the report with the best trial's generations), the metric each task offers and its mode, refused before Ray
+starts, and the trainer writing a given baseline as its own."""
 
 from __future__ import annotations
 
 import csv
+import html
 import json
 import math
 import shutil
@@ -42,13 +44,13 @@ def free_text(tmp_path_factory) -> str:
 
 def counted(calls: list, mp: pytest.MonkeyPatch) -> None:
     """driver.base_model_metrics counted, its metrics marked with :data:`MARK` (a trial that shows the mark took
-    them from the driver instead of evaluating the base model itself)."""
+    them from the driver instead of evaluating the base model itself); its answers as they are."""
     real = driver.base_model_metrics
 
     def wrapper(cfg, prepared, precisions):
         calls.append(list(precisions))
-        return {p: {split: {**m, MARK: 1.0} for split, m in splits.items()}
-                for p, splits in real(cfg, prepared, precisions).items()}
+        metrics, answers = real(cfg, prepared, precisions)
+        return {p: {split: {**m, MARK: 1.0} for split, m in splits.items()} for p, splits in metrics.items()}, answers
 
     mp.setattr(driver, "base_model_metrics", wrapper)
 
@@ -122,6 +124,43 @@ def test_the_base_model_is_evaluated_once_and_as_train_evaluates_it(search, tmp_
     assert _unmarked(_epoch0(out / "trials" / r.rows[0]["trial"])["validation"]) == mine["validation"]
     best = json.loads((out / "best" / "results.json").read_text())["baseline"]
     assert {k: _unmarked(v) for k, v in best.items()} == mine and best["test"][MARK] == 1.0
+    answers = json.loads((out / "base_model.json").read_text())["generations"]["auto"]     # the base model's answers
+    assert [r["base"] for r in rundir.read_generations(plain)["rows"]] == answers              # as train makes them
+
+
+def test_each_trial_writes_the_base_answers_it_was_given_and_the_page_shows_the_best_s(search) -> None:
+    """base_model.json keeps the base model's answers to the first validation rows (all 8 here: fewer than
+    SAMPLE_ROWS); every trial writes them as its generations.json base column, beside its own kept pass's answers;
+    the search page shows the best trial's base-model metrics, learning curves and generations."""
+    from loratune.report.search_page import search_page
+    from loratune.training.loop import prepare_data
+
+    r, out, _ = search
+    answers = json.loads((out / "base_model.json").read_text())["generations"]["auto"]
+    val = prepare_data(rundir.read_config(out / "trials" / r.rows[0]["trial"])[0]).validation
+    assert len(val) == 8 and len(answers) == 8 and all(isinstance(a, str) for a in answers)
+    for t in r.rows:
+        doc = rundir.read_generations(out / "trials" / t["trial"])
+        assert [x["base"] for x in doc["rows"]] == answers
+        assert [x["reference"] for x in doc["rows"]] == val.references and all(x["adapter"] is not None
+                                                                               for x in doc["rows"])
+        passes = [e for e in rundir.evaluations(out / "trials" / t["trial"]) if e["epoch"] != 0]   # not the base's
+        assert doc["epoch"] == rundir.best_evaluation(passes)["epoch"]                               # the kept pass
+    best = rundir.read_generations(out / "best")          # (the adapter column against a separate generation of the
+    assert best == rundir.read_generations(out / "trials" / r.best["trial"])    # adapter: test_report_causal, fp32)
+
+    _, glance, body = search_page(out)
+    page = "".join(glance + body)
+    base = json.loads((out / "best" / "results.json").read_text())["baseline"]
+    assert '<td class="t">base model (no adapter)</td>' in page
+    assert f'data-v="{base["validation"]["loss"]!r}"' in page and f'data-v="{base["test"]["loss"]!r}"' in page
+    adapter = page[page.index(f"<h2>The best adapter (trial {r.best['trial']})</h2>"):]
+    assert adapter.index("<h3>Its learning curves</h3>") < adapter.index('alt="learning curves"')
+    section = adapter[adapter.index("<h3>Its sample generations</h3>"):]
+    section = section[section.index("<tbody>"):section.index("</tbody>")]
+    assert section.count("<tr") == 8 and "test-split predictions" not in page
+    for x in best["rows"]:
+        assert html.escape(x["adapter"], quote=True) in section and html.escape(x["base"], quote=True) in section
 
 
 def test_resume_reuses_the_base_model_and_the_cli_and_report_show_the_search(search, tmp_path, capsys) -> None:

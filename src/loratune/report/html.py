@@ -23,7 +23,8 @@ h1{font-size:22px;margin:8px 0 2px}h2{font-size:17px;margin:28px 0 8px;border-bo
 .card.win{border:2px solid #2ca02c;background:#f3fbf3}
 table{border-collapse:collapse;background:#fff;margin:6px 0;font-size:13px}.scroll{overflow-x:auto;max-width:100%}
 th,td{border:1px solid #dde;padding:4px 8px;text-align:right;white-space:nowrap}th{background:#eef1f5}
-td.t,th.t{text-align:left}tr.best td{background:#eaf7ea;font-weight:600}
+td.t,th.t{text-align:left}tr.best td{background:#eaf7ea;font-weight:600}tr.hit td{background:#eaf7ea}
+td.w{white-space:pre-wrap;overflow-wrap:anywhere;text-align:left;vertical-align:top;min-width:8em;max-width:30em}
 table.sortable th{cursor:pointer;user-select:none}table.sortable th:after{content:" \\2195";color:#aab}
 .status-completed{color:#2a7d2a}.status-stopped_early{color:#b35900}.status-diverged,.status-failed{color:#c0392b}
 img{max-width:100%;display:block;margin:6px 0;background:#fff}.note{color:#777;font-style:italic}
@@ -49,6 +50,29 @@ def esc(v: Any) -> str:
     return html.escape(str(v), quote=True)
 
 
+class Html(str):
+    """A table cell's markup, already escaped: :func:`table` puts it in as it is."""
+
+
+CLIP = 240
+"""A text cell shows at most this many characters (:func:`clip`)."""
+
+
+def clip(text: str | None, limit: int = CLIP) -> Html:
+    """A text cell: ``text`` escaped, newlines kept; one longer than ``limit`` characters is cut at a word boundary
+    with '…' and carries the whole text in its title (shown on hover). None: '-'; an empty text: '(empty)'."""
+    if text is None:
+        return Html("-")
+    if not text.strip():
+        return Html('<span class="note">(empty)</span>')
+    if len(text) <= limit:
+        return Html(esc(text))
+    cut = text[:limit]
+    space = cut.rfind(" ")
+    cut = cut[:space] if space > limit // 2 else cut
+    return Html(f'<span title="{esc(text)}">{esc(cut.rstrip())}…</span>')
+
+
 def fmt(v: Any, option: bool = False) -> str:
     """A cell: floats with 4 decimals (small ones in e-notation), None as '-'. An ``option`` value
     (alpha 16.0, lr 5e-4, dropout 0.1) is shown as written: whole numbers without decimals, 3 digits."""
@@ -70,7 +94,8 @@ def fmt(v: Any, option: bool = False) -> str:
 def table(headers: list[str], rows: list[list[Any]], *, sortable: bool = False, text_cols: int = 1,
           row_class: list[str] | None = None, options: tuple[str, ...] = ()) -> str:
     """An HTML table; the first ``text_cols`` columns are left-aligned; numbers sort by value; the
-    columns named in ``options`` hold option values (:func:`fmt`)."""
+    columns named in ``options`` hold option values (:func:`fmt`); an :class:`Html` cell is markup, put in as it is
+    (in a wrapping text cell)."""
     th = "".join(f'<th class="t">{esc(h)}</th>' if i < text_cols else f"<th>{esc(h)}</th>" for i, h in enumerate(headers))
     body = []
     for n, row in enumerate(rows):
@@ -79,6 +104,9 @@ def table(headers: list[str], rows: list[list[Any]], *, sortable: bool = False, 
             attrs = ' class="t"' if i < text_cols else ""
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
                 attrs += f' data-v="{v!r}"'
+            if isinstance(v, Html):
+                cells.append(f'<td class="w">{v}</td>')
+                continue
             if isinstance(v, str) and v in STATUS_COLORS:
                 attrs = f' class="t status-{v}"'
             cells.append(f"<td{attrs}>{esc(fmt(v, headers[i] in options))}</td>")

@@ -1,5 +1,6 @@
 """The report page of one training run: the numbers at a glance, curves, metrics, the comparison with full
-fine-tuning (``--baseline``), test split, sizes, ΔW.
+fine-tuning (``--baseline``), test split, sizes, ΔW. A causal-LM run's metrics have the base model's beside the
+trained ones, and its sample generations (generations.json) stand in for the classifier's test split.
 
 A full fine-tuning run (``method: full`` in config.yaml) has no adapter: its page says how many parameters
 trained instead of the adapter's rank and targets, runs its ``model/`` on the test split and has no ΔW.
@@ -16,6 +17,7 @@ from loratune.report.sections import (
     analysis_section,
     config_section,
     describe_targets,
+    generations_section,
     guarded,
     learning_curves_section,
     metrics_table,
@@ -47,6 +49,8 @@ def run_page(run: Path, baseline: bl.Baseline | None = None, baseline_note: str 
     elif baseline_note:
         body.append(note(baseline_note))
     causal = cfg.get("task") == "causal-lm"
+    if causal:
+        body += guarded("sample generations", generations_section, run)
     if weights.is_dir() and (run / "config.yaml").is_file() and not causal:     # no classes to draw for an LLM
         body += guarded("test-split predictions", test_section, run)
     body += size_section(results.get("train") or {}, full=full)

@@ -8,6 +8,10 @@ A ``--method full`` search (``method: full`` under search.yaml's ``options:``; a
 has no key and is LoRA, :func:`loratune.report.baseline.method_of`) has no adapters: its page names the
 searched options that won (the learning rate by default) instead of rank and targets, says how many
 parameters trained, runs ``best/model`` on the test split and has no adapter sizes or ΔW.
+
+A causal-LM search (``task: causal-lm``) shows the base model's metrics (``best/results.json``'s ``baseline``, from
+``base_model.json``) beside the best trial's, and the best trial's learning curves and sample generations
+(``best/generations.json``) where a classifier's page has its test split's predictions.
 """
 
 from __future__ import annotations
@@ -27,11 +31,14 @@ from loratune.report.sections import (
     NO_FINITE_LOSS,
     analysis_section,
     describe_targets,
+    generations_section,
     guarded,
+    learning_curves_section,
     ratio,
     size_facts,
     size_section,
     test_section,
+    trained,
 )
 from loratune.search.space import INTERVAL_COLUMNS, METRICS
 from loratune.search.stats import p_text
@@ -114,6 +121,8 @@ class _Search:
     cmp: bl.Comparison | None = None             # the best trial against full fine-tuning (--baseline)
     baseline_note: str | None = None             # why a remembered baseline is not shown
     comparison: dict[str, Any] = field(default_factory=dict)   # search.json's: best vs default on test (McNemar)
+    causal: bool = False                         # a causal-LM search: base-model metrics, sample generations
+    base: dict[str, Any] = field(default_factory=dict)         # causal LM: the base model's metrics per split
 
     @property
     def mname(self) -> str:
@@ -152,7 +161,8 @@ def _gather(run: Path) -> _Search:
     mode = summary.get("mode") or doc.get("mode") or ("min" if metric.endswith("loss") else "max")
     for row in rows:
         if row.get(metric) is None:
-            row[metric] = (rundir.best_evaluation(evals[str(row.get("trial"))]) or {}).get(metric.removeprefix("val_"))
+            best_pass = rundir.best_evaluation(trained(evals[str(row.get("trial"))])) or {}
+            row[metric] = best_pass.get(metric.removeprefix("val_"))
     keys = [k for k in (rows[0] if rows else {}) if k not in STANDARD and k != metric]
     ok = [r for r in rows if r.get("status") in ("completed", "stopped_early") and finite(r.get(metric))]
     best_res = rundir.read_results(run / "best") or {}
@@ -163,11 +173,23 @@ def _gather(run: Path) -> _Search:
     best_row = next((r for r in rows if str(r.get("trial")) == best), {})
     cfg = {**rundir.read_config_doc(run / "best"), **(info.get("config") or best_res.get("config") or {}),
            **{k: best_row[k] for k in keys if k in best_row}}
+    causal = ((doc.get("options") or {}).get("task") or cfg.get("task")) == "causal-lm"
     return _Search(run, f"loratune search {run.resolve().name}", doc, rows, evals, metric, mode, keys, ok, best, cfg,
                    best_res.get("train") or {}, info.get("validation") or best_res.get("validation") or {},
                    info.get("test") or best_res.get("test") or {}, summary.get("default") or {},
                    {str(r.get("trial")): str(r.get("status")) for r in rows}, summary.get("seconds"),
-                   full=search_method(run) == "full", comparison=summary.get("comparison") or {})
+                   full=search_method(run) == "full", comparison=summary.get("comparison") or {}, causal=causal,
+                   base=_base_model(best_res, evals.get(best or "", [])) if causal else {})
+
+
+def _base_model(best_res: dict[str, Any], evals: list[dict[str, Any]]) -> dict[str, Any]:
+    """The base model's metrics the best trial started from: best/results.json's ``baseline`` (validation and test),
+    else the trial's own epoch 0 in its metrics.jsonl (validation)."""
+    base = best_res.get("baseline")
+    if isinstance(base, dict) and base:
+        return base
+    zero = next((e for e in evals if e.get("epoch") == 0), None)
+    return {"validation": {k: v for k, v in zero.items() if k not in ("epoch", "step")}} if zero else {}
 
 
 def _glance(s: _Search) -> list[str]:
@@ -203,8 +225,12 @@ def _winner(s: _Search, r: float | None) -> list[str]:
     vs = ("the untuned default was already the best" if s.default.get("trial") == s.best else
           f"untuned default {fmt(dval)}" if dval is not None else "")
     test_acc = f", test accuracy {fmt(s.test.get('accuracy'))}" if s.test else ""
+    second = (f"exact match {fmt(s.test.get('exact_match'))}" + (
+        f" (base model: accuracy {fmt(s.base['test'].get('accuracy'))}, exact match "
+        f"{fmt(s.base['test'].get('exact_match'))})" if s.base.get("test") else "")) if s.causal else \
+        f"F1 {fmt(s.test.get('f1'))}"
     scores = " · ".join(x for x in (
-        f"test accuracy {fmt(s.test.get('accuracy'))}, F1 {fmt(s.test.get('f1'))}" if s.test else "", vs) if x)
+        f"test accuracy {fmt(s.test.get('accuracy'))}, {second}" if s.test else "", vs) if x)
     result = (f"validation {s.mname} {fmt(s.val.get(s.mname))}" + (f" ({vs})" if vs else "") + test_acc)
     if s.full:
         won = _full_winner(s)
@@ -264,7 +290,7 @@ def _body(s: _Search) -> list[str]:
         body.append(note(s.baseline_note))
     body += ["<h2>Trials</h2><p>Click a column header to sort.</p>"] + guarded(
         "trials table", _trials_table, s.run, s.rows, s.keys, s.best, s.full)
-    no_best = [t for t, ev in s.evals.items() if ev and rundir.best_evaluation(ev) is None]
+    no_best = [t for t, ev in s.evals.items() if trained(ev) and rundir.best_evaluation(trained(ev)) is None]
     if no_best:
         body.append(note(f"{NO_FINITE_LOSS} in trial{'s' if len(no_best) > 1 else ''} {', '.join(no_best)}: "
                          "no best epoch, validation columns empty"))
@@ -285,11 +311,14 @@ def _body(s: _Search) -> list[str]:
 
 
 def _best_configuration(s: _Search) -> list[str]:
-    """The best trial's options, and its (and the untuned default's) validation and test metrics."""
+    """The best trial's options, and its (and the untuned default's; a causal LM's base model's first) validation
+    and test metrics."""
     shown = s.shown_options(s.keys + [k for k in ("rank", "alpha", "targets", "lr", "dropout", "epochs", "batch_size")
                                       if k not in s.keys])
-    mk = ["loss", "accuracy", "f1", "f1_macro", "roc_auc"]
-    results = [(f"best (trial {s.best})", {"validation": s.val, "test": s.test})]
+    mk = ["loss", "perplexity", "accuracy", "exact_match"] if s.causal else ["loss", "accuracy", "f1", "f1_macro",
+                                                                             "roc_auc"]
+    results = [("base model (no adapter)", s.base)] if s.base else []
+    results.append((f"best (trial {s.best})", {"validation": s.val, "test": s.test}))
     if s.default and s.default.get("trial") != s.best:
         results.append((f"untuned default (trial {s.default.get('trial')})", s.default))
     return ["<h2>Best configuration</h2><div class=row>",
@@ -326,10 +355,14 @@ def _trial_curves(s: _Search) -> list[str]:
 
 
 def _best_adapter(s: _Search) -> list[str]:
-    """The best adapter's test split and ΔW, compared with another rank's adapter where there is one."""
+    """The best adapter's test split (a causal LM's: its learning curves and sample generations instead) and ΔW,
+    compared with another rank's adapter where there is one."""
     best_dir = s.run / "best"
     out = [f"<h2>The best adapter (trial {esc(s.best)})</h2>"]
-    if (best_dir / "config.yaml").is_file():
+    if s.causal:
+        out += learning_curves_section(best_dir, "Its learning curves", 3)
+        out += guarded("sample generations", generations_section, best_dir, "Its sample generations", 3)
+    elif (best_dir / "config.yaml").is_file():
         out += guarded("test-split predictions", test_section, best_dir)
     partner = _partner(s.run, s.rows, str(s.best), best_dir / "adapter")
     out += guarded("ΔW analysis", analysis_section, best_dir / "adapter", partner[0] if partner else None,

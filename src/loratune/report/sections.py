@@ -12,7 +12,7 @@ import yaml
 
 from loratune.report import plots
 from loratune.report.baseline import weights_dir
-from loratune.report.html import esc, fmt, human_bytes, img, note, table
+from loratune.report.html import clip, esc, fmt, human_bytes, img, note, table
 from loratune.training import rundir
 
 log = logging.getLogger(__name__)
@@ -33,14 +33,20 @@ def guarded(what: str, fn: Callable[..., list[str]], *args: Any) -> list[str]:
 NO_FINITE_LOSS = "no epoch had a finite validation loss"
 
 
-def learning_curves_section(run: Path) -> list[str]:
-    """Train loss per logged step and validation metrics per epoch, the best epoch marked
-    (:func:`rundir.best_evaluation`); a line saying so when no epoch had a finite validation loss."""
+def trained(evals: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The validation passes of the trained model: ``evals`` without epoch 0 (a causal LM's base model)."""
+    return [e for e in evals if e.get("epoch") != 0]
+
+
+def learning_curves_section(run: Path, heading: str = "Learning curves", level: int = 2) -> list[str]:
+    """Train loss per logged step and validation metrics per epoch (a causal LM's from epoch 0, the base model), the
+    best epoch marked (:func:`rundir.best_evaluation` of the trained epochs); a line saying so when no epoch had a
+    finite validation loss."""
     evals = rundir.evaluations(run)
-    best = rundir.best_evaluation(evals)
-    out = ["<h2>Learning curves</h2>"] + guarded("learning curves", lambda: [img(plots.learning_curves(
+    best = rundir.best_evaluation(trained(evals))
+    out = [f"<h{level}>{esc(heading)}</h{level}>"] + guarded("learning curves", lambda: [img(plots.learning_curves(
         rundir.train_losses(run), evals, best["epoch"] if best else None), "learning curves")])
-    if evals and best is None:
+    if trained(evals) and best is None:
         out.append(note(f"best epoch: none; {NO_FINITE_LOSS} (the run diverged)"))
     return out
 
@@ -111,6 +117,43 @@ def metrics_table(results: dict[str, Any]) -> str:
     rows = [[split] + [(results.get(split) or {}).get(k) for k in keys] for split in ("validation", "test")
             if results.get(split)]
     return table(["split"] + keys, rows)
+
+
+def same_answer(answer: str | None, reference: str | None) -> bool:
+    """Exact match's rule: the two equal after ``.strip().lower()`` (a missing one matches nothing)."""
+    return answer is not None and reference is not None and answer.strip().lower() == reference.strip().lower()
+
+
+def generations_section(run: Path, heading: str = "Sample generations", level: int = 2) -> list[str]:
+    """A causal-LM run's generations.json: the first validation rows' prompt (the last user turn), reference, and
+    the greedy answers of the base model and of the kept adapter, as exact match made them. Rows whose adapter
+    answer matches the reference (:func:`same_answer`) are marked; long texts are cut, whole on hover."""
+    title = f"<h{level}>{esc(heading)}</h{level}>"
+    doc = rundir.read_generations(run)
+    if doc is None:
+        return [title, note("no generations.json in this run (a run from before loratune kept sample generations, "
+                            "or one stopped before its base model's evaluation)")]
+    rows, split = doc["rows"], doc.get("split") or "validation"
+    hits = [same_answer(r.get("adapter"), r.get("reference")) for r in rows]
+    base_hits = sum(same_answer(r.get("base"), r.get("reference")) for r in rows)
+    has_base = any(r.get("base") is not None for r in rows)
+    has_adapter = any(r.get("adapter") is not None for r in rows)
+    epoch = doc.get("epoch")
+    kept = f" of epoch {fmt(epoch, True)}, the one the run kept" if epoch is not None else ""
+    facts = [f"The first {len(rows)} {split} rows, answered greedily (as exact match answers them) by the base model "
+             f"and by the adapter{kept}."]
+    if has_adapter:
+        facts.append(f"✓ (a green row): the adapter's answer equals the reference, case and surrounding whitespace "
+                     f"aside: {sum(hits)} of {len(rows)}" + (f" (base model: {base_hits})" if has_base else "") + ".")
+    else:
+        facts.append("No adapter answers yet: no validation pass has kept an adapter.")
+    if not has_base:
+        facts.append("The base model's answers were not kept for this run.")
+    cells = [[i + 1, clip(r.get("prompt")), clip(r.get("reference")), clip(r.get("base")), clip(r.get("adapter")),
+              "✓" if hit else ""] for i, (r, hit) in enumerate(zip(rows, hits))]
+    return [title, f"<p>{esc(' '.join(facts))}</p>",
+            "<div class=scroll>" + table(["#", "prompt", "reference", "base model", "adapter", "= reference"], cells,
+                                         text_cols=6, row_class=["hit" if h else "" for h in hits]) + "</div>"]
 
 
 def analysis_section(adapter: Path, compare: Path | None = None, labels: tuple[str, str] = ("", "")) -> list[str]:

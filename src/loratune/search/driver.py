@@ -15,7 +15,8 @@ then runs one :func:`loratune.training.loop.train` per trial with ASHA early sto
 - Each trial writes its own run directory ``OUT/trials/<trial id>``; the best one by the validation
   metric alone is copied to ``OUT/best`` and evaluated on the test split once.
 - A causal-LM search evaluates the base model (a run's epoch 0) once, in this process before the first trial
-  (:func:`base_model`, kept in ``OUT/base_model.json`` for a resume), and hands it to every trial.
+  (:func:`base_model`, kept in ``OUT/base_model.json`` for a resume), and hands it to every trial: its metrics and
+  its answers to the first validation rows (each trial's generations.json base column).
 
 A local search keeps Ray on 127.0.0.1, in a short temp folder (Unix socket paths have 107 bytes),
 with a per-process auth token in the environment (nothing in the home directory); Ray's results go
@@ -487,7 +488,9 @@ def _trial(config: dict[str, Any], prepared: Prepared, setup: dict[str, Any]) ->
             train(cfg, out=out, overwrite=resume_from is None, prepared=prepared, resume_from=resume_from,
                   on_epoch=on_epoch, evaluate_test=False, progress=on_event, claim=False,   # the search holds its folder
                   stop_collapsed=not is_default(config, setup["default"], setup["space"].keys),
-                  baseline=baseline_for(setup.get("base_model"), setup["space"].resolve(config), setup["options"]))
+                  baseline=baseline_for(setup.get("base_model"), setup["space"].resolve(config), setup["options"]),
+                  base_answers=base_answers_for(setup.get("base_model"), setup["space"].resolve(config),
+                                                setup["options"]))
         except Diverged as e:                    # no metric in this report: ASHA and the searcher skip it
             rt.report({"diverged": 1, "epoch": state["epoch"], "epochs_planned": state["planned"],
                        "diverged_step": e.step, "node_ip": node})
@@ -532,38 +535,55 @@ def base_model(cfg: TrainConfig, space: Space, prepared: Prepared, out: Path, em
         log.info("the trials run on CUDA and this process has none: each trial evaluates the base model itself")
         return None
     emit({"kind": "message", "text": "evaluating the base model on validation and test (once, for every trial)"})
-    doc = {"device": cfg.device, "threads": cfg.threads,
-           "by_precision": base_model_metrics(cfg, prepared, precisions)}
+    metrics, answers = base_model_metrics(cfg, prepared, precisions)
+    doc = {"device": cfg.device, "threads": cfg.threads, "by_precision": metrics, "generations": answers}
     rundir.write_json(out / BASE_MODEL, doc)
     return read_base_model(out, cfg.device)               # as a resume reads it: NaN where JSON has null
 
 
-def base_model_metrics(cfg: TrainConfig, prepared: Prepared,
-                       precisions: Iterable[str]) -> dict[str, dict[str, dict[str, float]]]:
+def base_answers_for(base_model: dict[str, Any] | None, config: dict[str, Any],
+                     options: dict[str, Any]) -> list[str] | None:
+    """The base model's answers a trial of ``config`` writes in its generations.json: base_model.json's
+    ``generations`` at the trial's precision, chosen by :func:`baseline_for`'s rule; None where there are none (a
+    search from before they were kept: the trial's base column stays null)."""
+    if not base_model or not isinstance(base_model.get("generations"), dict):
+        return None
+    answers = baseline_for({"by_precision": base_model["generations"]}, config, options)
+    return list(answers) if isinstance(answers, list) else None
+
+
+def base_model_metrics(cfg: TrainConfig, prepared: Prepared, precisions: Iterable[str]
+                       ) -> tuple[dict[str, dict[str, dict[str, float]]], dict[str, list[str]]]:
     """``{precision: {"validation": metrics, "test": metrics}}`` of the base model with the untuned default's
     no-op adapter (B = 0), built as a trial builds its model (training/loop.setup, speed levers included) on
-    ``cfg.device`` with ``cfg.threads`` torch threads: the very numbers a trial's own epoch 0 would have. Each
-    precision option is resolved; options that resolve alike share one evaluation."""
+    ``cfg.device`` with ``cfg.threads`` torch threads: the very numbers a trial's own epoch 0 would have; and
+    ``{precision: answers}``, its greedy answers to the first validation rows (the generations exact match made,
+    :data:`SAMPLE_ROWS` of them: each trial's generations.json base column). Each precision option is resolved;
+    options that resolve alike share one evaluation."""
     import torch
 
     from loratune.runtime import resolve_device, resolve_precision, set_threads
+    from loratune.tasks.causal_eval import SAMPLE_ROWS
     from loratune.training.levers import Levers
     from loratune.training.loop import evaluate_split, setup
 
     device, before = resolve_device(cfg.device), torch.get_num_threads()
     threads = set_threads(cfg.threads)
-    done: dict[str, dict[str, dict[str, float]]] = {}
+    done: dict[str, tuple[dict[str, dict[str, float]], list[str]]] = {}
     out: dict[str, dict[str, dict[str, float]]] = {}
+    answers: dict[str, list[str]] = {}
     try:
         for option in precisions:
             precision = resolve_precision(option, device)
             if precision not in done:
                 run = setup(cfg.replace(precision=option), prepared, Path("."), device=device, precision=precision,
                             threads=threads, levers=Levers(), emit=lambda event: None)
-                done[precision] = {name: evaluate_split(run, getattr(prepared, name)) for name in ("validation", "test")}
+                val, gens = evaluate_split(run, prepared.validation)
+                done[precision] = ({"validation": val, "test": evaluate_split(run, prepared.test)[0]},
+                                   gens[:SAMPLE_ROWS])
                 del run
                 release_memory()
-            out[option] = done[precision]
+            out[option], answers[option] = done[precision]
     finally:
         torch.set_num_threads(before)
-    return out
+    return out, answers

@@ -296,7 +296,8 @@ def load_result(out: Path, doc: Mapping[str, Any]) -> SearchResult:
 
 def read_base_model(out: Path, device: str | None = None) -> dict[str, Any] | None:
     """``out/base_model.json`` (``{"device", "threads", "by_precision": {precision: {"validation": {...}, "test":
-    {...}}}}``), with null metrics back as NaN (JSON has none); None where it is missing or unreadable, or (with
+    {...}}}, "generations": {precision: [the base model's greedy answers to the first validation rows]}}``; the
+    last key only from searches since generations.json, read by the driver's ``base_answers_for``), with null metrics back as NaN (JSON has none); None where it is missing or unreadable, or (with
     ``device``) was computed on another device than the trials now run on."""
     doc = rundir.read_json(out / BASE_MODEL)
     if not isinstance(doc, dict) or not isinstance(doc.get("by_precision"), dict):

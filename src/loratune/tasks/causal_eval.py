@@ -16,13 +16,15 @@ turn), its reference (that turn's text) and, where the data's references are a l
 Where every row trains on its last turn only (prompt-completion data, the built-in), the gold
 candidate's sequence *is* the row's sequence, so the loss comes from the choice pass at no extra cost.
 :func:`score_causal` is the same evaluation that also says which rows choice scoring got right (a
-search pairs them between its best and its untuned default in McNemar's test).
+search pairs them between its best and its untuned default in McNemar's test). A run keeps the generations exact
+match made for the first :data:`SAMPLE_ROWS` validation rows, the base model's and the adapter's
+(:func:`sample_rows`: generations.json), for the report: no generation of their own.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -34,6 +36,8 @@ from loratune.tasks.causal_metrics import greedy_generate, sequence_logprobs
 
 EXTRA_NEW_TOKENS = 8
 """Greedy generation for exact match runs to the longest reference's length plus this many tokens."""
+SAMPLE_ROWS = 16
+"""A run keeps the generations of this many validation rows, its first (generations.json: :func:`sample_rows`)."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -44,7 +48,8 @@ class CausalSplit:
     begins, so ``input_ids[i][:starts[i]]`` is its prompt); ``references``: the last turn's text;
     ``choices``: ``k`` candidate sequences per row, row-major, labels on the candidate only (None
     without a label set); ``gold``: the reference's index among the candidates (-1: not among them);
-    ``last_turn_only``: every row's labels are all in its last turn.
+    ``last_turn_only``: every row's labels are all in its last turn; ``questions``: the text of each row's last
+    user turn before that (its decoded prompt where it has none), what a person reads as the row's prompt.
     """
 
     enc: CausalEncoded
@@ -53,6 +58,7 @@ class CausalSplit:
     gold: np.ndarray | None
     last_turn_only: bool
     max_new_tokens: int
+    questions: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.enc)
@@ -86,7 +92,26 @@ def prepare_split(convs: Sequence[list[dict[str, Any]]], tokenizer: Any, max_len
                 pair_wheres.append(f"{where} (candidate {cand!r})")
         choices = encode_conversations(pairs, tokenizer, max_length, pair_wheres)
         ref_tokens = max(ref_tokens, max(int((lab != IGNORE_INDEX).sum()) for lab in choices.labels))
-    return CausalSplit(enc, refs, choices, gold, last_only, ref_tokens + EXTRA_NEW_TOKENS)
+    questions = [_question(conv, ids[:s], tokenizer) for conv, ids, s in zip(convs, enc.input_ids, enc.starts)]
+    return CausalSplit(enc, refs, choices, gold, last_only, ref_tokens + EXTRA_NEW_TOKENS, questions)
+
+
+def _question(conv: Sequence[dict[str, Any]], prompt: np.ndarray, tokenizer: Any) -> str:
+    """The last user turn before a conversation's last assistant turn, or (no such turn) its prompt decoded."""
+    last = max(i for i, m in enumerate(conv) if m["role"] == "assistant")
+    users = [m["content"] for m in conv[:last] if m["role"] == "user"]
+    return users[-1] if users else tokenizer.decode(prompt, skip_special_tokens=True)
+
+
+def sample_rows(split: CausalSplit, base: Sequence[str] | None,
+                adapter: Sequence[str] | None) -> list[dict[str, str | None]]:
+    """generations.json's rows: the first :data:`SAMPLE_ROWS` rows of ``split`` (fewer in a smaller split), each
+    ``{"prompt", "reference", "base", "adapter"}``: its question, its reference, and the greedy answers of the base
+    model and of the adapter, in row order (``base`` / ``adapter`` None: not known, a null column)."""
+    n = min(SAMPLE_ROWS, len(split))
+    return [{"prompt": split.questions[i] if i < len(split.questions) else None, "reference": split.references[i],
+             "base": base[i] if base is not None and i < len(base) else None,
+             "adapter": adapter[i] if adapter is not None and i < len(adapter) else None} for i in range(n)]
 
 
 @dataclass(frozen=True, eq=False)

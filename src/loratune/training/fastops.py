@@ -64,11 +64,18 @@ def use_fast_dropout(model: nn.Module) -> int:
 
 # --- attention with those masks -------------------------------------------------------------------
 #
-# With dropout on the attention probabilities (training), torch's scaled_dot_product_attention cannot
-# use its fused CPU kernel and runs its generic "math" path, which draws the mask by bernoulli_. The
-# same computation written out (scores, softmax in fp32, fast_dropout, @ V) was 6-10% faster per
-# training step here (BENCHMARKS.md). Everything else (no dropout, causal or grouped-query attention,
-# CUDA) goes to transformers' own sdpa function unchanged.
+# Two cases where the attention written out (scores, softmax in fp32, dropout, @ V) is faster on a CPU
+# than torch's scaled_dot_product_attention, which is otherwise used unchanged (transformers' own sdpa
+# function: evaluation, fp32 without dropout, CUDA):
+# - dropout on the attention probabilities (training an encoder): sdpa cannot use its fused kernel and
+#   runs its generic "math" path, which draws the mask by bernoulli_; written out with fast_dropout it
+#   was 6-10% faster per training step (BENCHMARKS.md);
+# - bf16 training without dropout (a decoder: SmolLM2, Llama): sdpa's fused CPU kernel is fast forward
+#   (2.7 ms a layer at 16 x 72 tokens) but its bf16 backward took 27 ms a layer, 17% of a SmolLM2 step;
+#   written out (the bf16 matmuls and softmax of transformers' "eager" attention) a whole step was 1.4x
+#   faster (574 -> 794 tokens/s, 2 threads, Emerald Rapids). In fp32 the two were equally fast, so fp32
+#   keeps sdpa's exact numbers.
+# Grouped-query heads are repeated and a causal mask is built where sdpa would have used is_causal.
 
 FAST_ATTENTION = "loratune_sdpa"
 
@@ -79,15 +86,25 @@ def fast_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, va
     """transformers' attention-function signature: (B, H, L, D) inputs → ((B, L, H, D) output, None)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    causal = is_causal if is_causal is not None else getattr(module, "is_causal", False)
-    plain = (dropout == 0.0 or causal or query.device.type != "cpu" or key.shape[1] != query.shape[1]
-             or kwargs.get("position_bias") is not None
-             or (attention_mask is not None and attention_mask.dtype != torch.bool))
-    if plain:
+    written = (query.device.type == "cpu" and kwargs.get("position_bias") is None
+               and (attention_mask is None or attention_mask.dtype == torch.bool))
+    if written and dropout == 0.0:                     # only sdpa's slow case: a bf16 backward pass (rotary
+        bf16 = query.dtype == torch.bfloat16 or (     # embeddings leave q, k in fp32 under autocast)
+            torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+        written = bf16 and torch.is_grad_enabled() and (query.requires_grad or key.requires_grad
+                                                        or value.requires_grad)
+    if not written:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
+    if key.shape[1] != query.shape[1]:                 # grouped-query attention: each KV head serves a group
+        group = query.shape[1] // key.shape[1]
+        key, value = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)
     scale = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
     scores = torch.matmul(query, key.transpose(-2, -1)) * scale
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    if attention_mask is None and causal and query.shape[2] > 1:   # sdpa's is_causal (no padding in the batch)
+        length, total = scores.shape[-2:]
+        attention_mask = torch.ones(length, total, dtype=torch.bool, device=scores.device).tril(total - length)
     if attention_mask is not None:                     # sdpa masks: True = attend; a finite fill keeps
         scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)   # empty rows finite
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)

@@ -26,8 +26,9 @@ class Levers:
     """CPU training: dropout masks from 16-bit slices of 64-bit draws (fastops.keep_mask), ~4x cheaper than
     ``bernoulli_``, in the model's and the adapters' dropouts. Same distribution; not the same draws."""
     fast_attention: bool = True
-    """CPU training: attention written out with those masks on its probabilities (fastops.fast_attention)
-    instead of sdpa's math path, which is what sdpa falls back to under dropout (6-10% a step)."""
+    """CPU training: attention written out (fastops.fast_attention) where sdpa is slow: under dropout (its math
+    path; written out with those masks, 6-10% a step) and in a bf16 backward pass (its fused kernel's bf16
+    backward; a SmolLM2 step 1.4x faster). fp32 without dropout and evaluation keep sdpa."""
     first_token: bool = True
     """Classifiers that read token 0 only: the last layer computes token 0 only (firsttoken.py); exact, and
     1/7 less matmul work for a 6-layer model."""

@@ -22,7 +22,7 @@ import time
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -40,7 +40,13 @@ from loratune.tasks.causal import (
     collate_causal,
     encode_conversations,
 )
-from loratune.tasks.causal_eval import CausalSplit, evaluate_causal, prepare_split
+from loratune.tasks.causal_eval import (
+    SAMPLE_ROWS,
+    CausalSplit,
+    evaluate_causal,
+    prepare_split,
+    sample_rows,
+)
 from loratune.tasks.causal_metrics import label_logprobs
 from loratune.tasks.classification import evaluate, tokenize
 from loratune.training import lock, rundir
@@ -118,6 +124,7 @@ class Run:
     tokenizer: Any = None                               # full fine-tuning: saved with the model
     stop_collapsed: bool = False                        # a collapsed classifier stops (a search's trials)
     given_baseline: dict[str, dict[str, float]] | None = None   # the base model's metrics, computed by the caller
+    base_answers: list[str] | None = None               # causal LM: the base model's first validation answers
 
     @property
     def artifact(self) -> Path:
@@ -242,7 +249,7 @@ def train(config: TrainConfig | None = None, *, out: str | Path | None = None, r
           resume_from: str | Path | None = None, on_epoch: OnEpoch | None = None, evaluate_test: bool = True,
           levers: Levers = Levers(), claim: bool = True, on_done: Callable[[RunResult], None] | None = None,
           stop_collapsed: bool = False, baseline: Mapping[str, Mapping[str, float]] | None = None,
-          **options: Any) -> RunResult:
+          base_answers: Sequence[str] | None = None, **options: Any) -> RunResult:
     """Train one LoRA adapter; the run directory gets the contract's files.
 
     ``options`` override fields of ``config`` (``train(rank=4)``). With ``resume`` the run in ``out``
@@ -256,7 +263,9 @@ def train(config: TrainConfig | None = None, *, out: str | Path | None = None, r
     loss is not finite (see :func:`optimizer_step`, :func:`end_epoch`). ``baseline``: a causal LM's epoch 0, the
     base model's metrics ``{"validation": {...}, "test": {...}}`` computed already (a search evaluates the base
     model once for all its trials): written to metrics.jsonl and results.json as :func:`baseline` would have
-    computed them; a split it lacks is evaluated here.
+    computed them; a split it lacks is evaluated here. ``base_answers``: with it, the base model's greedy answers
+    to the first validation rows (:data:`SAMPLE_ROWS`), generations.json's base column (none given with a given
+    validation baseline: that column stays null).
 
     ``claim``: check ``out`` and hold its lock (training/lock.py) from the first write to the last, so no
     other process writes there meanwhile; a search's trials pass False (the search holds its directory).
@@ -284,6 +293,7 @@ def train(config: TrainConfig | None = None, *, out: str | Path | None = None, r
                     precision=runtime.resolve_precision(cfg.precision, device), levers=levers, emit=emit)
         run.stop_collapsed = stop_collapsed
         run.given_baseline = {k: dict(v) for k, v in baseline.items()} if baseline is not None else None
+        run.base_answers = list(base_answers) if base_answers is not None else None
         if claim and not resume:
             held.enter_context(lock.hold(out, flag="--out"))
             rundir.check_out(out, resume=False, overwrite=overwrite)     # again, now that no one else can write
@@ -331,6 +341,8 @@ def fit(run: Run, optim: Optim, state: TrainState, stop: threading.Event, *, res
         _announce(run, state)
         if run.data.task == "causal-lm" and state.baseline is None:
             baseline(run, state, logs, evaluate_test=evaluate_test)
+        elif run.data.task == "causal-lm" and run.base_answers is None:     # resumed: evaluated before the kill
+            run.base_answers = rundir.base_answers(run.out)
         # No `step < total` here: a checkpoint taken at the last step (Ctrl-C, --checkpoint-every with
         # --max-steps) comes before that epoch's evaluation, which a resume must still run.
         while state.epoch < run.epochs and not state.stopped_early:
@@ -454,12 +466,12 @@ def end_epoch(run: Run, optim: Optim, state: TrainState, logs: _Logs, *, epoch_e
     with the epoch as a decimal (1.25: one of four passes into the second epoch); it counts like an epoch below.
 
     The best epoch is :func:`rundir.is_better`'s: a finite loss below the best so far (the earlier epoch on a
-    tie). A new best saves the adapter and a copy of the trainable tensors; any other epoch counts towards
-    ``early_stop``. A validation loss that is NaN or infinite means the weights blew up: the run has
-    diverged, and :class:`Diverged` is raised right after that evaluation is logged (metrics.jsonl shows the
-    loss as null), before a checkpoint or ``on_epoch`` sees the epoch.
+    tie). A new best saves the adapter and a copy of the trainable tensors (a causal LM's generations.json too,
+    with this pass's answers); any other epoch counts towards ``early_stop``. A validation loss that is NaN or
+    infinite means the weights blew up: the run has diverged, and :class:`Diverged` is raised right after that
+    evaluation is logged (metrics.jsonl shows the loss as null), before a checkpoint or ``on_epoch`` sees the epoch.
     """
-    val, confusion = _evaluate_validation(run)
+    val, confusion, answers = _evaluate_validation(run)
     runtime.release_memory()                                # the epoch's activations, freed, back to the OS
     if epoch_end:
         state.epoch, state.next_batch, state.rung = state.epoch + 1, 0, 0
@@ -471,6 +483,8 @@ def end_epoch(run: Run, optim: Optim, state: TrainState, logs: _Logs, *, epoch_e
         state.best, state.best_epoch, state.bad_epochs = val["loss"], at, 0
         state.best_state = {n: p.detach().cpu().clone() for n, p in optim.params.items()}
         save_artifact(run)
+        if answers:                                     # the kept adapter's answers, as its adapter/: written now
+            write_generations(run, answers, at)
     else:
         state.bad_epochs += 1
     extra = {"confusion": confusion} if confusion is not None else {}
@@ -494,16 +508,18 @@ def end_epoch(run: Run, optim: Optim, state: TrainState, logs: _Logs, *, epoch_e
     return val
 
 
-def _evaluate_validation(run: Run) -> tuple[dict[str, float], list[list[int]] | None]:
-    """The validation split's metrics and, for a classifier, its confusion matrix (rows: true class, columns:
-    predicted), which metrics.jsonl keeps with each pass (a search's intervals are drawn from it)."""
+def _evaluate_validation(run: Run) -> tuple[dict[str, float], list[list[int]] | None, list[str]]:
+    """The validation split's metrics; for a classifier, its confusion matrix (rows: true class, columns:
+    predicted), which metrics.jsonl keeps with each pass (a search's intervals are drawn from it); for a causal LM,
+    the greedy generations of its exact match, in row order (else empty)."""
     split = run.data.validation
     if isinstance(split, CausalSplit):
-        return evaluate_split(run, split), None
+        metrics, answers = evaluate_split(run, split)
+        return metrics, None, answers
     metrics, probs = evaluate(run.model, split, run.device, run.precision, run.data.pad_id)
     c = len(run.data.label_names)
     cells = np.bincount(split.labels.astype(np.int64) * c + probs.argmax(axis=1), minlength=c * c)
-    return metrics, cells.reshape(c, c).tolist()
+    return metrics, cells.reshape(c, c).tolist(), []
 
 
 def collapsed(confusion: Any, loss: float, train_labels: np.ndarray) -> bool:
@@ -519,30 +535,47 @@ def collapsed(confusion: Any, loss: float, train_labels: np.ndarray) -> bool:
     return cells.sum(axis=0).max() / n >= COLLAPSE_SHARE and loss >= entropy
 
 
-def evaluate_split(run: Run, split: Encoded | CausalSplit) -> dict[str, float]:
-    """A split's metrics with the run's model: classification's :func:`evaluate` or :func:`evaluate_causal`."""
+def evaluate_split(run: Run, split: Encoded | CausalSplit) -> tuple[dict[str, float], list[str]]:
+    """A split's metrics with the run's model, classification's :func:`evaluate` or :func:`evaluate_causal`, and
+    a causal LM's greedy generations in row order (those its exact match compared; a classifier's: empty)."""
     if isinstance(split, CausalSplit):
-        return evaluate_causal(run.model, run.tokenizer, split, run.device, run.precision, run.data.pad_id)[0]
-    return evaluate(run.model, split, run.device, run.precision, run.data.pad_id)[0]
+        return evaluate_causal(run.model, run.tokenizer, split, run.device, run.precision, run.data.pad_id)
+    return evaluate(run.model, split, run.device, run.precision, run.data.pad_id)[0], []
 
 
 def baseline(run: Run, state: TrainState, logs: _Logs, *, evaluate_test: bool) -> None:
     """The base model (its fresh adapter is a no-op: B = 0) on validation and test before the first step: epoch 0
     of metrics.jsonl and ``results.json["baseline"]``, so a run shows what training added. A split whose metrics
-    the caller gave (``run.given_baseline``: a search computes them once) is written as given, not evaluated."""
+    the caller gave (``run.given_baseline``: a search computes them once) is written as given, not evaluated.
+    generations.json starts here with the base model's answers (``run.base_answers``: given, or from validation's
+    evaluation here), the adapter's column null; a resume reads them back from it (:func:`rundir.base_answers`)."""
     run.emit({"kind": "baseline", "step": 0})
     state.baseline = {}
     given = run.given_baseline or {}
     for name, split in (("validation", run.data.validation), ("test", run.data.test)):
         if name == "test" and not evaluate_test:
             continue
-        metrics = dict(given[name]) if name in given else evaluate_split(run, split)
+        if name in given:
+            metrics = dict(given[name])
+        else:
+            metrics, answers = evaluate_split(run, split)
+            if name == "validation":
+                run.base_answers = answers[:SAMPLE_ROWS]
         state.baseline[name] = metrics
         logs.record({"type": "eval", "split": name, "epoch": 0, "step": 0, **metrics})
         for k, v in metrics.items():
             logs.tb.add_scalar(f"{name}/{k}", v, 0)
         log.info("base model on %s: %s", name, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    write_generations(run, None, None)
     run.emit({"kind": "baseline_done", "metrics": state.baseline})
+
+
+def write_generations(run: Run, answers: Sequence[str] | None, epoch: float | None) -> None:
+    """generations.json (rundir.write_generations): the first validation rows with the base model's answers
+    (``run.base_answers``) and ``answers``, the adapter's of the pass at ``epoch`` (None: none yet)."""
+    split = run.data.validation
+    assert isinstance(split, CausalSplit)
+    rundir.write_generations(run.out, sample_rows(split, run.base_answers, answers), epoch)
 
 
 def save_artifact(run: Run) -> Path:
@@ -577,7 +610,7 @@ def finish(run: Run, optim: Optim, state: TrainState, evaluate_test: bool) -> Ru
     best_val = {k: v for k, v in best.items() if k not in ("epoch", "step", "confusion")}
     test = None
     if evaluate_test:
-        test = evaluate_split(run, run.data.test)
+        test = evaluate_split(run, run.data.test)[0]
         run.emit({"kind": "test", "metrics": test})
     stats = _train_stats(run, state)
     extra = {"baseline": state.baseline} if state.baseline is not None else {}

@@ -1,8 +1,8 @@
 """The run directory: where it goes, when an existing one may be reused, its small files, and the one
 reader of them.
 
-Every read of ``metrics.jsonl``, ``results.json`` and ``config.yaml`` goes through here (the trainer's
-resume, the search's trials table, the report), and so does the one rule for "the best epoch":
+Every read of ``metrics.jsonl``, ``results.json``, ``config.yaml`` and ``generations.json`` goes through here
+(the trainer's resume, the search's trials table, the report), and so does the one rule for "the best epoch":
 the evaluation with the lowest *finite* validation loss, the earliest on a tie. A run whose every
 validation loss is non-finite has no best epoch (:func:`best_evaluation` returns None).
 
@@ -79,6 +79,17 @@ def json_line(obj: Any) -> str:
 def write_json(path: Path, obj: Any) -> None:
     """Atomic JSON (temp file + rename); NaN becomes null so any JSON reader takes it."""
     _atomic_text(path, json.dumps(_clean(obj), indent=2) + "\n")
+
+
+GENERATIONS = "generations.json"
+"""A causal-LM run's sample of greedy answers: :func:`write_generations`."""
+
+
+def write_generations(out: Path, rows: list[dict[str, Any]], epoch: float | None, split: str = "validation") -> None:
+    """``out/generations.json``, atomically: ``{"split", "epoch", "rows": [{"prompt", "reference", "base",
+    "adapter"}, ...]}``, the first rows of ``split`` with the base model's and the adapter's greedy answers (null:
+    not known yet); ``epoch``: the evaluation the adapter's answers come from (the kept adapter's), None before one."""
+    write_json(out / GENERATIONS, {"split": split, "epoch": epoch, "rows": rows})
 
 
 def write_config(out: Path, cfg: TrainConfig, **extra: Any) -> None:
@@ -188,10 +199,11 @@ def read_metrics(run: Path) -> list[dict[str, Any]]:
 
 def evaluations(run: Path) -> list[dict[str, Any]]:
     """Per-epoch validation metrics from ``metrics.jsonl``, in order: ``{"epoch", "step", "loss", "accuracy",
-    ...}`` (the trainer's ``history`` entries); a loss that was NaN or infinite reads as None (JSON has neither)."""
+    ...}`` (the trainer's ``history`` entries, after a causal LM's epoch 0, the base model's); a loss that was NaN or
+    infinite reads as None (JSON has neither). Other splits' records (a causal LM's epoch-0 test) are not these."""
     return [{k: v for k, v in x.items() if k not in ("type", "split")} for x in read_metrics(run)
-            if x.get("type") == "eval" and isinstance(x.get("epoch"), (int, float))
-            and not isinstance(x.get("epoch"), bool)]
+            if x.get("type") == "eval" and x.get("split", "validation") == "validation"
+            and isinstance(x.get("epoch"), (int, float)) and not isinstance(x.get("epoch"), bool)]
 
 
 def train_losses(run: Path) -> list[tuple[int, float]]:
@@ -204,6 +216,22 @@ def read_results(run: Path) -> dict[str, Any] | None:
     """``run/results.json`` (written once, when the run finished), or None when it is missing or unreadable."""
     doc = read_json(run / "results.json")
     return doc if isinstance(doc, dict) else None
+
+
+def read_generations(run: Path) -> dict[str, Any] | None:
+    """``run/generations.json`` (:func:`write_generations`), its rows those that are objects, or None when it is
+    missing or unreadable."""
+    doc = read_json(run / GENERATIONS)
+    if not isinstance(doc, dict) or not isinstance(doc.get("rows"), list):
+        return None
+    return {**doc, "rows": [r for r in doc["rows"] if isinstance(r, dict)]}
+
+
+def base_answers(run: Path) -> list[str] | None:
+    """The base model's answers in ``run/generations.json`` (what a resumed run keeps), or None where it has none."""
+    rows = (read_generations(run) or {}).get("rows") or []
+    answers = [r.get("base") for r in rows]
+    return answers if answers and all(isinstance(a, str) for a in answers) else None
 
 
 def read_config_doc(run: Path) -> dict[str, Any]:

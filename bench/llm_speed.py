@@ -1,0 +1,226 @@
+"""Causal-LM training speed against TRL, both sides in one run: ``python -m bench.llm_speed`` (``make bench-llm``'s
+second half; ≈ 10 min on 2 cores).
+
+The same work on every side: the first ``--steps`` × 16 conversations of the built-in instruct data's training
+split (split seed 0), one pass in batches of 16, LoRA r 8, α 16 on q,v of SmolLM2-135M-Instruct (loratune's
+causal-LM defaults, handed to TRL as a ``peft.LoraConfig``), the loss on the completion only, the machine's
+CPUs as torch threads. Three sides, each in a fresh process (so its peak RSS is its own), one at a time:
+
+- ``loratune``: its training step (``training/loop.py``) exactly as ``loratune train`` runs it, every lever on,
+  ``--precision auto``, its own length-bucketed batch order.
+- ``trl-defaults``: TRL's ``SFTTrainer`` + PEFT with ``SFTConfig``'s defaults on this CPU (bf16 autocast,
+  gradient checkpointing, random batches, fp32 weights as TRL loads them); only the batch size, the learning
+  rate (loratune's, which costs nothing), the logging/saving switches and ``use_cpu=True`` are set (without
+  it, TRL's default bf16 stops at "Your setup doesn't support bf16/gpu" on a machine with no GPU).
+- ``trl-best``: the same, with what makes TRL fastest here: bf16, no gradient checkpointing, and
+  ``train_sampling_strategy="group_by_length"`` (transformers 5's name for ``group_by_length``). TRL's
+  padding-free and packing paths need CUDA's flash attention, so they are not used.
+
+Each side's first step is a warm-up; tokens/s is real (non-pad) tokens of steps 2 … N over their wall time.
+FLOPs count 4 per non-embedding weight per token (forward, and the backward pass's input gradients) for every
+side, so the share of the bf16 matmul peak (2048², all threads, measured in the same run) compares useful
+work. TRL runs from its own package folder ``.bench-trl/`` (``trl`` pinned to :data:`TRL_VERSION`, installed
+there on first use with ``pip --target``; torch, transformers and peft are the ones loratune uses, so only
+the trainer differs). Figures go to ``bench/results/llm-speed-<UTC>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+TRL_VERSION = "1.16.0"
+TRL_DIR = Path(".bench-trl")
+BATCH = 16
+
+OURS = r"""
+import json, resource, sys
+import numpy as np
+from pathlib import Path
+import torch
+from loratune import runtime
+from loratune.tasks.batches import batch_order
+from loratune.training import loop
+from loratune.training.levers import Levers
+from loratune.training.options import TrainConfig
+from loratune.training.state import Optim, TrainState
+
+n, threads = int(sys.argv[1]), int(sys.argv[2])
+cfg = TrainConfig(data="rotten-tomatoes-4k-instruct")
+data = loop.prepare_data(cfg)
+device = torch.device("cpu")
+run = loop.setup(cfg, data, Path(sys.argv[3]), device=device, precision=runtime.resolve_precision("auto", device),
+                 threads=runtime.set_threads(threads), levers=Levers(), emit=lambda e: None)
+optim = Optim.create(run.model, cfg, total=run.total, device=device, precision=run.precision)
+state = TrainState()
+lengths = np.asarray(data.train.lengths)[:n]
+order = batch_order(lengths, cfg.batch_size, bucket=cfg.bucket, shuffle=True, seed=cfg.seed, epoch=0)
+loop.optimizer_step(run, optim, state, order[:1])                     # warm-up
+t0, tok0 = state.seconds, state.tokens
+for b in order[1:]:
+    loop.optimizer_step(run, optim, state, [b])
+print(json.dumps({"tokens_per_s": (state.tokens - tok0) / (state.seconds - t0), "seconds": state.seconds - t0,
+                  "tokens": state.tokens - tok0, "all_tokens": int(lengths.sum()), "steps": len(order) - 1,
+                  "precision": run.precision, "threads": run.threads,
+                  "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+TRL = r"""
+import json, resource, sys, time
+import torch
+conf = json.loads(sys.argv[1])
+torch.set_num_threads(conf["threads"])
+import transformers
+from datasets import Dataset
+from peft import LoraConfig
+import trl
+from trl import SFTConfig, SFTTrainer
+from transformers import AutoTokenizer, TrainerCallback
+
+rows = json.loads(open(conf["data"], encoding="utf-8").read())
+ds = Dataset.from_list([{"prompt": c[:-1], "completion": [c[-1]]} for c in rows])
+tok = AutoTokenizer.from_pretrained(conf["model"])
+args = SFTConfig(output_dir=conf["out"], per_device_train_batch_size=conf["batch"], num_train_epochs=1,
+                 learning_rate=conf["lr"], report_to="none", save_strategy="no", logging_steps=1000,
+                 disable_tqdm=True, seed=0, use_cpu=True, **conf["extra"])
+lora = LoraConfig(r=conf["rank"], lora_alpha=conf["alpha"], lora_dropout=conf["dropout"],
+                  target_modules=conf["targets"], task_type="CAUSAL_LM")
+trainer = SFTTrainer(model=conf["model"], args=args, train_dataset=ds, peft_config=lora, processing_class=tok)
+counts, ends = [], []
+inner = trainer.data_collator
+def collate(features):
+    b = inner(features)
+    m = b.get("attention_mask")
+    counts.append(int(m.sum()) if m is not None else int((b["input_ids"] != tok.pad_token_id).sum()))
+    return b
+trainer.data_collator = collate
+class Clock(TrainerCallback):
+    def on_step_end(self, a, s, c, **kw):
+        ends.append(time.perf_counter())
+trainer.add_callback(Clock())
+trainer.train()
+seconds = ends[-1] - ends[0]
+print(json.dumps({"tokens_per_s": (sum(counts) - counts[0]) / seconds, "seconds": seconds,
+                  "tokens": sum(counts) - counts[0], "all_tokens": sum(counts), "steps": len(ends) - 1,
+                  "trl": trl.__version__, "transformers": transformers.__version__,
+                  "gradient_checkpointing": args.gradient_checkpointing, "bf16": args.bf16,
+                  "sampling": args.train_sampling_strategy, "dtype": str(next(trainer.model.parameters()).dtype),
+                  "threads": torch.get_num_threads(),
+                  "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+SIDES = {
+    "loratune": None,
+    "trl-defaults": {},
+    "trl-best": {"bf16": True, "gradient_checkpointing": False, "train_sampling_strategy": "group_by_length"},
+}
+"""side -> the ``SFTConfig`` options set beyond batch size, lr and logging (None: loratune itself)."""
+
+
+def ensure_trl() -> Path:
+    """``.bench-trl/`` with trl==TRL_VERSION (its own dependencies are loratune's: checked by importing it)."""
+    marker = TRL_DIR / f"trl-{TRL_VERSION}.dist-info"
+    if not marker.is_dir():
+        print(f"installing trl=={TRL_VERSION} into {TRL_DIR}/ (bench only)", flush=True)
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--upgrade", "--target",
+                        str(TRL_DIR), f"trl=={TRL_VERSION}"], check=True)
+    env = dict(os.environ, PYTHONPATH=str(TRL_DIR.resolve()))
+    subprocess.run([sys.executable, "-c", "import trl; from trl import SFTTrainer"], check=True, env=env)
+    return TRL_DIR.resolve()
+
+
+def run_side(side: str, n: int, threads: int, tmp: Path, data_file: Path, opts: dict) -> dict:
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+    if side == "loratune":
+        cmd = [sys.executable, "-c", OURS, str(n), str(threads), str(tmp / side)]
+    else:
+        env["PYTHONPATH"] = str(TRL_DIR.resolve())
+        conf = dict(opts, threads=threads, data=str(data_file), out=str(tmp / side), batch=BATCH,
+                    extra=SIDES[side])
+        cmd = [sys.executable, "-c", TRL, json.dumps(conf)]
+    t0 = time.perf_counter()
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if out.returncode:
+        sys.stderr.write(out.stderr[-4000:])
+        raise SystemExit(f"{side}: exit {out.returncode}")
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    r["process_s"] = time.perf_counter() - t0
+    return r
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.llm_speed", description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=24, help="optimizer steps of 16 conversations per side (the "
+                    "first is a warm-up); default 24")
+    ap.add_argument("--sides", default=",".join(SIDES), help=f"comma-separated, of {', '.join(SIDES)}")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads per side (default: the CPUs)")
+    args = ap.parse_args(argv)
+    sides = [s for s in args.sides.split(",") if s]
+    bad = [s for s in sides if s not in SIDES]
+    if bad or args.steps < 2:
+        ap.error(f"unknown side(s) {bad}" if bad else "--steps: at least 2 (the first is a warm-up)")
+
+    import torch
+
+    from bench.common import machine, matmul_peak
+    from loratune import runtime
+    from loratune.training.causal_data import load_causal_splits
+    from loratune.training.models import resolve_model_path
+    from loratune.training.options import TrainConfig
+
+    threads = args.threads or runtime.available_cpus()
+    torch.set_num_threads(threads)
+    if any(s != "loratune" for s in sides):
+        ensure_trl()
+    cfg = TrainConfig(data="rotten-tomatoes-4k-instruct")
+    n = args.steps * BATCH
+    convs = load_causal_splits(cfg).train[:n]
+    opts = {"model": resolve_model_path(cfg.model), "rank": cfg.rank, "alpha": cfg.alpha, "dropout": cfg.dropout,
+            "targets": ["q_proj", "v_proj"], "lr": float(cfg.lr)}
+    if cfg.targets != ("qv",):
+        raise SystemExit(f"the causal-LM default targets are now {cfg.targets}: update the TRL side's LoraConfig")
+    peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
+    from transformers import AutoConfig
+    mc = AutoConfig.from_pretrained(opts["model"])
+    layer = (4 * mc.hidden_size * mc.hidden_size * (1 + mc.num_key_value_heads / mc.num_attention_heads) / 2
+             + 3 * mc.hidden_size * mc.intermediate_size)
+    weights = int(mc.num_hidden_layers * layer)       # q,o full; k,v by the KV heads' share; gate, up, down
+    rows = {}
+    with tempfile.TemporaryDirectory(prefix="bench-llm-speed-") as d:
+        tmp = Path(d)
+        data_file = tmp / "train.json"
+        data_file.write_text(json.dumps([list(c) for c in convs]), encoding="utf-8")
+        for side in sides:
+            print(f"{side}: {args.steps} steps of {BATCH} …", flush=True)
+            r = run_side(side, n, threads, tmp, data_file, opts)
+            r["gflops"] = 4 * weights * r["tokens_per_s"] / 1e9
+            r["share_bf16_peak"] = r["gflops"] / peaks["bf16"]
+            rows[side] = r
+            print(f"  {r['tokens_per_s']:,.0f} tokens/s ({r['tokens']:,} tokens in {r['seconds']:.1f} s), "
+                  f"{100 * r['share_bf16_peak']:.1f}% of the bf16 peak, peak RSS {r['peak_rss_mib']:,.0f} MiB", flush=True)
+    doc = {"when": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "machine": machine(), "threads": threads,
+           "peaks_gflops": peaks, "non_embedding_weights": weights, "steps": args.steps, "batch": BATCH,
+           "conversations": n, "trl_version": TRL_VERSION, "options": opts, "sides": rows}
+    if "loratune" in rows:
+        doc["ratios"] = {f"loratune/{s}": rows["loratune"]["tokens_per_s"] / rows[s]["tokens_per_s"]
+                         for s in rows if s != "loratune"}
+    print("\n| side | tokens/s | share of bf16 peak | peak RSS (MiB) | loratune ÷ side |\n|---|---|---|---|---|")
+    for s, r in rows.items():
+        ratio = doc.get("ratios", {}).get(f"loratune/{s}")
+        print(f"| {s} | {r['tokens_per_s']:,.0f} | {100 * r['share_bf16_peak']:.1f}% | {r['peak_rss_mib']:,.0f} | "
+              f"{f'{ratio:.2f}x' if ratio else ''} |")
+    Path("bench/results").mkdir(parents=True, exist_ok=True)
+    out = Path(f"bench/results/llm-speed-{time.strftime('%Y-%m-%d-%H%M', time.gmtime())}.json")
+    out.write_text(json.dumps(doc, indent=2) + "\n")
+    print(f"figures: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
