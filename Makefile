@@ -52,8 +52,9 @@ bench-variants: data            ## each LoRA variant (DoRA, LoRA+, PiSSA, OLoRA)
 	$(BIN)/python -m bench.quality --configs default,dora,loraplus,pissa,olora $(QUALITY_ARGS)
 	$(BIN)/python -m bench.variants $(VARIANTS_ARGS)
 
-bench-llm: data                 ## the built-in LLM (SmolLM2-135M: LoRA classifier, zero-shot, LoRA instruction-tuned) vs MiniLM + LoRA on the same 3 splits (≈55 min; LLM_ARGS=--instruct-sample-pct 0.5 | --dry-run)
+bench-llm: data                 ## the built-in LLM (SmolLM2-135M: LoRA classifier, zero-shot, LoRA instruction-tuned) vs MiniLM + LoRA on the same 3 splits (≈55 min; LLM_ARGS=--instruct-sample-pct 0.5 | --dry-run), then training speed vs TRL (≈10 min)
 	$(BIN)/python -m bench.llm $(LLM_ARGS)
+	$(BIN)/python -m bench.llm_speed $(LLM_SPEED_ARGS)
 
 bench-serve: data               ## serving: 16 mixed adapters vs one merged vs the base, texts/s, p50/p99, RSS (≈7 min); generation: tokens/s, TTFT, 1 vs 4 adapters (≈6 min) (SERVE_ARGS=--quick)
 	$(BIN)/python -m bench.serve $(SERVE_ARGS)

@@ -75,7 +75,7 @@ def use_fast_dropout(model: nn.Module) -> int:
 #   written out (the bf16 matmuls and softmax of transformers' "eager" attention) a whole step was 1.4x
 #   faster (574 -> 794 tokens/s, 2 threads, Emerald Rapids). In fp32 the two were equally fast, so fp32
 #   keeps sdpa's exact numbers.
-# Grouped-query heads are repeated and a causal mask is built where sdpa would have used is_causal.
+# Grouped-query heads are broadcast and a causal mask is built where sdpa would have used is_causal.
 
 FAST_ATTENTION = "loratune_sdpa"
 
@@ -96,19 +96,23 @@ def fast_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, va
     if not written:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
-    if key.shape[1] != query.shape[1]:                 # grouped-query attention: each KV head serves a group
-        group = query.shape[1] // key.shape[1]
-        key, value = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)
-    scale = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
-    scores = torch.matmul(query, key.transpose(-2, -1)) * scale
+    b, heads, length, dim = query.shape
+    kv = key.shape[1]                                  # grouped-query attention: each KV head serves a group,
+    q = query.reshape(b, kv, heads // kv, length, dim)  # broadcast, not repeated (nothing extra kept for backward)
+    scale = scaling if scaling is not None else 1.0 / math.sqrt(dim)
+    scores = torch.matmul(q, key.transpose(-2, -1).unsqueeze(2)).reshape(b, heads, length, -1) * scale
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    if attention_mask is None and causal and query.shape[2] > 1:   # sdpa's is_causal (no padding in the batch)
-        length, total = scores.shape[-2:]
+    if attention_mask is None and causal and length > 1:   # sdpa's is_causal (no padding in the batch)
+        total = scores.shape[-1]
         attention_mask = torch.ones(length, total, dtype=torch.bool, device=scores.device).tril(total - length)
     if attention_mask is not None:                     # sdpa masks: True = attend; a finite fill keeps
         scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)   # empty rows finite
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-    out = torch.matmul(fast_dropout(probs, dropout), value)
+    if scores.dtype == torch.bfloat16:                 # softmax's float math inside, bf16 out: what it keeps for
+        probs = torch.softmax(scores, dim=-1)          # the backward pass is half an fp32 copy
+    else:
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    probs = fast_dropout(probs, dropout).reshape(b, kv, heads // kv, length, -1)
+    out = torch.matmul(probs, value.unsqueeze(2)).reshape(b, heads, length, dim)
     return out.transpose(1, 2).contiguous(), None
 
 
