@@ -339,16 +339,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--dry-run", action="store_true", help="print the commands and the time estimate only")
     ap.add_argument("--loratune", help=argparse.SUPPRESS)       # the program to run (tests: a stand-in)
     a = ap.parse_args(argv)
-    a.seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
-    a.configs = [c.strip() for c in a.rows.split(",") if c.strip()]
-    unknown = [c for c in a.configs if c not in ROWS]
-    if unknown:
-        ap.error(f"--rows: unknown {unknown[0]!r}; known: {', '.join(ROWS)}")
-    if not a.seeds or not a.configs or a.jobs < 1:
-        ap.error("give at least one seed and one row, and --jobs >= 1")
-    if len(set(a.seeds)) != len(a.seeds) or len(set(a.configs)) != len(a.configs):
-        ap.error("--seeds and --rows: each at most once")
-    return a
+    return q.check_lists(ap, a, a.rows, "--rows", ROWS, "row")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -676,15 +676,22 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--dry-run", action="store_true", help="print the commands only")
     ap.add_argument("--loratune", help=argparse.SUPPRESS)       # the program to run (tests: a stand-in)
     a = ap.parse_args(argv)
+    return check_lists(ap, a, a.configs, "--configs", CONFIGS, "configuration")
+
+
+def check_lists(ap: argparse.ArgumentParser, a: argparse.Namespace, names: str, flag: str, known: Mapping[str, Any],
+                what: str) -> argparse.Namespace:
+    """``a.seeds`` (from its comma-separated text) and ``a.configs`` (from ``names``, given as ``flag``: each
+    one of ``known``) as lists, each non-empty and without repeats, and ``a.jobs`` >= 1; else ``ap.error``."""
     a.seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
-    a.configs = [c.strip() for c in a.configs.split(",") if c.strip()]
-    unknown = [c for c in a.configs if c not in CONFIGS]
+    a.configs = [c.strip() for c in names.split(",") if c.strip()]
+    unknown = [c for c in a.configs if c not in known]
     if unknown:
-        ap.error(f"--configs: unknown {unknown[0]!r}; known: {', '.join(CONFIGS)}")
+        ap.error(f"{flag}: unknown {unknown[0]!r}; known: {', '.join(known)}")
     if not a.seeds or not a.configs or a.jobs < 1:
-        ap.error("give at least one seed and one configuration, and --jobs >= 1")
+        ap.error(f"give at least one seed and one {what}, and --jobs >= 1")
     if len(set(a.seeds)) != len(a.seeds) or len(set(a.configs)) != len(a.configs):
-        ap.error("--seeds and --configs: each at most once")
+        ap.error(f"--seeds and {flag}: each at most once")
     return a
 
 
