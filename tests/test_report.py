@@ -332,3 +332,20 @@ def test_report_in_a_headless_browser(search_dir: Path, tmp_path: Path) -> None:
     assert result["requests"] == [] and result["violations"] == []
     ranks = [int(x) for x in result["order"]]
     assert ranks == sorted(ranks) and len(ranks) == 4
+
+
+def test_trial_curves_show_passes_inside_the_first_epoch_and_epoch_0(monkeypatch) -> None:
+    """A search validating 4 times an epoch (0.25 …) and a causal search's epoch 0 (the base model): the x axis
+    starts left of the first point, not at epoch 0.8 (where the first quarter-epoch passes were cut off)."""
+    from loratune.report import plots
+
+    figs = []
+    monkeypatch.setattr(plots, "png", lambda fig: figs.append(fig) or "data:")
+    quarter = {"a": [{"epoch": e, "loss": 1 / (1 + e), "accuracy": 0.5 + e / 10} for e in (0.25, 0.5, 0.75, 1, 2)]}
+    plots.trial_curves(quarter, {"a": "completed"}, ["accuracy", "loss"], 2, "a")
+    base = {"a": [{"epoch": e, "loss": 1 - e / 4} for e in (0, 0.5, 1)]}
+    plots.trial_curves(base, {"a": "completed"}, ["loss"], 1, "a")
+    (q_acc, q_loss), (b_loss,) = figs[0].axes, figs[1].axes
+    for ax, first, last in ((q_acc, 0.25, 2), (q_loss, 0.25, 2), (b_loss, 0, 1)):
+        lo, hi = ax.get_xlim()
+        assert lo < first and hi > last and lo > first - 0.5

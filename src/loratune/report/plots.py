@@ -244,8 +244,11 @@ def trial_curves(evals: dict[str, list[dict[str, Any]]], statuses: dict[str, str
             ax.scatter([x[-1]], [y[-1]], marker=marks.get(status, "o"), s=70, color=STATUS_COLORS.get(status, "#555"),
                        edgecolor="black", lw=0.5, zorder=4, label=None if status in seen else status.replace("_", " "))
             seen.add(status)
-        if max_epochs:
-            ax.set_xlim(0.8, max_epochs + 0.2)
+        if max_epochs:                                 # passes inside an epoch (0.25 …) and epoch 0 (a causal
+            first = min((e["epoch"] for ev in evals.values() for e in ev if finite(e.get(metric))),  # LM's base
+                        default=1)                                                                    # model) too
+            pad = 0.04 * max_epochs
+            ax.set_xlim(min(first, 1) - pad, max_epochs + pad)
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set(xlabel="epoch", ylabel=f"validation {metric}", title=f"validation {metric} per epoch")
         _log_if_wide(ax, [e[metric] for ev in evals.values() for e in ev if finite(e.get(metric))])
