@@ -1,0 +1,55 @@
+"""bench/llm_speed.py (``make bench-llm``'s speed half): its flags, what each TRL side sets, and loratune's side run
+for real on the built-in LLM for a few steps (the child script uses the trainer's internals, so a change there
+must show up here, not only when someone runs the benchmark). The TRL sides need TRL installed and are not run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bench import llm_speed
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("argv, message", [(["--steps", "1"], "at least 2"), (["--sides", "loratune,trl"], "unknown")])
+def test_bad_flags_are_refused(argv, message, capsys) -> None:
+    with pytest.raises(SystemExit) as e:
+        llm_speed.main(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_trl_sides_are_its_defaults_and_its_best() -> None:
+    """TRL's defaults are SFTConfig's own (nothing set but the run's switches); its best is the issue's list."""
+    assert llm_speed.SIDES["loratune"] is None
+    assert llm_speed.SIDES["trl-defaults"] == {}
+    assert llm_speed.SIDES["trl-best"] == {"bf16": True, "gradient_checkpointing": False,
+                                           "train_sampling_strategy": "group_by_length"}
+    assert "use_cpu=True" in llm_speed.TRL and "per_device_train_batch_size=conf[\"batch\"]" in llm_speed.TRL
+    assert llm_speed.TRL_VERSION.count(".") == 2 and "==" not in llm_speed.TRL_VERSION
+
+
+@pytest.mark.slow
+def test_loratune_side_trains_the_first_conversations(tmp_path) -> None:
+    """Three optimizer steps of 16 on the built-in LLM: the timed tokens are those of steps 2 and 3 (the first is a
+    warm-up), real (non-pad) tokens of the first 48 training conversations."""
+    from loratune.tasks.batches import batch_order
+    from loratune.training import loop
+    from loratune.training.options import TrainConfig
+
+    out = subprocess.run([sys.executable, "-c", llm_speed.OURS, "48", "1", str(tmp_path / "run")], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    data = loop.prepare_data(TrainConfig(data="rotten-tomatoes-4k-instruct"))
+    lengths = data.train.lengths[:48]
+    assert r["all_tokens"] == int(lengths.sum())
+    order = batch_order(np.asarray(lengths), 16, bucket=True, shuffle=True, seed=0, epoch=0)
+    assert r["steps"] == 2 and r["tokens"] == int(lengths.sum() - lengths[order[0]].sum())   # all but the warm-up's
+    assert r["tokens_per_s"] == pytest.approx(r["tokens"] / r["seconds"])
+    assert r["threads"] == 1 and r["peak_rss_mib"] > 500
