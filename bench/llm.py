@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import argparse
 import heapq
-import json
 import math
 import os
 import shlex
@@ -388,15 +387,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                            "out": str(a.out), "seconds": time.monotonic() - started, "estimate_s": expected,
                            "loadavg_end": os.getloadavg(), "rows": rows, "minilm_file": other,
                            "targets": targets(rows, other)}
-    path = a.json or Path("bench/results") / f"llm-{time.strftime('%Y-%m-%d-%H%M', time.gmtime())}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(res, indent=1, default=str) + "\n", encoding="utf-8")
-    print(render(res))
-    log(f"figures: {path}")
-    failed = [j.name for j in distinct if j.status not in ("done", "reused")]
-    if failed:
-        log(f"{len(failed)} runs did not finish: {', '.join(failed)}")
-    return 1 if failed else 0
+    return q.finish(res, a.json, "llm", render, distinct, log)
 
 
 if __name__ == "__main__":

@@ -811,10 +811,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                            "extra": a.extra, "out": str(a.out), "seconds": time.monotonic() - started,
                            "loadavg_end": os.getloadavg(),
                            "configs": summarize(a.configs, a.seeds, jobs)}
-    path = a.json or Path("bench/results") / f"quality-{time.strftime('%Y-%m-%d-%H%M', time.gmtime())}.json"
+    return finish(res, a.json, "quality", render, distinct, log)
+
+
+def finish(res: dict[str, Any], path: Path | None, prefix: str, show: Callable[[dict[str, Any]], str],
+           distinct: Sequence[Job], log: Callable[[str], None]) -> int:
+    """Writes the figures (``path``, else bench/results/<prefix>-<UTC time>.json), prints ``show(res)``, names the
+    runs that did not finish; the exit status: 1 if any did not, else 0."""
+    path = path or Path("bench/results") / f"{prefix}-{time.strftime('%Y-%m-%d-%H%M', time.gmtime())}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(res, indent=1, default=str) + "\n", encoding="utf-8")
-    print(render(res))
+    print(show(res))
     log(f"figures: {path}")
     failed = [j.name for j in distinct if j.status not in ("done", "reused")]
     if failed:
