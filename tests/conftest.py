@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 import pytest
 import torch
@@ -12,6 +13,31 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 logging.getLogger("transformers").setLevel(logging.ERROR)
+
+
+_SESSION: list[pytest.Session] = []
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    _SESSION.append(session)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Once pytest is done (summary printed, every other plugin unconfigured), end the process with pytest's own
+    exit status instead of the interpreter's finalisation.
+
+    One clean-clone CI run passed all 1,025 tests, printed its summary and then died of SIGSEGV while the
+    interpreter tore down the native threads this process had accumulated (the in-process searches' Ray core
+    worker, torch's and tokenizers' pools); three runs before and after exited 0, and seven runs of the in-process
+    Ray tests alone did not crash. Every command a user runs is tested in its own subprocess, where a crash at
+    exit fails that test; this process's finalisation is not part of what the suite tests.
+    ``LORATUNE_TEST_FINALIZE=1`` keeps the normal exit (to look for the crash)."""
+    if _SESSION and os.environ.get("LORATUNE_TEST_FINALIZE") != "1":
+        status = int(_SESSION[-1].exitstatus)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
 
 
 def tiny_model(arch: str, num_labels: int = 2, seed: int = 0) -> torch.nn.Module:

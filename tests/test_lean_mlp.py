@@ -76,3 +76,37 @@ def test_frozen_bf16_leaves_a_tied_lm_head_and_its_embedding_in_fp32() -> None:
     assert model.model.embed_tokens.weight.dtype == torch.float32
     assert model.lm_head.weight is model.model.embed_tokens.weight
     assert model.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+
+
+def test_frozen_bf16_lets_go_of_the_checkpoint_s_memory_map(tmp_path) -> None:
+    """A model loaded from safetensors points into the file's memory map. After the frozen linears are cast, what
+    was not cast (the tied embedding, the norms) is copied into the process's memory, with the same values, so the
+    map and the file pages the cast read are released; without a cast (fp32) nothing is copied."""
+    import gc
+    import os
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from loratune.runtime import cast_frozen_linears
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=88, num_hidden_layers=1,
+                                 num_attention_heads=4, num_key_value_heads=2,
+                                 tie_word_embeddings=True)).save_pretrained(tmp_path)
+    weights = str(tmp_path / "model.safetensors")
+
+    def mapped() -> bool:
+        gc.collect()
+        with open(f"/proc/{os.getpid()}/maps") as f:
+            return any(line.rstrip().endswith(weights) for line in f)
+
+    model = LlamaForCausalLM.from_pretrained(tmp_path).requires_grad_(False)
+    assert mapped() and not model.model.norm.weight.untyped_storage().resizable()   # the loader maps the file
+    assert cast_frozen_linears(model, "fp32") == 0 and mapped()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    assert cast_frozen_linears(model, "bf16") == 7
+    assert all(p.untyped_storage().resizable() for p in model.parameters())
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    for n, p in model.named_parameters():
+        assert torch.equal(p.float(), before[n].to(p.dtype).float())
+    assert not mapped()

@@ -261,6 +261,30 @@ def test_fast_attention_bf16_backward_matches_sdpa(pad: bool) -> None:
         assert torch.equal(a[:, :5], b[:, :5]) and not torch.equal(a[:, 5:], b[:, 5:])
 
 
+def test_fast_attention_keeps_grouped_kv_heads_unexpanded() -> None:
+    """What the bf16 training pass keeps for its backward pass is q, k, v at their own sizes, the probabilities
+    and the mask: a KV head shared by a group of query heads is never kept expanded to the group (8 query heads on
+    2 KV heads here, where an expanded K and V would be 4x their size)."""
+    module = torch.nn.Module()
+    module.is_causal = True
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 8, 6, 4, generator=g).to(torch.bfloat16).requires_grad_()
+    k, v = (torch.randn(2, 2, 6, 4, generator=g).to(torch.bfloat16).requires_grad_() for _ in range(2))
+    kept: dict[int, int] = {}
+
+    def pack(t):
+        kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out, _ = fast_attention(module, q, k, v, None, dropout=0.0, scaling=0.5)
+    out.float().sum().backward()
+    size = 2                                                            # bytes per bf16 element
+    own = (q.numel() + k.numel() + v.numel() + 2 * 8 * 6 * 6) * size + 6 * 6   # q, k, v, probabilities, mask
+    assert sum(kept.values()) <= own
+    assert k.grad.shape == k.shape and v.grad.abs().sum() > 0
+
+
 def test_fast_attention_leaves_sdpa_where_it_is_fast() -> None:
     """Without dropout: fp32 training, and any bf16 pass without gradients (evaluation), are sdpa's own output."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward

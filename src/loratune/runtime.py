@@ -117,6 +117,29 @@ def cast_frozen_linears(model: torch.nn.Module, precision: str) -> int:
                 if p is not None and not p.requires_grad and p.dtype == torch.float32 and id(p) not in tied:
                     p.data = p.data.to(torch.bfloat16)
                     n += 1
+    if n:
+        release_file_maps(model)
+    return n
+
+
+def release_file_maps(model: torch.nn.Module) -> int:
+    """Copy the parameters and buffers that still live in the checkpoint file's memory map (safetensors loads
+    them there, in non-resizable storages) into the process's own memory, so the map is let go.
+
+    After :func:`cast_frozen_linears` the map holds only what was not cast (embeddings, norms), but every
+    page of it that the cast read stays resident while anything points into it: for SmolLM2-135M 405 MiB of
+    fp32 file pages kept for the 113 MiB embedding. Returns the number of tensors copied.
+    """
+    n = 0
+    for p in model.parameters():                                        # unique: a tied weight once
+        if not p.untyped_storage().resizable():
+            p.data = p.data.clone()
+            n += 1
+    for m in model.modules():
+        for k, b in m._buffers.items():
+            if b is not None and not b.untyped_storage().resizable():
+                m._buffers[k] = b.clone()
+                n += 1
     return n
 
 

@@ -97,10 +97,11 @@ def fast_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, va
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     b, heads, length, dim = query.shape
-    kv = key.shape[1]                                  # grouped-query attention: each KV head serves a group,
-    q = query.reshape(b, kv, heads // kv, length, dim)  # broadcast, not repeated (nothing extra kept for backward)
-    scale = scaling if scaling is not None else 1.0 / math.sqrt(dim)
-    scores = torch.matmul(q, key.transpose(-2, -1).unsqueeze(2)).reshape(b, heads, length, -1) * scale
+    kv = key.shape[1]                                  # grouped-query attention: each KV head serves a group of
+    rows = heads // kv * length                        # heads (h = kv·g + j), whose queries are stacked as rows, so
+    q = query.reshape(b, kv, rows, dim)                # K and V are used as they are, never expanded (an expanded
+    scale = scaling if scaling is not None else 1.0 / math.sqrt(dim)   # copy would be kept for the backward pass)
+    scores = torch.matmul(q, key.transpose(-2, -1)).view(b, heads, length, -1) * scale
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     if attention_mask is None and causal and length > 1:   # sdpa's is_causal (no padding in the batch)
         total = scores.shape[-1]
@@ -111,8 +112,8 @@ def fast_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, va
         probs = torch.softmax(scores, dim=-1)          # the backward pass is half an fp32 copy
     else:
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-    probs = fast_dropout(probs, dropout).reshape(b, kv, heads // kv, length, -1)
-    out = torch.matmul(probs, value.unsqueeze(2)).reshape(b, heads, length, dim)
+    probs = fast_dropout(probs, dropout).view(b, kv, rows, -1)
+    out = torch.matmul(probs, value).view(b, heads, length, dim)
     return out.transpose(1, 2).contiguous(), None
 
 
