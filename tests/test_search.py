@@ -149,6 +149,7 @@ def test_cli_rejects_bad_input_before_ray_starts(tmp_path, cli_main, capsys, tin
     cases = [(["--config", str(bad)], "search.lr: unknown distribution 'normal'"),
              (["--metric", "val_acc"], "--metric: expected one of val_loss"),
              (["--samples", "0"], "--samples: expected an integer >= 1"),
+             (["--reduction-factor", "1"], "--reduction-factor: expected an integer >= 2"),
              (["--rank", "64"], "--rank: rank 64 is larger than min(d, k) = 32")]
     for extra, fragment in cases:
         assert cli_main([*common, *extra]) == 2
@@ -424,6 +425,27 @@ def test_collapsed_trials_stop_at_their_first_pass_after_warm_up_and_are_never_c
     good = {"trial": "a", "status": "stopped_early", "best": {"loss": 0.60}}
     flat = {"trial": "b", "status": "collapsed", "best": {"loss": 0.50}}          # lower, and still never chosen
     assert choose_best([flat, good], "val_loss", "min") is good
+
+
+def test_reduction_factor_is_checked_and_recorded(tmp_path, tiny_model_dir, tiny_data) -> None:
+    """search.yaml records ASHA's reduction factor (default 4); a search.yaml from before the option resumes with the
+    seed's 2 (driver.reduction_of: what the scheduler is built with)."""
+    from loratune.errors import InputError
+    from loratune.search import driver
+    from loratune.search.space import REDUCTION_FACTOR
+    from loratune.search.trials import new_search
+
+    def doc(rf):
+        return new_search(None, {"model": tiny_model_dir, "data": tiny_data}, None, 2, 1, 1, None, "random",
+                          "val_loss", None, 2, None, None, reduction_factor=rf)
+
+    assert REDUCTION_FACTOR == 4 and doc(None)["reduction_factor"] == 4 and doc(3)["reduction_factor"] == 3
+    old = doc(None)
+    del old["reduction_factor"]
+    assert driver.reduction_of(old) == 2 and driver.reduction_of(doc(3)) == 3
+    for bad in (1, 0, 2.5, True):
+        with pytest.raises(InputError, match="--reduction-factor: expected an integer >= 2"):
+            doc(bad)
 
 
 def test_asha_never_stops_the_untuned_default() -> None:

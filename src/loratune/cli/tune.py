@@ -23,12 +23,13 @@ from loratune.errors import InputError
 from loratune.search.space import (
     CAUSAL_METRICS,
     CLASSIFICATION_METRICS,
+    REDUCTION_FACTOR,
     RUNGS_PER_EPOCH,
 )
 
 # Keys of the --config YAML that belong to the search, not to training (CLI flag = key with dashes).
-SEARCH_KEYS = {"search": None, "samples": 8, "max_epochs": 3, "rungs_per_epoch": None, "cpus_per_trial": 1,
-               "max_concurrent": None,
+SEARCH_KEYS = {"search": None, "samples": 8, "max_epochs": 3, "rungs_per_epoch": None, "reduction_factor": None,
+               "cpus_per_trial": 1, "max_concurrent": None,
                "search_alg": "random", "metric": "val_loss", "mode": None, "max_failures": 2, "address": None,
                "storage": None}
 
@@ -48,6 +49,9 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
                    help="ASHA's rungs per epoch: each trial validates every 1/N epoch and ASHA may stop it there "
                         "(grace period one rung; max_t = max epochs x N; 1: once an epoch) (default: "
                         f"{RUNGS_PER_EPOCH})")
+    g.add_argument("--reduction-factor", type=int, metavar="ETA", **kw,
+                   help="ASHA's reduction factor: past each rung only the best 1/ETA of the trials that reached it "
+                        f"go on (2: the seed's, stops fewer) (default: {REDUCTION_FACTOR})")
     g.add_argument("--cpus-per-trial", type=int, metavar="C", **kw,
                    help="CPUs (and torch threads) per trial (default: 1)")
     g.add_argument("--max-concurrent", type=int, metavar="K", **kw,

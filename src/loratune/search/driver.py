@@ -82,7 +82,8 @@ _LIVE: dict[str, Any] = {}            # the running search's progress sink and v
 
 
 def tune(config: TrainConfig | None = None, *, space: dict[str, Any] | None = None, samples: int = 8,
-         max_epochs: int = 3, rungs_per_epoch: int | None = None, cpus_per_trial: int = 1, max_concurrent: int | None = None, search_alg: str = "random",
+         max_epochs: int = 3, rungs_per_epoch: int | None = None, reduction_factor: int | None = None,
+         cpus_per_trial: int = 1, max_concurrent: int | None = None, search_alg: str = "random",
          metric: str = "val_loss", mode: str | None = None, max_failures: int = 2, address: str | None = None,
          storage: str | os.PathLike | None = None, out: str | os.PathLike | None = None,
          resume: str | os.PathLike | None = None, overwrite: bool = False, progress: Progress | None = None,
@@ -91,7 +92,8 @@ def tune(config: TrainConfig | None = None, *, space: dict[str, Any] | None = No
 
     ``space`` is the contract's ``search:`` mapping (default: :data:`loratune.search.space.DEFAULT_SPACE`).
     ``samples`` counts the default trial; grid values multiply the others. Each trial's schedule
-    is ``max_epochs`` long; ASHA (grace one rung, reduction 2) may stop it earlier on ``metric``/``mode`` at any
+    is ``max_epochs`` long; ASHA (grace one rung, reduction ``reduction_factor``, default
+    :data:`REDUCTION_FACTOR`) may stop it earlier on ``metric``/``mode`` at any
     of its ``rungs_per_epoch`` validation passes an epoch (default :data:`RUNGS_PER_EPOCH`; 1: once an epoch). A
     classification trial found collapsed (training/loop.collapsed) at a pass after its warm-up stops there.
     ``metric`` must be one the task's trials report (:func:`loratune.search.space.task_metrics`: a causal LM's
@@ -114,7 +116,8 @@ def tune(config: TrainConfig | None = None, *, space: dict[str, Any] | None = No
             address = address or doc.get("address")
         else:
             doc = new_search(config, options, space, samples, max_epochs, cpus_per_trial, max_concurrent, search_alg,
-                             metric, mode, max_failures, address, storage, rungs_per_epoch)
+                             metric, mode, max_failures, address, storage, rungs_per_epoch,
+                             reduction_factor)
             out = Path(out) if out is not None else rundir.default_out("tune")
             rundir.check_out(out, resume=False, overwrite=overwrite)
             storage_dir = Path(doc["storage"]) if doc["storage"] else out.resolve()
@@ -144,6 +147,11 @@ def tune(config: TrainConfig | None = None, *, space: dict[str, Any] | None = No
 def rungs_of(doc: dict[str, Any]) -> int:
     """A search's rungs per epoch (search.yaml; a search from before the option had one an epoch)."""
     return int(doc.get("rungs_per_epoch") or 1)
+
+
+def reduction_of(doc: dict[str, Any]) -> int:
+    """A search's ASHA reduction factor (search.yaml; a search from before the option used the seed's 2)."""
+    return int(doc.get("reduction_factor") or 2)
 
 
 def _done(result: SearchResult, on_done: Callable[[SearchResult], None] | None) -> SearchResult:
@@ -307,7 +315,7 @@ def _fit(doc: dict[str, Any], space: Space, base: TrainConfig, prepared: Prepare
     else:
         scheduler = DefaultRunsOut(default, space.keys, time_attr="training_iteration", metric=doc["metric"],
                                    mode=doc["mode"], max_t=doc["max_epochs"] * rungs, grace_period=1,
-                                   reduction_factor=2, stop_last_trials=False)
+                                   reduction_factor=reduction_of(doc), stop_last_trials=False)
         run = rt.RunConfig(name=exp.name, storage_path=str(exp.parent), verbose=0, callbacks=[LiveView()],
                            failure_config=rt.FailureConfig(max_failures=doc["max_failures"]),
                            checkpoint_config=rt.CheckpointConfig(num_to_keep=2))

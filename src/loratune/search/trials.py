@@ -33,6 +33,7 @@ from loratune.search.space import (
     INTERVAL_COLUMNS,
     METRICS,
     OK_STATUSES,
+    REDUCTION_FACTOR,
     RUNGS_PER_EPOCH,
     Space,
     check_metric,
@@ -326,12 +327,14 @@ def baseline_for(base_model: Mapping[str, Any] | None, config: Mapping[str, Any]
 def new_search(config: TrainConfig | None, options: dict[str, Any], space: dict[str, Any] | None, samples: int,
                 max_epochs: int, cpus_per_trial: int, max_concurrent: int | None, search_alg: str, metric: str,
                 mode: str | None, max_failures: int, address: str | None, storage: Any,
-                rungs_per_epoch: int | None = None) -> dict[str, Any]:
+                rungs_per_epoch: int | None = None, reduction_factor: int | None = None) -> dict[str, Any]:
     """Check the search's own options; the document saved as search.yaml (all a resume needs). ``mode`` None:
     the metric's own (:func:`loratune.search.space.default_mode`: min for a loss, max for a score)."""
     rungs_per_epoch = RUNGS_PER_EPOCH if rungs_per_epoch is None else rungs_per_epoch
+    reduction_factor = REDUCTION_FACTOR if reduction_factor is None else reduction_factor
     mode = default_mode(metric) if mode is None and metric in METRICS else mode
     for name, value, lo in (("samples", samples, 1), ("max_epochs", max_epochs, 1), ("rungs_per_epoch", rungs_per_epoch, 1),
+                            ("reduction_factor", reduction_factor, 2),
                             ("cpus_per_trial", cpus_per_trial, 1), ("max_failures", max_failures, 0),
                             ("max_concurrent", max_concurrent, 1)):
         if value is None and name == "max_concurrent":
@@ -360,7 +363,7 @@ def new_search(config: TrainConfig | None, options: dict[str, Any], space: dict[
     if storage is not None and Path(storage).expanduser().resolve() == Path.home().resolve():
         raise InputError(f"--storage: {storage} is the home directory; give a folder for the search's results")
     return {"options": base.to_dict(), "search": raw, "samples": samples, "max_epochs": max_epochs,
-            "rungs_per_epoch": rungs_per_epoch,
+            "rungs_per_epoch": rungs_per_epoch, "reduction_factor": reduction_factor,
             "cpus_per_trial": cpus_per_trial, "max_concurrent": max_concurrent, "search_alg": search_alg,
             "metric": metric, "mode": mode, "max_failures": max_failures, "address": address,
             "storage": str(Path(storage).expanduser().resolve()) if storage is not None else None}
