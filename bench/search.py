@@ -1,5 +1,5 @@
 """Benchmark 2: search wall time. ``loratune tune`` as ``make demo`` runs it (the default space, 8 samples, ≤ 3
-epochs, ASHA grace one rung / reduction 2 at 4 rungs an epoch, val_loss, built-in model and data, seed 0) against
+epochs, ASHA grace one rung / reduction 4 at 4 rungs an epoch, val_loss, built-in model and data, seed 0) against
 a faithful re-implementation of the seed's Ray Tune + peft search (``reference``, below: the seed's space, fp32,
 random batches, 2 CPUs per trial, ASHA grace 1 epoch / reduction 2, scored on loratune's own split). Each side runs as a child process; its whole process tree's
 RSS and PSS (Ray's processes and workers included) are sampled every 0.5 s for the peaks.
