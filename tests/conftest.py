@@ -27,11 +27,13 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     """Once pytest is done (summary printed, every other plugin unconfigured), end the process with pytest's own
     exit status instead of the interpreter's finalisation.
 
-    One clean-clone CI run passed all 1,025 tests, printed its summary and then died of SIGSEGV while the
-    interpreter tore down the native threads this process had accumulated (the in-process searches' Ray core
-    worker, torch's and tokenizers' pools); three runs before and after exited 0, and seven runs of the in-process
-    Ray tests alone did not crash. Every command a user runs is tested in its own subprocess, where a crash at
-    exit fails that test; this process's finalisation is not part of what the suite tests.
+    One clean-clone CI run passed all 1,025 tests, printed its summary and then died of SIGSEGV during the
+    interpreter's finalisation; the runs before and after it exited 0. Not reproduced since: six runs of the
+    in-process Ray tests (test_search_causal.py) alone and one whole-suite run exited 0, and at that run's end the
+    only Python thread besides the main one was tqdm's monitor, so the crash is presumably in the teardown of a
+    native library's threads (Ray's core worker, torch's or tokenizers' pools); not found. Every command a user
+    runs is tested in its own subprocess, where a crash at exit fails that test; this process's finalisation is
+    not part of what the suite tests.
     ``LORATUNE_TEST_FINALIZE=1`` keeps the normal exit (to look for the crash)."""
     if _SESSION and os.environ.get("LORATUNE_TEST_FINALIZE") != "1":
         status = int(_SESSION[-1].exitstatus)

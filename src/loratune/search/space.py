@@ -82,7 +82,8 @@ quarter of one)."""
 REDUCTION_FACTOR = 4
 """``--reduction-factor``'s default, ASHA's η (Ray Tune's own default): a trial goes on past a rung only if it is
 in the best 1/η of the trials that reached that rung. The seed's 2 kept most trials to the end (BENCHMARKS.md,
-"Search": 14.5 epochs for 8 trials against 9.25 with 4, the same untuned default and the same best)."""
+"Search": 14.5 trial-epochs for 8 trials against 9 with 4, 2.95x against 6.47x the seed's search's speed, and
+the chosen trial no worse on test than the untuned default on average over 3 splits)."""
 FULL_SPACE: dict[str, Any] = {"lr": {"loguniform": [1e-5, 2e-4]}}
 """``--method full`` has no adapter to shape: the default space is its learning rate alone."""
 
