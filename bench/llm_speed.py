@@ -4,10 +4,12 @@ second half; ≈ 10 min on 2 cores).
 The same work on every side: the first ``--steps`` × 16 conversations of the built-in instruct data's training
 split (split seed 0), one pass in batches of 16, LoRA r 8, α 16 on q,v of SmolLM2-135M-Instruct (loratune's
 causal-LM defaults, handed to TRL as a ``peft.LoraConfig``), the loss on the completion only, the machine's
-CPUs as torch threads. Three sides, each in a fresh process (so its peak RSS is its own), one at a time:
+CPUs as torch threads. Four sides, each in a fresh process (so its peak RSS is its own), one at a time:
 
 - ``loratune``: its training step (``training/loop.py``) exactly as ``loratune train`` runs it, every lever on,
   ``--precision auto``, its own length-bucketed batch order.
+- ``loratune-compile``: the same with ``--compile`` (each decoder layer's training pass through torch.compile);
+  its compile happens in the warm-up step, reported apart as ``first_step_s``.
 - ``trl-defaults``: TRL's ``SFTTrainer`` + PEFT with ``SFTConfig``'s defaults on this CPU (bf16 autocast,
   gradient checkpointing, random batches, fp32 weights as TRL loads them); only the batch size, the learning
   rate (loratune's, which costs nothing), the logging/saving switches and ``use_cpu=True`` are set (without
@@ -51,23 +53,26 @@ from loratune.training.levers import Levers
 from loratune.training.options import TrainConfig
 from loratune.training.state import Optim, TrainState
 
-n, threads = int(sys.argv[1]), int(sys.argv[2])
-cfg = TrainConfig(data="rotten-tomatoes-4k-instruct")
+n, threads, compile = int(sys.argv[1]), int(sys.argv[2]), sys.argv[4] == "1"
+cfg = TrainConfig(data="rotten-tomatoes-4k-instruct", compile=compile)
 data = loop.prepare_data(cfg)
 device = torch.device("cpu")
 run = loop.setup(cfg, data, Path(sys.argv[3]), device=device, precision=runtime.resolve_precision("auto", device),
                  threads=runtime.set_threads(threads), levers=Levers(), emit=lambda e: None)
+run.model.train()                                                     # as fit() does: dropout on
 optim = Optim.create(run.model, cfg, total=run.total, device=device, precision=run.precision)
 state = TrainState()
 lengths = np.asarray(data.train.lengths)[:n]
 order = batch_order(lengths, cfg.batch_size, bucket=cfg.bucket, shuffle=True, seed=cfg.seed, epoch=0)
-loop.optimizer_step(run, optim, state, order[:1])                     # warm-up
+loop.optimizer_step(run, optim, state, order[:1])                     # warm-up (and --compile's compile)
 t0, tok0 = state.seconds, state.tokens
+first = state.seconds
 for b in order[1:]:
     loop.optimizer_step(run, optim, state, [b])
 print(json.dumps({"tokens_per_s": (state.tokens - tok0) / (state.seconds - t0), "seconds": state.seconds - t0,
                   "tokens": state.tokens - tok0, "all_tokens": int(lengths.sum()), "steps": len(order) - 1,
-                  "precision": run.precision, "threads": run.threads,
+                  "precision": run.precision, "threads": run.threads, "compile": compile, "first_step_s": first,
+                  "train_mode": run.model.training,
                   "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 
@@ -117,10 +122,12 @@ print(json.dumps({"tokens_per_s": (sum(counts) - counts[0]) / seconds, "seconds"
 
 SIDES = {
     "loratune": None,
+    "loratune-compile": None,
     "trl-defaults": {},
     "trl-best": {"bf16": True, "gradient_checkpointing": False, "train_sampling_strategy": "group_by_length"},
 }
-"""side -> the ``SFTConfig`` options set beyond batch size, lr and logging (None: loratune itself)."""
+"""side -> the ``SFTConfig`` options set beyond batch size, lr and logging (None: loratune itself; its
+``-compile`` side with ``--compile``)."""
 
 
 def ensure_trl() -> Path:
@@ -137,8 +144,8 @@ def ensure_trl() -> Path:
 
 def run_side(side: str, n: int, threads: int, tmp: Path, data_file: Path, opts: dict) -> dict:
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
-    if side == "loratune":
-        cmd = [sys.executable, "-c", OURS, str(n), str(threads), str(tmp / side)]
+    if SIDES[side] is None:
+        cmd = [sys.executable, "-c", OURS, str(n), str(threads), str(tmp / side), str(int(side.endswith("-compile")))]
     else:
         env["PYTHONPATH"] = str(TRL_DIR.resolve())
         conf = dict(opts, threads=threads, data=str(data_file), out=str(tmp / side), batch=BATCH,
@@ -176,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
 
     threads = args.threads or runtime.available_cpus()
     torch.set_num_threads(threads)
-    if any(s != "loratune" for s in sides):
+    if any(SIDES[s] is not None for s in sides):
         ensure_trl()
     cfg = TrainConfig(data="rotten-tomatoes-4k-instruct")
     n = args.steps * BATCH
@@ -207,14 +214,15 @@ def main(argv: list[str] | None = None) -> int:
     doc = {"when": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "machine": machine(), "threads": threads,
            "peaks_gflops": peaks, "non_embedding_weights": weights, "steps": args.steps, "batch": BATCH,
            "conversations": n, "trl_version": TRL_VERSION, "options": opts, "sides": rows}
-    if "loratune" in rows:
-        doc["ratios"] = {f"loratune/{s}": rows["loratune"]["tokens_per_s"] / rows[s]["tokens_per_s"]
-                         for s in rows if s != "loratune"}
-    print("\n| side | tokens/s | share of bf16 peak | peak RSS (MiB) | loratune ÷ side |\n|---|---|---|---|---|")
+    ours = [s for s in rows if SIDES[s] is None]
+    doc["ratios"] = {f"{o}/{s}": rows[o]["tokens_per_s"] / rows[s]["tokens_per_s"]
+                     for o in ours for s in rows if s != o}
+    print(f"\n| side | tokens/s | share of bf16 peak | peak RSS (MiB) | {' | '.join(o + ' ÷ side' for o in ours)} |\n"
+          f"|---|---|---|---|{'---|' * len(ours)}")
     for s, r in rows.items():
-        ratio = doc.get("ratios", {}).get(f"loratune/{s}")
+        ratios = [doc["ratios"].get(f"{o}/{s}") for o in ours]
         print(f"| {s} | {r['tokens_per_s']:,.0f} | {100 * r['share_bf16_peak']:.1f}% | {r['peak_rss_mib']:,.0f} | "
-              f"{f'{ratio:.2f}x' if ratio else ''} |")
+              + " | ".join(f"{x:.2f}x" if x else "" for x in ratios) + " |")
     Path("bench/results").mkdir(parents=True, exist_ok=True)
     out = Path(f"bench/results/llm-speed-{time.strftime('%Y-%m-%d-%H%M', time.gmtime())}.json")
     out.write_text(json.dumps(doc, indent=2) + "\n")

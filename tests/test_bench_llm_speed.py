@@ -26,7 +26,7 @@ def test_bad_flags_are_refused(argv, message, capsys) -> None:
 
 def test_trl_sides_are_its_defaults_and_its_best() -> None:
     """TRL's defaults are SFTConfig's own (nothing set but the run's switches); its best is the issue's list."""
-    assert llm_speed.SIDES["loratune"] is None
+    assert llm_speed.SIDES["loratune"] is None and llm_speed.SIDES["loratune-compile"] is None
     assert llm_speed.SIDES["trl-defaults"] == {}
     assert llm_speed.SIDES["trl-best"] == {"bf16": True, "gradient_checkpointing": False,
                                            "train_sampling_strategy": "group_by_length"}
@@ -42,7 +42,7 @@ def test_loratune_side_trains_the_first_conversations(tmp_path) -> None:
     from loratune.training import loop
     from loratune.training.options import TrainConfig
 
-    out = subprocess.run([sys.executable, "-c", llm_speed.OURS, "48", "1", str(tmp_path / "run")], cwd=ROOT,
+    out = subprocess.run([sys.executable, "-c", llm_speed.OURS, "48", "1", str(tmp_path / "run"), "0"], cwd=ROOT,
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     r = json.loads(out.stdout.strip().splitlines()[-1])
@@ -52,4 +52,5 @@ def test_loratune_side_trains_the_first_conversations(tmp_path) -> None:
     order = batch_order(np.asarray(lengths), 16, bucket=True, shuffle=True, seed=0, epoch=0)
     assert r["steps"] == 2 and r["tokens"] == int(lengths.sum() - lengths[order[0]].sum())   # all but the warm-up's
     assert r["tokens_per_s"] == pytest.approx(r["tokens"] / r["seconds"])
-    assert r["threads"] == 1 and r["peak_rss_mib"] > 500
+    assert r["threads"] == 1 and r["peak_rss_mib"] > 500 and r["compile"] is False
+    assert r["train_mode"] is True                      # dropout on, as in fit(): not an evaluation-mode model

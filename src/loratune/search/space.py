@@ -138,6 +138,7 @@ FIXED_ONLY = {
     "evals_per_epoch": "a trial's validation passes are ASHA's rungs, the same for all trials; set --rungs-per-epoch",
     "threads": "a trial's threads equal its CPUs; set --cpus-per-trial",
     "device": "the device is chosen for the whole search; fix it with --device",
+    "compile": "it changes a trial's speed, not its result; fix it for every trial with --compile",
 }
 
 

@@ -49,7 +49,7 @@ from loratune.tasks.causal_eval import (
 )
 from loratune.tasks.causal_metrics import label_logprobs
 from loratune.tasks.classification import evaluate, tokenize
-from loratune.training import lock, rundir
+from loratune.training import compiled, lock, rundir
 from loratune.training.checkpoint import load_checkpoint, load_latest, save_checkpoint
 from loratune.training.data import load_splits
 from loratune.training.levers import Levers
@@ -199,13 +199,18 @@ def class_weights(labels: np.ndarray, n_classes: int) -> torch.Tensor:
 
 def setup(cfg: TrainConfig, data: Prepared, out: Path, *, device: torch.device, precision: str, threads: int,
           levers: Levers, emit: Progress) -> Run:
-    """The model with a fresh adapter on ``device``, the levers switched on, and the run's length."""
+    """The model with a fresh adapter on ``device``, the levers switched on (and ``--compile``), and the run's
+    length."""
+    if cfg.compile:
+        compiled.check_compiler(device)                     # before the model loads: a one-line refusal
     model, spec, targets = build_model(cfg, data.label_names)
     if spec is not None and "modules_to_save" in cfg.auto_fields:
         cfg = cfg.replace(modules_to_save=spec.modules_to_save)   # config.yaml: what this model trains
     model.to(device)
     base_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if ".adapters." not in n)
     levers.apply(model, precision)                          # after inject: the adapters took the fp32 dtype
+    if cfg.compile:
+        compiled.compile_layers(model)                      # last: it compiles the levers' forwards
     steps_per_epoch = math.ceil(math.ceil(len(data.train) / cfg.batch_size) / cfg.grad_accum)
     total = cfg.max_steps or steps_per_epoch * cfg.epochs
     if cfg.evals_per_epoch > steps_per_epoch:
