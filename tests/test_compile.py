@@ -157,3 +157,25 @@ def test_compile_without_a_cxx_compiler_is_refused_in_one_line(tmp_path, llama_d
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert "--compile: torch.compile needs a C++ compiler" in lines[0]
     assert not (out / "metrics.jsonl").exists()
+
+
+def test_an_encoder_batch_without_padding_does_not_compile_the_layers_again() -> None:
+    """BERT's all-ones mask (transformers' sdpa skips it: None) likewise, the first-token last layer included."""
+    from loratune.training.firsttoken import first_token_last_layer
+
+    model = tiny_model("bert")
+    model.config._attn_implementation = "sdpa"
+    inject(model, LoraSpec(targets=("query", "value"), rank=4, alpha=8.0, dropout=0.1))
+    assert use_fast_attention(model) and first_token_last_layer(model)
+    assert compile_layers(model) == 2
+    model.train()
+
+    def step(width: int, padded: bool) -> None:
+        ids, mask = _batch(width, padded)
+        model(input_ids=ids, attention_mask=mask).logits.float().mean().backward()
+
+    step(10, padded=True)
+    step(11, padded=True)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        step(12, padded=False)
+        step(17, padded=True)

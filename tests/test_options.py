@@ -31,6 +31,7 @@ CONTRACT_DEFAULTS = {
     "grad_accum": 1, "clip": 1.0, "early_stop": None, "evals_per_epoch": 1, "class_weights": "none",
     "precision": "auto",
     "device": "auto", "seed": 0, "log_every": 20, "bucket": True, "checkpoint_every": None, "threads": None,
+    "compile": False,
 }
 
 

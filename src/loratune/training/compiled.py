@@ -92,7 +92,7 @@ def _training_compiled(layer: nn.Module, eager: Callable[..., Any], options: dic
 def _route_attention(model: nn.Module) -> None:
     """A model on ``fastops.fast_attention`` gets :data:`COMPILED_ATTENTION`: without it, a training batch with
     no padding gets no mask (transformers' sdpa masks skip an all-causal one) and every layer compiles again for
-    that case (≈ 15 s more); with it, such a batch gets the causal mask tensor the attention would have built."""
+    that case (≈ 15 s more; an encoder's all-ones mask likewise); with it, such a batch gets the mask as a tensor."""
     from transformers import AttentionInterface, AttentionMaskInterface
 
     from loratune.training.fastops import FAST_ATTENTION, fast_attention
@@ -106,9 +106,10 @@ def _route_attention(model: nn.Module) -> None:
 
 
 def _full_mask_when_training(*args: Any, **kwargs: Any) -> torch.Tensor | None:
-    """transformers' sdpa mask, never skipped under autograd (evaluation may skip it as before)."""
+    """transformers' sdpa mask, never skipped under autograd (evaluation may skip it as before): neither a decoder's
+    all-causal one nor an encoder's all-ones one."""
     from transformers.masking_utils import sdpa_mask
 
     if torch.is_grad_enabled():
-        kwargs["allow_is_causal_skip"] = False
+        kwargs["allow_is_causal_skip"] = kwargs["allow_is_bidirectional_skip"] = False
     return sdpa_mask(*args, **kwargs)  # type: ignore[no-any-return]
