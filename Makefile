@@ -52,7 +52,7 @@ bench-variants: data            ## each LoRA variant (DoRA, LoRA+, PiSSA, OLoRA)
 	$(BIN)/python -m bench.quality --configs default,dora,loraplus,pissa,olora $(QUALITY_ARGS)
 	$(BIN)/python -m bench.variants $(VARIANTS_ARGS)
 
-bench-llm: data                 ## the built-in LLM (SmolLM2-135M: LoRA classifier, zero-shot, LoRA instruction-tuned) vs MiniLM + LoRA on the same 3 splits (≈55 min; LLM_ARGS=--instruct-sample-pct 0.5 | --dry-run), then training speed vs TRL (≈10 min)
+bench-llm: data                 ## the built-in LLM (SmolLM2-135M: LoRA classifier, zero-shot, LoRA instruction-tuned) vs MiniLM + LoRA on the same 3 splits (≈55 min; LLM_ARGS=--instruct-sample-pct 0.5 | --dry-run), then training speed, eager and --compile, vs TRL (≈11 min)
 	$(BIN)/python -m bench.llm $(LLM_ARGS)
 	$(BIN)/python -m bench.llm_speed $(LLM_SPEED_ARGS)
 

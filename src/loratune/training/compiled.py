@@ -3,8 +3,9 @@
 inductor fuses what a layer does besides its matmuls (RMSNorm or LayerNorm, rotary embeddings, SiLU, dropout
 masks, LoRA's scaling, softmax, bf16 casts) into generated C++ loops; the matmuls stay oneDNN's. On SmolLM2 in
 bf16 that elementwise work was most of a step (BENCHMARKS.md: a step's ``mm`` was 20% of its CPU time before,
-54% after), so a compiled step is ≈ 1.5x faster and keeps less for the backward pass; the compile costs 15-60 s
-per process (inductor caches its kernels in its cache folder, so a second process compiles faster).
+54% after), so a compiled step was 1.53x faster and kept less for the backward pass (peak RSS 3,483 -> 2,616 MiB).
+The compile is paid in the first step of each process: ≈ 90 s with inductor's kernel cache empty, 12-22 s once
+it is warm (its cache folder, under /tmp by default, serves later processes).
 
 Only the training pass is compiled. Under ``torch.no_grad`` (validation, generation, serving) or in eval mode
 a layer runs its eager forward, so evaluation computes what it computed without ``--compile`` and never waits
@@ -45,8 +46,9 @@ def check_compiler(device: torch.device) -> None:
 
 def layer_lists(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
     """The model's stacks of transformer layers: each outermost ``nn.ModuleList`` whose items are all of one
-    class and hold linear layers (``nn.Linear`` or GPT-2's ``Conv1D``: ``model.layers`` of Llama, ``encoder.layer`` of BERT, ``transformer.layer``
-    of DistilBERT; an encoder-decoder model has two)."""
+    class and hold linear layers (``nn.Linear`` or GPT-2's ``Conv1D``): ``model.layers`` of Llama,
+    ``encoder.layer`` of BERT, ``transformer.layer`` of DistilBERT, ``transformer.h`` of GPT-2; an
+    encoder-decoder model has two."""
     from loratune.core.inject import is_linear
 
     found: list[tuple[str, nn.ModuleList]] = []
