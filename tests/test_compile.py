@@ -131,10 +131,11 @@ def test_a_compiled_run_trains_as_the_eager_run(tmp_path, llama_dir, data) -> No
     the same adapter file (keys and values), and config.yaml records the option."""
     from loratune.training.loop import train
 
-    runs = {}
+    runs, said = {}, []
     for on in (False, True):
         out = tmp_path / f"compile-{on}"
-        train(TrainConfig(**opts(llama_dir, data, max_steps=6, dropout=0.1, compile=on)), out=out)
+        train(TrainConfig(**opts(llama_dir, data, max_steps=6, dropout=0.1, compile=on)), out=out,
+              progress=lambda e: said.append(e.get("text")) if e["kind"] == "message" else None)
         losses = [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
                   if r.get("type") == "train"]
         runs[on] = (losses, load_file(out / "adapter" / "adapter_model.safetensors"),
@@ -144,6 +145,8 @@ def test_a_compiled_run_trains_as_the_eager_run(tmp_path, llama_dir, data) -> No
     for k, v in runs[False][1].items():
         torch.testing.assert_close(runs[True][1][k], v, rtol=1e-3, atol=1e-5, msg=k)
     assert "compile: true" in runs[True][2] and "compile: false" in runs[False][2]
+    assert [t for t in said if "--compile" in t] == ["--compile: the first training step compiles 2 layers (1-2 "
+                                                     "minutes the first time, seconds once inductor's cache is warm)"]
 
 
 def test_compile_without_a_cxx_compiler_is_refused_in_one_line(tmp_path, llama_dir, data) -> None:  # noqa: F811

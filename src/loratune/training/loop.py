@@ -210,7 +210,10 @@ def setup(cfg: TrainConfig, data: Prepared, out: Path, *, device: torch.device, 
     base_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if ".adapters." not in n)
     levers.apply(model, precision)                          # after inject: the adapters took the fp32 dtype
     if cfg.compile:
-        compiled.compile_layers(model)                      # last: it compiles the levers' forwards
+        n = compiled.compile_layers(model)                  # last: it compiles the levers' forwards
+        emit({"kind": "message", "text": f"--compile: the first training step compiles {n} layers (1-2 minutes the "
+              "first time, seconds once inductor's cache is warm)" if n else "--compile: no stack of transformer "
+              "layers found in this model; it trains uncompiled"})
     steps_per_epoch = math.ceil(math.ceil(len(data.train) / cfg.batch_size) / cfg.grad_accum)
     total = cfg.max_steps or steps_per_epoch * cfg.epochs
     if cfg.evals_per_epoch > steps_per_epoch:
