@@ -378,8 +378,9 @@ class TrainConfig:
     threads: int | None = option(None, "int", "torch threads", ge=1, optional=True,
                                  unset="the CPUs this process may use", metavar="N")
     compile: bool = option(False, "bool", "torch.compile each transformer layer's training pass (inductor's fused "
-                           "kernels; on a CPU it needs a C++ compiler): a SmolLM2 step ~1.5x faster after a 15-60 s "
-                           "compile, little gain for a small classifier; validation and generation run as without it")
+                           "kernels; on a CPU it needs a C++ compiler): a SmolLM2 step ~1.5x faster after a compile of "
+                           "~90 s (12-22 s once inductor's cache is warm), little gain for a small classifier; "
+                           "validation and generation run as without it")
 
     def __post_init__(self) -> None:
         auto = frozenset(f.name for f in fields(self) if (_spec(f).auto or f.name == "task")
