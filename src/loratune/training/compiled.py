@@ -87,7 +87,6 @@ def _training_compiled(layer: nn.Module, eager: Callable[..., Any], options: dic
             return compiled(*args, **kwargs)
         return eager(*args, **kwargs)
 
-    forward.eager = eager                               # type: ignore[attr-defined]
     return types.MethodType(forward, layer)
 
 
