@@ -24,6 +24,10 @@ side, so the share of the bf16 matmul peak (2048², all threads, measured in the
 work. TRL runs from its own package folder ``.bench-trl/`` (``trl`` pinned to :data:`TRL_VERSION`, installed
 there on first use with ``pip --target``; torch, transformers and peft are the ones loratune uses, so only
 the trainer differs). Figures go to ``bench/results/llm-speed-<UTC>.json``.
+
+After the sides, :func:`matmul_ceiling` times the frozen-weight matmuls of loratune's timed batches alone (no
+other work), padded as loratune pads them and packed: the share of the bf16 peak that no implementation built on
+torch's matmul could pass here (``--sides ''`` measures only that, ≈ 1 min).
 """
 
 from __future__ import annotations
@@ -73,6 +77,7 @@ print(json.dumps({"tokens_per_s": (state.tokens - tok0) / (state.seconds - t0), 
                   "tokens": state.tokens - tok0, "all_tokens": int(lengths.sum()), "steps": len(order) - 1,
                   "precision": run.precision, "threads": run.threads, "compile": compile, "first_step_s": first,
                   "train_mode": run.model.training,
+                  "shapes": [[len(b), int(lengths[b].max()), int(lengths[b].sum())] for b in order[1:]],
                   "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 
@@ -161,11 +166,78 @@ def run_side(side: str, n: int, threads: int, tmp: Path, data_file: Path, opts: 
     return r
 
 
+def batch_shapes(n: int) -> list[list[int]]:
+    """[rows, padded width, real tokens] of each timed batch (all but the warm-up) of loratune's side: its own
+    length-bucketed order of the first ``n`` training conversations, as the ``OURS`` script trains them."""
+    import numpy as np
+
+    from loratune.tasks.batches import batch_order
+    from loratune.training import loop
+    from loratune.training.options import TrainConfig
+
+    cfg = TrainConfig(data="rotten-tomatoes-4k-instruct")
+    lengths = np.asarray(loop.prepare_data(cfg).train.lengths)[:n]
+    order = batch_order(lengths, cfg.batch_size, bucket=cfg.bucket, shuffle=True, seed=cfg.seed, epoch=0)
+    return [[len(b), int(lengths[b].max()), int(lengths[b].sum())] for b in order[1:]]
+
+
+def linear_shapes(mc: object) -> list[tuple[int, int]]:
+    """(out, in) of one decoder layer's frozen linear layers: q, k, v, o, gate, up, down (Llama's layout)."""
+    h, heads, kv = mc.hidden_size, mc.num_attention_heads, mc.num_key_value_heads
+    hd = getattr(mc, "head_dim", None) or h // heads
+    i = mc.intermediate_size
+    return [(heads * hd, h), (kv * hd, h), (kv * hd, h), (h, heads * hd), (i, h), (i, h), (h, i)]
+
+
+def matmul_ceiling(mc: object, shapes: list[list[int]], rounds: int = 3, packed: bool = False) -> dict:
+    """What a training step that did nothing but its frozen-weight matmuls would reach at these batch shapes:
+    for every batch (rows × padded width = M tokens) and every decoder layer, each linear layer's forward product
+    (M × in by in × out) and its input-gradient product (M × out by out × in), bf16, the current torch threads;
+    no attention, norms, activations, LoRA, loss or optimizer. Its time is a lower bound for any implementation
+    that uses torch's matmul, so ``share_bf16_peak`` (the same useful-FLOP count as the sides: 4 per weight per
+    real token) is the most any side could show here. Interleaved with the 2048² peak (the host's speed moves
+    within minutes): best of ``rounds`` for each, the same rule as the peak's. ``packed``: M is each batch's real
+    tokens (no padding at all, as a packed or padding-free batch would be)."""
+    import torch
+    import torch.nn.functional as F
+
+    from bench.common import matmul_peak
+
+    lin = linear_shapes(mc)
+    layers = mc.num_hidden_layers
+    weights = [[torch.randn(o, i, dtype=torch.bfloat16) for o, i in lin] for _ in range(layers)]   # as many as
+    # the model's, so they stream from memory as its weights do rather than staying in cache
+    ms = [t if packed else r * w for r, w, t in shapes]
+    m_max = max(ms)
+    xs = {d: torch.randn(m_max, d, dtype=torch.bfloat16) for d in {i for _, i in lin} | {o for o, _ in lin}}
+
+    def one_pass() -> float:
+        t0 = time.perf_counter()
+        for m in ms:
+            for layer in weights:
+                for wt, (o, i) in zip(layer, lin):
+                    F.linear(xs[i][:m], wt)           # forward: (M, in) · (in, out)
+                    xs[o][:m] @ wt                    # input gradient: (M, out) · (out, in)
+        return time.perf_counter() - t0
+
+    one_pass()                                        # warm-up (oneDNN's kernels for each shape)
+    best, peak = float("inf"), 0.0
+    for _ in range(rounds):
+        peak = max(peak, matmul_peak(torch.bfloat16))
+        best = min(best, one_pass())
+    real = sum(t for _, _, t in shapes)
+    useful = 4 * layers * sum(o * i for o, i in lin) * real
+    return {"seconds": best, "tokens_per_s": real / best, "gflops": useful / best / 1e9, "peak_gflops": peak,
+            "share_bf16_peak": useful / best / 1e9 / peak, "padding_fraction": 1 - real / sum(ms),
+            "packed": packed, "batches": len(shapes), "rounds": rounds}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.llm_speed", description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=24, help="optimizer steps of 16 conversations per side (the "
                     "first is a warm-up); default 24")
-    ap.add_argument("--sides", default=",".join(SIDES), help=f"comma-separated, of {', '.join(SIDES)}")
+    ap.add_argument("--sides", default=",".join(SIDES), help=f"comma-separated, of {', '.join(SIDES)} (''"
+                    ": only the matmul-only ceiling)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads per side (default: the CPUs)")
     args = ap.parse_args(argv)
     sides = [s for s in args.sides.split(",") if s]
@@ -195,9 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
     from transformers import AutoConfig
     mc = AutoConfig.from_pretrained(opts["model"])
-    layer = (4 * mc.hidden_size * mc.hidden_size * (1 + mc.num_key_value_heads / mc.num_attention_heads) / 2
-             + 3 * mc.hidden_size * mc.intermediate_size)
-    weights = int(mc.num_hidden_layers * layer)       # q,o full; k,v by the KV heads' share; gate, up, down
+    weights = mc.num_hidden_layers * sum(o * i for o, i in linear_shapes(mc))   # q, k, v, o, gate, up, down
     rows = {}
     with tempfile.TemporaryDirectory(prefix="bench-llm-speed-") as d:
         tmp = Path(d)
@@ -211,9 +281,19 @@ def main(argv: list[str] | None = None) -> int:
             rows[side] = r
             print(f"  {r['tokens_per_s']:,.0f} tokens/s ({r['tokens']:,} tokens in {r['seconds']:.1f} s), "
                   f"{100 * r['share_bf16_peak']:.1f}% of the bf16 peak, peak RSS {r['peak_rss_mib']:,.0f} MiB", flush=True)
+    shapes = next((r["shapes"] for r in rows.values() if "shapes" in r), None) or batch_shapes(n)
+    ceilings = {}
+    for packed in (False, True):
+        c = ceilings["packed" if packed else "padded"] = matmul_ceiling(mc, shapes, packed=packed)
+        kind = "packed, no padding" if packed else "loratune's padded batches"
+        print(f"matmul-only ceiling ({kind}): "
+              f"{c['tokens_per_s']:,.0f} tokens/s, {100 * c['share_bf16_peak']:.1f}% of the bf16 peak "
+              f"({c['peak_gflops']:,.0f} GFLOP/s in the same minutes; padding {100 * c['padding_fraction']:.1f}%)",
+              flush=True)
     doc = {"when": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "machine": machine(), "threads": threads,
            "peaks_gflops": peaks, "non_embedding_weights": weights, "steps": args.steps, "batch": BATCH,
-           "conversations": n, "trl_version": TRL_VERSION, "options": opts, "sides": rows}
+           "conversations": n, "trl_version": TRL_VERSION, "options": opts, "sides": rows,
+           "matmul_ceiling": ceilings}
     ours = [s for s in rows if SIDES[s] is None]
     doc["ratios"] = {f"{o}/{s}": rows[o]["tokens_per_s"] / rows[s]["tokens_per_s"]
                      for o in ours for s in rows if s != o}

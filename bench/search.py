@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 SAMPLES, MAX_EPOCHS, SEED = 8, 3, 0
+SPLIT_SEED = 0                     # the train/validation/test cut both sides use (``--split-seed``)
 OURS_ARGS: list[str] = []          # extra ``loratune tune`` flags for our side (``--ours-args``), e.g. other rungs
 
 
@@ -87,7 +88,7 @@ def reference(out: Path) -> dict[str, Any]:
     from loratune.training.options import TrainConfig
 
     t0 = time.monotonic()
-    prepared = prepare_data(TrainConfig())
+    prepared = prepare_data(TrainConfig(split_seed=SPLIT_SEED))
     rows = lambda enc: [{"input_ids": ids.tolist(), "attention_mask": [1] * len(ids), "labels": int(y)}  # noqa: E731
                         for ids, y in zip(enc.input_ids, enc.labels)]
     data = {"train": rows(prepared.train), "validation": rows(prepared.validation)}
@@ -119,7 +120,7 @@ def ours(out: Path) -> dict[str, Any]:
     t0 = time.monotonic()
     exe = Path(sys.executable).with_name("loratune")
     cmd = [str(exe), "tune", "--samples", str(SAMPLES), "--max-epochs", str(MAX_EPOCHS), "--seed", str(SEED),
-           "--out", str(out), "--overwrite", *OURS_ARGS]
+           "--split-seed", str(SPLIT_SEED), "--out", str(out), "--overwrite", *OURS_ARGS]
     with open(out.parent / "ours.stdout", "w", encoding="utf-8") as f:     # the table and summary a user sees
         subprocess.run(cmd, check=True, stdout=f)
     seconds = time.monotonic() - t0
@@ -162,7 +163,7 @@ def measure(side: str, root: Path) -> dict[str, Any]:
     result = root / f"{side}.json"
     result.unlink(missing_ok=True)
     child = subprocess.Popen([sys.executable, "-m", "bench.search", "--side", side, "--root", str(root), "--child",
-                              "--samples", str(SAMPLES), "--max-epochs", str(MAX_EPOCHS),
+                              "--samples", str(SAMPLES), "--max-epochs", str(MAX_EPOCHS), "--split-seed", str(SPLIT_SEED),
                               "--ours-args", shlex.join(OURS_ARGS)],
                              cwd=Path(__file__).resolve().parent.parent, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     peak = [0, 0]
@@ -203,17 +204,19 @@ HEADER = ["search", "wall s", "epochs trained", "best val acc", "best val loss",
 
 
 def main(argv: list[str] | None = None) -> int:
-    global SAMPLES, MAX_EPOCHS, OURS_ARGS
+    global SAMPLES, MAX_EPOCHS, SPLIT_SEED, OURS_ARGS
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--side", choices=["ours", "reference", "both"], default="both")
     ap.add_argument("--root", default="/tmp/lt-bench-search")
     ap.add_argument("--samples", type=int, default=SAMPLES, help="trials (smoke runs: fewer)")
     ap.add_argument("--max-epochs", type=int, default=MAX_EPOCHS, help="epochs per trial (smoke runs: 1)")
+    ap.add_argument("--split-seed", type=int, default=SPLIT_SEED, help="the train/validation/test cut both sides "
+                    "search on (default 0, what `make demo` uses)")
     ap.add_argument("--ours-args", default="", help="extra `loratune tune` flags for our side, e.g. "
                     "'--rungs-per-epoch 1' (the default: none, what `make demo` runs)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
-    SAMPLES, MAX_EPOCHS, OURS_ARGS = a.samples, a.max_epochs, shlex.split(a.ours_args)
+    SAMPLES, MAX_EPOCHS, SPLIT_SEED, OURS_ARGS = a.samples, a.max_epochs, a.split_seed, shlex.split(a.ours_args)
     root = Path(a.root)
     root.mkdir(parents=True, exist_ok=True)
     if a.child:
@@ -224,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
 
     res = {}
     for side in (["reference", "ours"] if a.side == "both" else [a.side]):
-        res[side] = measure(side, root)
+        res[side] = {**measure(side, root), "split_seed": SPLIT_SEED}
         print(f"{side}: {json.dumps(res[side])}", flush=True)
     (root / "results.json").write_text(json.dumps(res, indent=1))
     print(table(rows(res), HEADER))

@@ -54,3 +54,37 @@ def test_loratune_side_trains_the_first_conversations(tmp_path) -> None:
     assert r["tokens_per_s"] == pytest.approx(r["tokens"] / r["seconds"])
     assert r["threads"] == 1 and r["peak_rss_mib"] > 500 and r["compile"] is False
     assert r["train_mode"] is True                      # dropout on, as in fit(): not an evaluation-mode model
+    assert r["shapes"] == llm_speed.batch_shapes(48)    # the ceiling is timed on exactly these batches
+    assert [s[0] for s in r["shapes"]] == [16, 16] and sum(s[2] for s in r["shapes"]) == r["tokens"]
+
+
+def _tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    mc = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2)
+    return mc, LlamaForCausalLM(mc)
+
+
+def test_linear_shapes_are_the_decoder_layers_linears() -> None:
+    """(out, in) of q, k, v, o, gate, up, down as a Llama layer holds them (grouped-query k/v narrower)."""
+    mc, model = _tiny_llama()
+    layer = model.model.layers[0]
+    mods = [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
+            layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj]
+    assert llm_speed.linear_shapes(mc) == [tuple(m.weight.shape) for m in mods]
+    assert llm_speed.linear_shapes(mc)[1] == (16, 32)
+
+
+def test_matmul_ceiling_counts_the_sides_useful_flops() -> None:
+    """Useful FLOPs are the sides' (4 per weight per real token), whatever the padding; the padding fraction is
+    1 - real / padded tokens, 0 when packed."""
+    mc, _ = _tiny_llama()
+    shapes = [[4, 10, 31], [3, 6, 18]]                  # rows, padded width, real tokens
+    weights = mc.num_hidden_layers * sum(o * i for o, i in llm_speed.linear_shapes(mc))
+    for packed, padding in ((False, 1 - 49 / 58), (True, 0.0)):
+        c = llm_speed.matmul_ceiling(mc, shapes, rounds=1, packed=packed)
+        assert c["tokens_per_s"] == pytest.approx(49 / c["seconds"])
+        assert c["gflops"] * 1e9 * c["seconds"] == pytest.approx(4 * weights * 49)
+        assert c["share_bf16_peak"] == pytest.approx(c["gflops"] / c["peak_gflops"])
+        assert c["padding_fraction"] == pytest.approx(padding) and c["packed"] is packed
