@@ -111,6 +111,7 @@ def reference(out: Path) -> dict[str, Any]:
         res = {"seconds": time.monotonic() - t0, "best_val_loss": float(row["val_loss"]),
                "best_val_accuracy": float(row["val_accuracy"]), "max_val_accuracy": float(max(accs)),
                "best_config": {k: best.config[k] for k in ("lr", "rank", "targets", "dropout")}, "trials": len(grid),
+               "val_n": len(data["validation"]),
                "epochs_trained": sum(len(r.metrics_dataframe) for r in grid if r.metrics_dataframe is not None)}
     return res
 
@@ -127,7 +128,10 @@ def ours(out: Path) -> dict[str, Any]:
     summary = json.loads((out / "search.json").read_text())
     trials = json.loads((out / "trials.json").read_text())
     best = summary["best"]
-    return {"seconds": seconds, "best_val_loss": best["validation"]["loss"],
+    from loratune.training.loop import prepare_data
+    from loratune.training.options import TrainConfig
+
+    return {"seconds": seconds, "val_n": len(prepare_data(TrainConfig(split_seed=SPLIT_SEED)).validation.labels), "best_val_loss": best["validation"]["loss"],
             "best_val_accuracy": best["validation"]["accuracy"],
             "max_val_accuracy": max(t["val_accuracy"] for t in trials if t.get("val_accuracy") is not None),
             "best_config": best["config"], "trials": len(trials), "statuses": summary["statuses"],
@@ -189,17 +193,28 @@ def rows(res: dict[str, dict[str, Any]]) -> list[list[Any]]:
     for side, name in (("reference", "seed reference (Ray Tune + peft, fp32, cpu 2/trial)"), ("ours", "loratune tune")):
         r = res.get(side)
         if r is None or "error" in r:
-            out.append([name, "not run" if r is None else r["error"], "", "", "", "", "", ""])
+            out.append([name, "not run" if r is None else r["error"], "", "", "", "", "", "", ""])
         else:
-            out.append([name, r["seconds"], r.get("epochs_trained", ""), r["best_val_accuracy"], r["best_val_loss"],
-                        r["max_val_accuracy"], r["peak_rss_mib"], r.get("peak_pss_mib", "")])
+            out.append([name, r["seconds"], r.get("epochs_trained", ""), r["best_val_accuracy"], _wilson_text(r),
+                        r["best_val_loss"], r["max_val_accuracy"], r["peak_rss_mib"], r.get("peak_pss_mib", "")])
     if all(s in res and "error" not in res[s] for s in ("ours", "reference")):
         out.append(["ratio (reference / ours)", res["reference"]["seconds"] / res["ours"]["seconds"], "", "", "", "",
-                    "", ""])
+                    "", "", ""])
     return out
 
 
-HEADER = ["search", "wall s", "epochs trained", "best val acc", "best val loss", "max val acc (any trial)", "peak RSS MiB",
+def _wilson_text(r: dict[str, Any]) -> str:
+    """The best validation accuracy's 95% Wilson interval (``val_n`` sentences), as ``[lo, hi]``."""
+    from loratune.search.stats import wilson
+
+    n = r.get("val_n")
+    if not n:
+        return ""
+    lo, hi = wilson(round(r["best_val_accuracy"] * n), n)
+    return f"[{lo:.3f}, {hi:.3f}]"
+
+
+HEADER = ["search", "wall s", "epochs trained", "best val acc", "its 95% Wilson interval", "best val loss", "max val acc (any trial)", "peak RSS MiB",
           "peak PSS MiB"]
 
 
