@@ -6,6 +6,7 @@ RSS and PSS (Ray's processes and workers included) are sampled every 0.5 s for t
 
     python -m bench.search                 # both sides, then the table (about 30 minutes)
     python -m bench.search --side ours     # one side only
+    python -m bench.search --split-seed 1  # both sides on another stratified cut (default 0, `make demo`'s)
 """
 
 from __future__ import annotations
@@ -131,7 +132,8 @@ def ours(out: Path) -> dict[str, Any]:
     from loratune.training.loop import prepare_data
     from loratune.training.options import TrainConfig
 
-    return {"seconds": seconds, "val_n": len(prepare_data(TrainConfig(split_seed=SPLIT_SEED)).validation.labels), "best_val_loss": best["validation"]["loss"],
+    val_n = len(prepare_data(TrainConfig(split_seed=SPLIT_SEED)).validation.labels)     # after the clock stopped
+    return {"seconds": seconds, "val_n": val_n, "best_val_loss": best["validation"]["loss"],
             "best_val_accuracy": best["validation"]["accuracy"],
             "max_val_accuracy": max(t["val_accuracy"] for t in trials if t.get("val_accuracy") is not None),
             "best_config": best["config"], "trials": len(trials), "statuses": summary["statuses"],
