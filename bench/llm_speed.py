@@ -227,9 +227,9 @@ def matmul_ceiling(mc: object, shapes: list[list[int]], rounds: int = 3, packed:
         peak = max(peak, matmul_peak(torch.bfloat16))
         best = min(best, one_pass())
     real = sum(t for _, _, t in shapes)
-    useful = 4 * layers * sum(o * i for o, i in lin) * real
-    return {"seconds": best, "tokens_per_s": real / best, "gflops": useful / best / 1e9, "peak_gflops": peak,
-            "share_bf16_peak": useful / best / 1e9 / peak, "padding_fraction": 1 - real / sum(ms),
+    gflops = 4 * layers * sum(o * i for o, i in lin) * real / best / 1e9
+    return {"seconds": best, "tokens_per_s": real / best, "gflops": gflops, "peak_gflops": peak,
+            "share_bf16_peak": gflops / peak, "padding_fraction": 1 - real / sum(ms),
             "packed": packed, "batches": len(shapes), "rounds": rounds}
 
 
