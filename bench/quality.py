@@ -88,8 +88,8 @@ VARIANT_CONFIGS = "default,dora,loraplus,pissa,olora"
 SHOWN_OPTIONS = ("method", "lr", "targets", "rank", "alpha", "modules_to_save", "dropout", "epochs", "max_length",
                  "batch_size", "warmup", "weight_decay", "sample_pct", "max_steps")
 """The resolved options each configuration's JSON entry lists (all of them are in each run's config.yaml)."""
-SEARCH_SHOWN = ("samples", "max_epochs", "rungs_per_epoch", "reduction_factor", "cpus_per_trial", "max_concurrent",
-                "search_alg", "metric", "mode", "search")
+SEARCH_SHOWN = ("samples", "max_epochs", "rungs_per_epoch", "reduction_factor", "last_epoch_rung", "cpus_per_trial",
+                "max_concurrent", "search_alg", "metric", "mode", "search")
 """The resolved search options a search configuration's JSON entry lists (``search``: the space it samples)."""
 
 
@@ -171,7 +171,7 @@ def _norm(v: Any) -> Any:
 
 
 SEARCH_IDENTITY = ("options", "search", "samples", "max_epochs", "rungs_per_epoch", "reduction_factor",
-                   "cpus_per_trial", "max_concurrent", "search_alg", "metric", "mode", "max_failures")
+                   "last_epoch_rung", "cpus_per_trial", "max_concurrent", "search_alg", "metric", "mode", "max_failures")
 """The keys of search.yaml that make two searches the same search (not where Ray keeps its state)."""
 
 

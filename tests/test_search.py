@@ -145,11 +145,13 @@ def test_optuna_search_starts_with_the_default(tmp_path, tiny_model_dir, tiny_da
 def test_cli_rejects_bad_input_before_ray_starts(tmp_path, cli_main, capsys, tiny_model_dir, tiny_data) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("samples: 2\nsearch:\n  lr: {normal: [0, 1]}\n")
+    (tmp_path / "rung.yaml").write_text("last_epoch_rung: yes please\n")
     common = ["tune", "--model", tiny_model_dir, "--data", tiny_data, "--out", str(tmp_path / "o")]
     cases = [(["--config", str(bad)], "search.lr: unknown distribution 'normal'"),
              (["--metric", "val_acc"], "--metric: expected one of val_loss"),
              (["--samples", "0"], "--samples: expected an integer >= 1"),
              (["--reduction-factor", "1"], "--reduction-factor: expected an integer >= 2"),
+             (["--config", str(tmp_path / "rung.yaml")], "--last-epoch-rung: expected true or false, got 'yes please'"),
              (["--rank", "64"], "--rank: rank 64 is larger than min(d, k) = 32")]
     for extra, fragment in cases:
         assert cli_main([*common, *extra]) == 2
@@ -440,6 +442,9 @@ def test_reduction_factor_is_checked_and_recorded(tmp_path, tiny_model_dir, tiny
                           "val_loss", None, 2, None, None, reduction_factor=rf)
 
     assert REDUCTION_FACTOR == 4 and doc(None)["reduction_factor"] == 4 and doc(3)["reduction_factor"] == 3
+    assert doc(None)["last_epoch_rung"] is True
+    assert new_search(None, {"model": tiny_model_dir, "data": tiny_data}, None, 2, 1, 1, None, "random", "val_loss",
+                      None, 2, None, None, last_epoch_rung=False)["last_epoch_rung"] is False
     old = doc(None)
     del old["reduction_factor"]
     assert driver.reduction_of(old) == 2 and driver.reduction_of(doc(3)) == 3
@@ -466,3 +471,55 @@ def test_asha_never_stops_the_untuned_default() -> None:
     assert asha.on_trial_result(None, trials["d"], {"t": 1, "val_loss": 0.9}) == asha.CONTINUE
     assert asha.on_trial_result(None, trials["e"], {"t": 1, "val_loss": 0.9}) == asha.STOP
     assert is_default({"lr": 5e-4, "rank": 8, "alpha": "=rank"}, default, ["lr", "rank"])
+
+
+@pytest.mark.parametrize(("epochs", "rungs", "eta", "on", "expected"), [
+    (3, 4, 4, True, [1, 4, 8]),            # the default: 0.25, 1 and 2 epochs
+    (3, 4, 4, False, [1, 4]),              # Ray's grace x eta^k below max_t = 12
+    (4, 4, 4, True, [1, 4, 12, 16]),       # Ray's own rung at max_t is no check: 3 epochs is added
+    (5, 4, 4, True, [1, 4, 16]),           # 4 epochs is one of Ray's
+    (3, 4, 2, True, [1, 2, 4, 8]),         # ditto
+    (2, 4, 4, True, [1, 4]),               # one epoch before the end is the 1-epoch rung
+    (3, 1, 4, True, [1, 2]),               # the seed's once an epoch, eta 4: epoch 2 added
+    (1, 1, 2, True, [1]),
+])
+def test_last_epoch_rung_is_one_epoch_before_the_end(epochs, rungs, eta, on, expected) -> None:
+    """driver.stop_rungs (what the search prints) equals the rungs DefaultRunsOut is built with, which are Ray's
+    (its _Bracket's grace x eta^k, max_t included) plus driver.last_rung_of where that lies past those before max_t."""
+    from loratune.search.driver import DefaultRunsOut, last_rung_of, stop_rungs
+
+    doc = {"max_epochs": epochs, "rungs_per_epoch": rungs, "reduction_factor": eta, "last_epoch_rung": on}
+    asha = DefaultRunsOut({}, [], time_attr="t", metric="val_loss", mode="min", max_t=epochs * rungs, grace_period=1,
+                          reduction_factor=eta, stop_last_trials=False, extra_rung=last_rung_of(doc))
+    assert stop_rungs(doc) == asha.milestones() == expected
+    plain = DefaultRunsOut({}, [], time_attr="t", metric="val_loss", mode="min", max_t=epochs * rungs, grace_period=1,
+                           reduction_factor=eta, stop_last_trials=False)
+    assert set(plain.milestones()) <= set(expected)               # Ray's rungs are all kept
+    del doc["last_epoch_rung"]                                    # a search.yaml from before the option: Ray's alone
+    assert last_rung_of(doc) is None and stop_rungs(doc) == plain.milestones()
+
+
+def test_last_epoch_rung_stops_a_trial_that_would_train_its_last_epoch_unchecked() -> None:
+    """Max 3 epochs, 4 rungs an epoch, eta 4: two trials that passed the 1-epoch rung reach 2 epochs (rung 8); the
+    second, with the worse loss, is stopped there (below the best quarter of what is recorded), the untuned default
+    never is. Without the rung both would train the third epoch."""
+    from types import SimpleNamespace
+
+    from loratune.search.driver import DefaultRunsOut, last_rung_of
+
+    doc = {"max_epochs": 3, "rungs_per_epoch": 4, "reduction_factor": 4, "last_epoch_rung": True}
+    default = {"lr": 5e-4}
+    for extra, verdict in ((last_rung_of(doc), "STOP"), (None, "CONTINUE")):
+        asha = DefaultRunsOut(default, ["lr"], time_attr="t", metric="val_loss", mode="min", max_t=12, grace_period=1,
+                              reduction_factor=4, stop_last_trials=False, extra_rung=extra)
+        a, b, d = (SimpleNamespace(trial_id=n, config=c) for n, c in (("a", {"lr": 1e-3}), ("b", {"lr": 2e-3}),
+                                                                       ("d", dict(default))))
+        for t in (a, b, d):
+            asha.on_trial_add(None, t)
+        for t, losses in ((a, [0.60, 0.50, 0.45]), (b, [0.55, 0.48, 0.47]), (d, [0.70, 0.60, 0.55])):
+            for rung, loss in zip((1, 4, 8), losses):
+                action = asha.on_trial_result(None, t, {"t": rung, "val_loss": loss})
+                if t is b and rung == 8:
+                    assert action == getattr(asha, verdict)
+                else:                    # the first at a rung goes on; b's 0.48 at 1 epoch beats a's 0.50
+                    assert action == asha.CONTINUE, (t.trial_id, rung)

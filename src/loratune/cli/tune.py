@@ -23,12 +23,14 @@ from loratune.errors import InputError
 from loratune.search.space import (
     CAUSAL_METRICS,
     CLASSIFICATION_METRICS,
+    LAST_EPOCH_RUNG,
     REDUCTION_FACTOR,
     RUNGS_PER_EPOCH,
 )
 
 # Keys of the --config YAML that belong to the search, not to training (CLI flag = key with dashes).
 SEARCH_KEYS = {"search": None, "samples": 8, "max_epochs": 3, "rungs_per_epoch": None, "reduction_factor": None,
+               "last_epoch_rung": None,
                "cpus_per_trial": 1, "max_concurrent": None,
                "search_alg": "random", "metric": "val_loss", "mode": None, "max_failures": 2, "address": None,
                "storage": None}
@@ -52,6 +54,10 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     g.add_argument("--reduction-factor", type=int, metavar="ETA", **kw,
                    help="ASHA's reduction factor: past each rung only the best 1/ETA of the trials that reached it "
                         f"go on (2: the seed's, stops fewer) (default: {REDUCTION_FACTOR})")
+    g.add_argument("--last-epoch-rung", action=argparse.BooleanOptionalAction, **kw,
+                   help="one more rung a whole epoch before the end, where that lies past ASHA's rungs (grace x ETA^k): "
+                        "only the best 1/ETA of the trials that got there train the last epoch (default: "
+                        f"{'on' if LAST_EPOCH_RUNG else 'off'})")
     g.add_argument("--cpus-per-trial", type=int, metavar="C", **kw,
                    help="CPUs (and torch threads) per trial (default: 1)")
     g.add_argument("--max-concurrent", type=int, metavar="K", **kw,
@@ -225,8 +231,11 @@ class TrialLines:
             what = "resuming the search" if ev["resumed"] else "searching"
             rungs = ev.get("rungs_per_epoch") or 1
             every = f", validated every 1/{rungs} epoch" if rungs > 1 else ""
+            stops = [f"{r / rungs:g}" for r in ev.get("stop_rungs") or () if r < ev["max_epochs"] * rungs]
+            where = (f"; ASHA may stop a trial at {', '.join(stops[:-1]) + ' and ' if len(stops) > 1 else ''}"
+                     f"{stops[-1]} epoch{'s' if len(stops) > 1 or stops[-1] != '1' else ''}") if stops else ""
             self.ui.event({"kind": "message", "text": f"{what}: {ev['trials']} trials of up to {ev['max_epochs']} "
-                                                      f"epochs{every}; results in {ev['out']}"})
+                                                      f"epochs{every}{where}; results in {ev['out']}"})
         elif kind == "trial":
             self.ui.event({"kind": "message", "text": self.line(ev)})
         elif kind == "message":

@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
+import numpy as np
 import ray
 import yaml
 from ray import tune as rt
@@ -83,6 +84,7 @@ _LIVE: dict[str, Any] = {}            # the running search's progress sink and v
 
 def tune(config: TrainConfig | None = None, *, space: dict[str, Any] | None = None, samples: int = 8,
          max_epochs: int = 3, rungs_per_epoch: int | None = None, reduction_factor: int | None = None,
+         last_epoch_rung: bool | None = None,
          cpus_per_trial: int = 1, max_concurrent: int | None = None, search_alg: str = "random",
          metric: str = "val_loss", mode: str | None = None, max_failures: int = 2, address: str | None = None,
          storage: str | os.PathLike | None = None, out: str | os.PathLike | None = None,
@@ -94,7 +96,8 @@ def tune(config: TrainConfig | None = None, *, space: dict[str, Any] | None = No
     ``samples`` counts the default trial; grid values multiply the others. Each trial's schedule
     is ``max_epochs`` long; ASHA (grace one rung, reduction ``reduction_factor``, default
     :data:`REDUCTION_FACTOR`) may stop it earlier on ``metric``/``mode`` at any
-    of its ``rungs_per_epoch`` validation passes an epoch (default :data:`RUNGS_PER_EPOCH`; 1: once an epoch). A
+    of its ``rungs_per_epoch`` validation passes an epoch (default :data:`RUNGS_PER_EPOCH`; 1: once an epoch), at
+    the rungs grace × η^k and, with ``last_epoch_rung`` (default :data:`LAST_EPOCH_RUNG`), one epoch before the end. A
     classification trial found collapsed (training/loop.collapsed) at a pass after its warm-up stops there.
     ``metric`` must be one the task's trials report (:func:`loratune.search.space.task_metrics`: a causal LM's
     ``val_loss``, ``val_perplexity``, ``val_exact_match``, and ``val_accuracy`` where its data is a label set);
@@ -117,7 +120,7 @@ def tune(config: TrainConfig | None = None, *, space: dict[str, Any] | None = No
         else:
             doc = new_search(config, options, space, samples, max_epochs, cpus_per_trial, max_concurrent, search_alg,
                              metric, mode, max_failures, address, storage, rungs_per_epoch,
-                             reduction_factor)
+                             reduction_factor, last_epoch_rung)
             out = Path(out) if out is not None else rundir.default_out("tune")
             rundir.check_out(out, resume=False, overwrite=overwrite)
             storage_dir = Path(doc["storage"]) if doc["storage"] else out.resolve()
@@ -134,7 +137,7 @@ def tune(config: TrainConfig | None = None, *, space: dict[str, Any] | None = No
             (out / "search.yaml").write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
         emit({"kind": "search_start", "out": str(out), "trials": _trial_total(parsed, doc),
               "resumed": resume is not None, "keys": parsed.keys, "max_epochs": doc["max_epochs"],
-              "rungs_per_epoch": rungs_of(doc)})
+              "rungs_per_epoch": rungs_of(doc), "stop_rungs": stop_rungs(doc)})
         with _ray_session(address, out / "ray.log") as cluster:
             grid = _fit(doc, parsed, base, prepared, out, cluster, emit, resume is not None)
         trials = trial_records(grid, _LIVE.pop("view", None), parsed, base, out, metrics)
@@ -152,6 +155,25 @@ def rungs_of(doc: dict[str, Any]) -> int:
 def reduction_of(doc: dict[str, Any]) -> int:
     """A search's ASHA reduction factor (search.yaml; a search from before the option used the seed's 2)."""
     return int(doc.get("reduction_factor") or 2)
+
+
+def last_rung_of(doc: dict[str, Any]) -> int | None:
+    """The rung (in validation passes) one epoch before ``max_t`` that ``last_epoch_rung`` adds to ASHA's grace × η^k
+    (grace: one pass), where it lies past the last of those before ``max_t``; None otherwise, or without the option
+    (a search from before it had none)."""
+    rungs, eta = rungs_of(doc), reduction_of(doc)
+    max_t = int(doc["max_epochs"]) * rungs
+    last = max((eta ** k for k in range(max_t.bit_length() + 1) if eta ** k < max_t), default=0)
+    return max_t - rungs if doc.get("last_epoch_rung") and max_t - rungs > last else None
+
+
+def stop_rungs(doc: dict[str, Any]) -> list[int]:
+    """The rungs (validation passes) at which ASHA may stop a trial, ascending: Ray's grace × η^k up to ``max_t``
+    (its own count of them) and :func:`last_rung_of`; what :class:`DefaultRunsOut` is built with."""
+    rungs, eta = rungs_of(doc), reduction_of(doc)
+    count = int(np.log(int(doc["max_epochs"]) * rungs) / np.log(eta) + 1)       # ray: _Bracket's MAX_RUNGS, s = 0
+    extra = last_rung_of(doc)
+    return sorted({eta ** k for k in range(count)} | ({extra} if extra is not None else set()))
 
 
 def _done(result: SearchResult, on_done: Callable[[SearchResult], None] | None) -> SearchResult:
@@ -315,7 +337,8 @@ def _fit(doc: dict[str, Any], space: Space, base: TrainConfig, prepared: Prepare
     else:
         scheduler = DefaultRunsOut(default, space.keys, time_attr="training_iteration", metric=doc["metric"],
                                    mode=doc["mode"], max_t=doc["max_epochs"] * rungs, grace_period=1,
-                                   reduction_factor=reduction_of(doc), stop_last_trials=False)
+                                   reduction_factor=reduction_of(doc), stop_last_trials=False,
+                                   extra_rung=last_rung_of(doc))
         run = rt.RunConfig(name=exp.name, storage_path=str(exp.parent), verbose=0, callbacks=[LiveView()],
                            failure_config=rt.FailureConfig(max_failures=doc["max_failures"]),
                            checkpoint_config=rt.CheckpointConfig(num_to_keep=2))
@@ -331,11 +354,21 @@ def _fit(doc: dict[str, Any], space: Space, base: TrainConfig, prepared: Prepare
 class DefaultRunsOut(ASHAScheduler):
     """ASHA, except that the untuned default trial is never stopped: its results still count in every rung (the
     others are judged against it), but it trains its whole schedule, as ``loratune train`` would, so the search's
-    comparison of its best with the default (on test, search.json) is with the default a user would get."""
+    comparison of its best with the default (on test, search.json) is with the default a user would get.
 
-    def __init__(self, default: dict[str, Any], keys: list[str], **kw: Any) -> None:
+    ``extra_rung`` (:func:`last_rung_of`), if given, is one more rung beside Ray's grace × η^k, judged as they are:
+    a trial goes on past it if its result is in the best 1/η of those recorded there."""
+
+    def __init__(self, default: dict[str, Any], keys: list[str], extra_rung: int | None = None, **kw: Any) -> None:
         super().__init__(**kw)
         self.default, self.keys = dict(default), list(keys)
+        for bracket in self._brackets if extra_rung is not None else ():
+            if all(m != extra_rung for m, _ in bracket._rungs):  # Ray's (milestone, recorded) pairs, descending
+                bracket._rungs = sorted([*bracket._rungs, (extra_rung, {})], key=lambda r: r[0], reverse=True)
+
+    def milestones(self) -> list[int]:
+        """The rungs (in validation passes) at which a trial may be stopped, ascending."""
+        return sorted(m for m, _ in self._brackets[0]._rungs)
 
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
         action = super().on_trial_result(tune_controller, trial, result)

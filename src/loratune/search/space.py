@@ -84,6 +84,12 @@ REDUCTION_FACTOR = 4
 in the best 1/η of the trials that reached that rung. The seed's 2 kept most trials to the end (BENCHMARKS.md,
 "Search": 14.5 trial-epochs for 8 trials against 9 with 4, 2.95x against 6.47x the seed's search's speed, and
 the chosen trial no worse on test than the untuned default on average over 3 splits)."""
+LAST_EPOCH_RUNG = True
+"""``--last-epoch-rung``'s default: besides ASHA's rungs at grace × η^k, one a whole epoch before ``max_t`` when that
+lies past the last of them (max 3 epochs, 4 rungs an epoch, η 4: rungs at 0.25, 1 and 2 epochs), so a trial trains
+its last epoch only if it is in the best 1/η of those that got there. Without it, a trial that passed the 1-epoch
+rung trained 2 more epochs unchecked, and asynchronous ASHA lets through most trials that are the best so far when
+they reach a rung (BENCHMARKS.md, "Search": on split seeds 1 and 2, 4 of 8 trials trained all 3 epochs)."""
 FULL_SPACE: dict[str, Any] = {"lr": {"loguniform": [1e-5, 2e-4]}}
 """``--method full`` has no adapter to shape: the default space is its learning rate alone."""
 

@@ -31,6 +31,7 @@ from loratune.errors import InputError
 from loratune.search import stats
 from loratune.search.space import (
     INTERVAL_COLUMNS,
+    LAST_EPOCH_RUNG,
     METRICS,
     OK_STATUSES,
     REDUCTION_FACTOR,
@@ -327,11 +328,15 @@ def baseline_for(base_model: Mapping[str, Any] | None, config: Mapping[str, Any]
 def new_search(config: TrainConfig | None, options: dict[str, Any], space: dict[str, Any] | None, samples: int,
                 max_epochs: int, cpus_per_trial: int, max_concurrent: int | None, search_alg: str, metric: str,
                 mode: str | None, max_failures: int, address: str | None, storage: Any,
-                rungs_per_epoch: int | None = None, reduction_factor: int | None = None) -> dict[str, Any]:
+                rungs_per_epoch: int | None = None, reduction_factor: int | None = None,
+                last_epoch_rung: bool | None = None) -> dict[str, Any]:
     """Check the search's own options; the document saved as search.yaml (all a resume needs). ``mode`` None:
     the metric's own (:func:`loratune.search.space.default_mode`: min for a loss, max for a score)."""
     rungs_per_epoch = RUNGS_PER_EPOCH if rungs_per_epoch is None else rungs_per_epoch
     reduction_factor = REDUCTION_FACTOR if reduction_factor is None else reduction_factor
+    last_epoch_rung = LAST_EPOCH_RUNG if last_epoch_rung is None else last_epoch_rung
+    if not isinstance(last_epoch_rung, bool):
+        raise InputError(f"--last-epoch-rung: expected true or false, got {last_epoch_rung!r}")
     mode = default_mode(metric) if mode is None and metric in METRICS else mode
     for name, value, lo in (("samples", samples, 1), ("max_epochs", max_epochs, 1), ("rungs_per_epoch", rungs_per_epoch, 1),
                             ("reduction_factor", reduction_factor, 2),
@@ -363,7 +368,7 @@ def new_search(config: TrainConfig | None, options: dict[str, Any], space: dict[
     if storage is not None and Path(storage).expanduser().resolve() == Path.home().resolve():
         raise InputError(f"--storage: {storage} is the home directory; give a folder for the search's results")
     return {"options": base.to_dict(), "search": raw, "samples": samples, "max_epochs": max_epochs,
-            "rungs_per_epoch": rungs_per_epoch, "reduction_factor": reduction_factor,
+            "rungs_per_epoch": rungs_per_epoch, "reduction_factor": reduction_factor, "last_epoch_rung": last_epoch_rung,
             "cpus_per_trial": cpus_per_trial, "max_concurrent": max_concurrent, "search_alg": search_alg,
             "metric": metric, "mode": mode, "max_failures": max_failures, "address": address,
             "storage": str(Path(storage).expanduser().resolve()) if storage is not None else None}
