@@ -157,23 +157,29 @@ def reduction_of(doc: dict[str, Any]) -> int:
     return int(doc.get("reduction_factor") or 2)
 
 
+def _ray_rungs(doc: dict[str, Any]) -> list[int]:
+    """Ray's ASHA rungs for a search, ascending: grace (one pass) × η^k, as many as its _Bracket makes (MAX_RUNGS,
+    s = 0; ``max_t`` itself included where it is a power of η)."""
+    eta = reduction_of(doc)
+    count = int(np.log(int(doc["max_epochs"]) * rungs_of(doc)) / np.log(eta) + 1)
+    return [eta ** k for k in range(count)]
+
+
 def last_rung_of(doc: dict[str, Any]) -> int | None:
-    """The rung (in validation passes) one epoch before ``max_t`` that ``last_epoch_rung`` adds to ASHA's grace × η^k
-    (grace: one pass), where it lies past the last of those before ``max_t``; None otherwise, or without the option
-    (a search from before it had none)."""
-    rungs, eta = rungs_of(doc), reduction_of(doc)
+    """The rung (in validation passes) one epoch before ``max_t`` that ``last_epoch_rung`` adds to Ray's rungs, where
+    it lies past the last of those before ``max_t``; None otherwise, or without the option (a search from before it
+    had none)."""
+    rungs = rungs_of(doc)
     max_t = int(doc["max_epochs"]) * rungs
-    last = max((eta ** k for k in range(max_t.bit_length() + 1) if eta ** k < max_t), default=0)
+    last = max((r for r in _ray_rungs(doc) if r < max_t), default=0)
     return max_t - rungs if doc.get("last_epoch_rung") and max_t - rungs > last else None
 
 
 def stop_rungs(doc: dict[str, Any]) -> list[int]:
-    """The rungs (validation passes) at which ASHA may stop a trial, ascending: Ray's grace × η^k up to ``max_t``
-    (its own count of them) and :func:`last_rung_of`; what :class:`DefaultRunsOut` is built with."""
-    rungs, eta = rungs_of(doc), reduction_of(doc)
-    count = int(np.log(int(doc["max_epochs"]) * rungs) / np.log(eta) + 1)       # ray: _Bracket's MAX_RUNGS, s = 0
+    """The rungs (validation passes) at which ASHA may stop a trial, ascending: Ray's and :func:`last_rung_of`; what
+    :class:`DefaultRunsOut` is built with."""
     extra = last_rung_of(doc)
-    return sorted({eta ** k for k in range(count)} | ({extra} if extra is not None else set()))
+    return sorted(set(_ray_rungs(doc)) | ({extra} if extra is not None else set()))
 
 
 def _done(result: SearchResult, on_done: Callable[[SearchResult], None] | None) -> SearchResult:
