@@ -523,3 +523,61 @@ def test_last_epoch_rung_stops_a_trial_that_would_train_its_last_epoch_unchecked
                     assert action == getattr(asha, verdict)
                 else:                    # the first at a rung goes on; b's 0.48 at 1 epoch beats a's 0.50
                     assert action == asha.CONTINUE, (t.trial_id, rung)
+
+
+@pytest.mark.parametrize("remote", ["empty", "stale", "missing"])
+def test_a_retried_trial_keeps_the_rows_its_driver_logged(tmp_path: Path, remote: str) -> None:
+    """A trial retried in the same search (its node was lost) restarts from a checkpoint, and Ray's loggers then
+    copied result.json / progress.csv back from the experiment folder: a snapshot that Ray's background sync
+    rewrites, so it can be behind the driver's file or empty mid-rewrite (CI lost the epoch-1 row so). Ours keep
+    the driver's file; Ray's own, in the same state, lose the row. Where the driver has no file (a search resumed
+    by a new driver), the experiment folder's copy is restored, as Ray does."""
+    from types import SimpleNamespace
+
+    import pyarrow.fs
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+
+    from loratune.search.driver import KeptCsv, KeptJson
+
+    class Trial:                                    # what the loggers read of Ray's Trial (hashed by identity)
+        def __init__(self, name: str) -> None:
+            local, storage = tmp_path / name / "driver", tmp_path / name / "storage"
+            local.mkdir(parents=True), storage.mkdir(parents=True)
+            self.local_path, self.checkpoint, self.config = str(local), object(), {"rank": 4}
+            self.storage = SimpleNamespace(trial_fs_path=str(storage), storage_filesystem=pyarrow.fs.LocalFileSystem())
+
+        def init_local_path(self) -> None:
+            pass
+
+    def run(cls: type, name: str, fresh_driver: bool = False) -> list[int]:
+        """Epoch 1 logged, then a retry (log_trial_start again, as Ray does when the trial restarts) and epoch 2;
+        the epochs result.json / progress.csv hold afterwards."""
+        t, file = Trial(name), ("result.json" if issubclass(cls, JsonLoggerCallback) else "progress.csv")
+        first = cls()
+        first.log_trial_result(1, t, {"epoch": 1, "val_loss": 0.3, "trial_id": "x"})
+        first.on_trial_error(1, [], t)              # the node is lost: Ray closes the trial's files
+        local, snapshot = Path(t.local_path, file), Path(t.storage.trial_fs_path, file)
+        if remote == "stale":                       # synced before epoch 1 was logged: the header alone, or nothing
+            snapshot.write_text(local.read_text().splitlines(keepends=True)[0] if file == "progress.csv" else "")
+        elif remote == "empty":                     # being rewritten by the sync
+            snapshot.write_text("")
+        else:
+            snapshot.write_text(local.read_text())
+        if fresh_driver:
+            local.unlink()
+        again = first if not fresh_driver else cls()
+        again.log_trial_start(t)
+        again.log_trial_result(2, t, {"epoch": 2, "val_loss": 0.2, "trial_id": "x"})
+        again.on_trial_complete(2, [], t)
+        if file == "result.json":
+            return [json.loads(line)["epoch"] for line in local.read_text().splitlines()]
+        with open(local, newline="") as f:
+            return [int(r["epoch"]) for r in csv.DictReader(f)]
+
+    if remote == "missing":                         # a new driver: the experiment folder's copy is brought back
+        for ours in (KeptJson, KeptCsv):
+            assert run(ours, f"new-{ours.__name__}", fresh_driver=True) == [1, 2]
+        return
+    for ours, ray_own in ((KeptJson, JsonLoggerCallback), (KeptCsv, CSVLoggerCallback)):
+        assert run(ours, f"ours-{ours.__name__}") == [1, 2]
+        assert 1 not in run(ray_own, f"ray-{ray_own.__name__}")   # the race this guards against, in Ray's own

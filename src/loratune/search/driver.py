@@ -43,6 +43,7 @@ import ray
 import yaml
 from ray import tune as rt
 from ray.tune import Callback
+from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.schedulers import ASHAScheduler
 
 from loratune.errors import Diverged, InputError, Interrupted
@@ -345,7 +346,7 @@ def _fit(doc: dict[str, Any], space: Space, base: TrainConfig, prepared: Prepare
                                    mode=doc["mode"], max_t=doc["max_epochs"] * rungs, grace_period=1,
                                    reduction_factor=reduction_of(doc), stop_last_trials=False,
                                    extra_rung=last_rung_of(doc))
-        run = rt.RunConfig(name=exp.name, storage_path=str(exp.parent), verbose=0, callbacks=[LiveView()],
+        run = rt.RunConfig(name=exp.name, storage_path=str(exp.parent), verbose=0, callbacks=[LiveView(), KeptJson(), KeptCsv()],
                            failure_config=rt.FailureConfig(max_failures=doc["max_failures"]),
                            checkpoint_config=rt.CheckpointConfig(num_to_keep=2))
         tuner = rt.Tuner(trainable, param_space=param_space, run_config=run,
@@ -427,6 +428,27 @@ class OptunaSpace:
             return dict(self.default)
         resolved = self.space.resolve_ties(values, self.base)
         return {t.key: resolved[t.key] for t in self.space.ties}
+
+
+class _KeepsDriverCopy:
+    """Ray's result.json / progress.csv loggers, minus one race: a trial retried in the same search (its node was
+    lost) got its file copied back from the experiment folder, a snapshot that Ray's background sync rewrites
+    every few seconds. Read stale or while it was being rewritten, the copy dropped the rows the trial had
+    reported (seen in CI: the lost node's trial kept only its epoch after the retry). The driver's own file
+    holds every row, so it is kept; the experiment folder's copy is still restored where the driver has none
+    (a search resumed by a new driver)."""
+
+    def _restore_from_remote(self, file_name: str, trial: Any) -> None:
+        if not Path(trial.local_path, file_name).exists():
+            super()._restore_from_remote(file_name, trial)            # type: ignore[misc]
+
+
+class KeptJson(_KeepsDriverCopy, JsonLoggerCallback):
+    """result.json, the driver's rows kept on a retry (see _KeepsDriverCopy)."""
+
+
+class KeptCsv(_KeepsDriverCopy, CSVLoggerCallback):
+    """progress.csv, the driver's rows kept on a retry (see _KeepsDriverCopy)."""
 
 
 class LiveView(Callback):
