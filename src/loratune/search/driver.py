@@ -346,7 +346,8 @@ def _fit(doc: dict[str, Any], space: Space, base: TrainConfig, prepared: Prepare
                                    mode=doc["mode"], max_t=doc["max_epochs"] * rungs, grace_period=1,
                                    reduction_factor=reduction_of(doc), stop_last_trials=False,
                                    extra_rung=last_rung_of(doc))
-        run = rt.RunConfig(name=exp.name, storage_path=str(exp.parent), verbose=0, callbacks=[LiveView(), KeptJson(), KeptCsv()],
+        run = rt.RunConfig(name=exp.name, storage_path=str(exp.parent), verbose=0,
+                           callbacks=[LiveView(), KeptJson(), KeptCsv()],
                            failure_config=rt.FailureConfig(max_failures=doc["max_failures"]),
                            checkpoint_config=rt.CheckpointConfig(num_to_keep=2))
         tuner = rt.Tuner(trainable, param_space=param_space, run_config=run,
@@ -431,9 +432,9 @@ class OptunaSpace:
 
 
 class _KeepsDriverCopy:
-    """Ray's result.json / progress.csv loggers, minus one race: a trial retried in the same search (its node was
-    lost) got its file copied back from the experiment folder, a snapshot that Ray's background sync rewrites
-    every few seconds. Read stale or while it was being rewritten, the copy dropped the rows the trial had
+    """Ray's result.json / progress.csv loggers, minus one race: a trial retried in the same search (its worker or
+    node was lost) got its file copied back from the experiment folder, a snapshot that Ray's background sync
+    rewrites every few seconds. Read stale or while it was being rewritten, the copy dropped the rows the trial had
     reported (seen in CI: the lost node's trial kept only its epoch after the retry). The driver's own file
     holds every row, so it is kept; the experiment folder's copy is still restored where the driver has none
     (a search resumed by a new driver)."""
