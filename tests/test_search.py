@@ -525,7 +525,7 @@ def test_last_epoch_rung_stops_a_trial_that_would_train_its_last_epoch_unchecked
                     assert action == asha.CONTINUE, (t.trial_id, rung)
 
 
-@pytest.mark.parametrize("remote", ["empty", "stale", "missing"])
+@pytest.mark.parametrize("remote", ["empty", "stale", "new_driver"])
 def test_a_retried_trial_keeps_the_rows_its_driver_logged(tmp_path: Path, remote: str) -> None:
     """A trial retried in the same search (its node was lost) restarts from a checkpoint, and Ray's loggers then
     copied result.json / progress.csv back from the experiment folder: a snapshot that Ray's background sync
@@ -549,9 +549,9 @@ def test_a_retried_trial_keeps_the_rows_its_driver_logged(tmp_path: Path, remote
         def init_local_path(self) -> None:
             pass
 
-    def run(cls: type, name: str, fresh_driver: bool = False) -> list[int]:
-        """Epoch 1 logged, then a retry (log_trial_start again, as Ray does when the trial restarts) and epoch 2;
-        the epochs result.json / progress.csv hold afterwards."""
+    def run(cls: type, name: str) -> list[int]:
+        """Epoch 1 logged, then a retry (log_trial_start again, as Ray does when the trial restarts; by a new logger
+        with no file of its own for ``new_driver``) and epoch 2; the epochs result.json / progress.csv hold after."""
         t, file = Trial(name), ("result.json" if issubclass(cls, JsonLoggerCallback) else "progress.csv")
         first = cls()
         first.log_trial_result(1, t, {"epoch": 1, "val_loss": 0.3, "trial_id": "x"})
@@ -561,11 +561,10 @@ def test_a_retried_trial_keeps_the_rows_its_driver_logged(tmp_path: Path, remote
             snapshot.write_text(local.read_text().splitlines(keepends=True)[0] if file == "progress.csv" else "")
         elif remote == "empty":                     # being rewritten by the sync
             snapshot.write_text("")
-        else:
+        else:                                       # new_driver: a full snapshot, and no driver file
             snapshot.write_text(local.read_text())
-        if fresh_driver:
             local.unlink()
-        again = first if not fresh_driver else cls()
+        again = cls() if remote == "new_driver" else first
         again.log_trial_start(t)
         again.log_trial_result(2, t, {"epoch": 2, "val_loss": 0.2, "trial_id": "x"})
         again.on_trial_complete(2, [], t)
@@ -574,9 +573,9 @@ def test_a_retried_trial_keeps_the_rows_its_driver_logged(tmp_path: Path, remote
         with open(local, newline="") as f:
             return [int(r["epoch"]) for r in csv.DictReader(f)]
 
-    if remote == "missing":                         # a new driver: the experiment folder's copy is brought back
+    if remote == "new_driver":                      # the experiment folder's copy is brought back
         for ours in (KeptJson, KeptCsv):
-            assert run(ours, f"new-{ours.__name__}", fresh_driver=True) == [1, 2]
+            assert run(ours, f"new-{ours.__name__}") == [1, 2]
         return
     for ours, ray_own in ((KeptJson, JsonLoggerCallback), (KeptCsv, CSVLoggerCallback)):
         assert run(ours, f"ours-{ours.__name__}") == [1, 2]
