@@ -188,6 +188,8 @@ def test_two_replicas_answer_as_predict_refuse_loading_and_leave_no_ray_process(
         # Ray, Serve's proxy and the replicas listen on the loopback only
         sockets = listening([d.proc.pid, *ray_processes(d.temp)])
         assert any(port == int(urlsplit(d.url).port) for _, _, port in sockets), sockets
+        from loratune.serve.ray_serve import ephemeral_ports
+        assert 20000 <= urlsplit(d.url).port < ephemeral_ports()[0], d.url   # --port 0: none Ray or the kernel gives
         assert [s for s in sockets if not s[1].is_loopback] == [], ray_processes(d.temp)
         stop_and_check_nothing_is_left(d)
     assert "stopped: Ray is shut down" in d.lines[-1]
@@ -230,3 +232,41 @@ def test_fit_splits_the_cpus_and_refuses_what_cannot_be_placed() -> None:
     assert _address_ok("10.0.0.1:6379") and _address_ok("head.local:6379") and _address_ok("ray://head:10001")
     assert _address_ok("[::1]:6379")
     assert not any(_address_ok(a) for a in ("head", "head:", "head:0", "head:70000", "http://head:6379", ":6379"))
+
+
+def test_port_0_picks_a_free_port_below_the_range_the_kernel_and_ray_hand_out(monkeypatch) -> None:
+    """``--port 0``: Serve's proxy binds its port only after Ray has started, and Ray's processes take ports from
+    the kernel's ephemeral range and at random above its start; the port is picked below it (CI once lost the
+    kernel's pick to a Ray process: "Failed to bind to address")."""
+    import socket
+
+    from loratune.errors import InputError
+    from loratune.serve import ray_serve
+
+    low, high = ray_serve.ephemeral_ports()
+    assert (low, high) == tuple(map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()))
+    picked = set()
+    for _ in range(5):
+        with ray_serve.spare_port("127.0.0.1") as sock:
+            port = sock.getsockname()[1]
+            assert 20000 <= port < low, port
+            with pytest.raises(OSError):                                  # it is held (listening) until closed
+                socket.create_server(("127.0.0.1", port))
+            picked.add(port)
+    assert len(picked) > 1, picked                                        # at random: 5 equal of ~12,700 by chance: ~0
+    # every candidate taken (or none left by the range): the kernel's choice, still a free port
+    monkeypatch.setattr(ray_serve, "ephemeral_ports", lambda: (20002, high))
+    held = []
+    for p in (20000, 20001):
+        try:
+            held.append(socket.create_server(("127.0.0.1", p)))
+        except OSError:
+            pass                                                          # taken by someone else: taken all the same
+    try:
+        with ray_serve.spare_port("127.0.0.1") as sock:
+            assert low <= sock.getsockname()[1] <= high
+    finally:
+        for s in held:
+            s.close()
+    with pytest.raises(InputError, match="^--host: cannot resolve 'no-such-host.invalid'"):
+        ray_serve.spare_port("no-such-host.invalid")

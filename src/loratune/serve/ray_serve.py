@@ -21,10 +21,12 @@ import hmac
 import importlib.util
 import logging
 import os
+import random
 import re
 import secrets
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -164,12 +166,39 @@ def check(*, host: str, port: int, replicas: int, address: str | None, threads: 
     base = options.get("base") or (base_of(next(iter(names.values()))) if names else None)
     if base is None:
         raise InputError("--base: give a base model, or at least one --adapter (whose base is then served)")
-    if address is None:
-        with contextlib.closing(bind(host, port)) as sock:   # taken, or a host not here: refused now
-            port = sock.getsockname()[1]                      # 0: a free port, for Serve's proxy
+    if address is None:                                      # taken, or a host not here: refused now
+        with contextlib.closing(bind(host, port) if port else spare_port(host)) as sock:
+            port = sock.getsockname()[1]
     absolute = {"adapters": {n: os.path.abspath(d) for n, d in named.items()},
                 "adapters_dir": None if root is None else os.path.abspath(root)}
     return {"base": base, "adapters": list(names), "port": port, "options": {**options, **absolute}}
+
+
+def spare_port(host: str, tries: int = 64) -> socket.socket:
+    """A listening socket on a free port on ``host`` that nothing hands out by itself, for Serve's proxy under
+    ``--port 0``. The proxy binds the port only once Ray has started, and Ray's processes take ports from the
+    kernel's ephemeral range (a bind to port 0, the local end of each connection) and at random above its start
+    (``ray._private.node.Node._get_unused_port``), so a free port picked there can be gone by then (seen: "Failed
+    to bind to address"). So one below that range, from 20000 (under it lie the ports services are set on by
+    hand), at random; the kernel's choice where the range leaves no room or every try is taken."""
+    bind(host, 0).close()                                   # a host that is not here: refused as for a fixed port
+    low = ephemeral_ports()[0]
+    candidates = range(20000, low)
+    for port in random.sample(candidates, min(tries, len(candidates))):
+        try:
+            return bind(host, port)
+        except InputError:
+            continue
+    return bind(host, 0)
+
+
+def ephemeral_ports() -> tuple[int, int]:
+    """The kernel's range for ports it assigns itself (Linux's ``ip_local_port_range``; elsewhere Linux's
+    default, which lies below the IANA range other systems use)."""
+    with contextlib.suppress(OSError, ValueError):
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+        return low, high
+    return 32768, 60999
 
 
 def _address_ok(address: str) -> bool:
