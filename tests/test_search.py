@@ -580,3 +580,71 @@ def test_a_retried_trial_keeps_the_rows_its_driver_logged(tmp_path: Path, remote
     for ours, ray_own in ((KeptJson, JsonLoggerCallback), (KeptCsv, CSVLoggerCallback)):
         assert run(ours, f"ours-{ours.__name__}") == [1, 2]
         assert 1 not in run(ray_own, f"ray-{ray_own.__name__}")   # the race this guards against, in Ray's own
+
+
+def test_lent_threads_shares_the_cpus_only_once_no_trial_is_to_come_or_waiting() -> None:
+    from loratune.search.driver import lent_threads
+
+    # running, waiting, created, total, cpus, per -> threads each running trial may use
+    assert lent_threads(1, 0, 8, 8, 2, 1) == 2           # the last trial, alone: both CPUs
+    assert lent_threads(2, 0, 8, 8, 2, 1) == 1           # two running: their own
+    assert lent_threads(1, 0, 7, 8, 2, 1) == 1           # a trial still to come: it will need the CPU
+    assert lent_threads(1, 1, 8, 8, 2, 1) == 1           # one waits (a retry)
+    assert lent_threads(3, 0, 8, 8, 16, 2) == 5          # 16 CPUs, 3 trials of 2: 5 threads each
+    assert lent_threads(1, 0, 8, 8, 3, 2) == 3           # alone on 3 CPUs
+    assert lent_threads(2, 0, 8, 8, 3, 1) == 1           # whole CPUs only: 3 of 2 trials is 1 each
+    assert lent_threads(2, 0, 8, 8, 2, 2) == 2           # never fewer than its own
+    assert lent_threads(0, 0, 8, 8, 2, 1) == 1
+
+
+def test_idle_cpus_are_lent_to_the_running_trials_and_taken_back(tmp_path: Path) -> None:
+    """The driver's side (LendIdleCpus, fed Ray's callbacks with stand-in trials) and the trial's (take_lent_threads,
+    after a validation pass): the last trial gets the CPU the others freed, a retry takes it back, the file goes
+    with the search."""
+    import json
+    from types import SimpleNamespace
+
+    import torch
+
+    from loratune.search.driver import LendIdleCpus, take_lent_threads
+
+    path = tmp_path / ".threads.json"
+    lend = LendIdleCpus(str(path), total=3, cpus=2, per=1)
+    a, b, c = (SimpleNamespace(trial_id=i, status="PENDING") for i in "abc")
+    trials = [a, b]
+    lend.on_trial_start(0, trials, a)
+    a.status = "RUNNING"
+    lend.on_trial_start(0, trials, b)
+    b.status = "RUNNING"
+    assert not path.exists()                                         # two running, one still to come
+    lend.on_trial_complete(0, trials, a)                             # a ends: c is still to come
+    a.status = "TERMINATED"
+    assert not path.exists()
+    trials.append(c)
+    lend.on_trial_start(0, trials, c)
+    c.status = "RUNNING"
+    assert not path.exists()                                         # all created, two running
+    lend.on_trial_complete(0, trials, b)                             # b ends: c alone gets both CPUs
+    b.status = "TERMINATED"
+    assert json.loads(path.read_text()) == {"c": 2}
+    threads = torch.get_num_threads()
+    try:
+        assert take_lent_threads(str(path), "c", 1, 1) == 2 and torch.get_num_threads() == 2
+        assert take_lent_threads(str(path), "x", 2, 1) == 1 and torch.get_num_threads() == 1   # none lent to x
+        lend.on_trial_recover(0, trials, c)                          # c fails and waits for a retry
+        c.status = "PENDING"
+        assert json.loads(path.read_text()) == {}
+        b.status = "RUNNING"                                         # (as if b still ran:) b does not get c's CPU
+        lend.on_trial_recover(0, trials, c)
+        assert json.loads(path.read_text()) == {}
+        b.status = "TERMINATED"
+        assert take_lent_threads(str(path), "c", 2, 1) == 1 and torch.get_num_threads() == 1
+        lend.on_trial_start(0, trials, c)                            # retried, alone again
+        assert json.loads(path.read_text()) == {"c": 2}
+        path.write_text("{not json")
+        assert take_lent_threads(str(path), "c", 1, 1) == 1          # unreadable: its own CPUs
+        assert take_lent_threads(None, "c", 1, 1) == 1               # lending off (--address, a GPU, --max-concurrent)
+    finally:
+        torch.set_num_threads(threads)
+    lend.on_experiment_end(trials)
+    assert not path.exists()

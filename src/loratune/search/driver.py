@@ -27,6 +27,7 @@ driver died: unfinished trials go on from their checkpoints, finished ones are n
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import secrets
@@ -79,6 +80,8 @@ require("ray")                     # the private modules _ray_session uses: ray_
 Progress = Callable[[dict[str, Any]], None]
 
 STAGE = ".tune-checkpoint"           # in a trial's run directory: the file Ray copies to storage each epoch
+LENT = ".threads.json"               # in a local search's folder: the torch threads lent to each trial (LendIdleCpus)
+LEND_EVERY = 10                      # a trial reads it every this many optimizer steps (about a second)
 _TOKEN = secrets.token_hex(32)        # this process's Ray auth token for local clusters (never on disk)
 _LIVE: dict[str, Any] = {}            # the running search's progress sink and view (Ray restores callbacks by pickle)
 
@@ -319,7 +322,9 @@ def _fit(doc: dict[str, Any], space: Space, base: TrainConfig, prepared: Prepare
     rungs = rungs_of(doc)
     setup = {"options": {**base.to_dict(), "epochs": doc["max_epochs"], "threads": cpus, "evals_per_epoch": rungs,
                          "device": "cuda" if use_gpu else "cpu"},
-             "trials_dir": str((out / "trials").resolve()), "space": space, "default": space.default_point(base)}
+             "trials_dir": str((out / "trials").resolve()), "space": space, "default": space.default_point(base),
+             "lent": str((out / LENT).resolve()) if doc.get("address") is None and not use_gpu
+             and doc["max_concurrent"] is None else None}
     if prepared.task == "causal-lm":
         setup["base_model"] = base_model(TrainConfig.from_stored(setup["options"]), space, prepared, out, emit)
     trainable = rt.with_resources(rt.with_parameters(_trial, prepared=prepared, setup=setup), resources)
@@ -346,8 +351,10 @@ def _fit(doc: dict[str, Any], space: Space, base: TrainConfig, prepared: Prepare
                                    mode=doc["mode"], max_t=doc["max_epochs"] * rungs, grace_period=1,
                                    reduction_factor=reduction_of(doc), stop_last_trials=False,
                                    extra_rung=last_rung_of(doc))
-        run = rt.RunConfig(name=exp.name, storage_path=str(exp.parent), verbose=0,
-                           callbacks=[LiveView(), KeptJson(), KeptCsv()],
+        callbacks: list[Callback] = [LiveView(), KeptJson(), KeptCsv()]
+        if setup["lent"]:
+            callbacks.append(LendIdleCpus(setup["lent"], _trial_total(space, doc), int(cluster.get("CPU", 1)), cpus))
+        run = rt.RunConfig(name=exp.name, storage_path=str(exp.parent), verbose=0, callbacks=callbacks,
                            failure_config=rt.FailureConfig(max_failures=doc["max_failures"]),
                            checkpoint_config=rt.CheckpointConfig(num_to_keep=2))
         tuner = rt.Tuner(trainable, param_space=param_space, run_config=run,
@@ -502,6 +509,74 @@ class LiveView(Callback):
                "config": _searched(trial.config), "error": os.path.join(trial.path or "", "error.txt")})
 
 
+def lent_threads(running: int, waiting: int, created: int, total: int, cpus: int, per: int) -> int:
+    """The torch threads each running trial of a local search may use: its own ``per`` CPUs while trials are still
+    to come (``created`` < ``total``) or wait for a CPU (a retry); once none will, the ``cpus`` of the machine shared
+    among the ``running`` ones (never fewer than their own)."""
+    if running < 1 or waiting or created < total:
+        return per
+    return max(per, cpus // running)
+
+
+class LendIdleCpus(Callback):
+    """A local search's tail: once every trial has been created and none waits, the CPUs that ended trials freed are
+    lent to the trials still running, as torch threads. The driver keeps ``OUT/.threads.json`` (trial id -> threads)
+    and each trial reads it every :data:`LEND_EVERY` optimizer steps (:func:`take_lent_threads`); a trial that waits
+    again (a retry) sends every trial back to its own CPUs the same way. Without it the last trial trained alone on
+    one CPU of two (9–35 s of 220–227 s searches, BENCHMARKS.md). Results change by rounding only: the same math on
+    more threads."""
+
+    def __init__(self, path: str, total: int, cpus: int, per: int) -> None:
+        self.path, self.total, self.cpus, self.per = Path(path), total, cpus, per
+        self.lent: dict[str, int] = {}                  # what the file says
+
+    def get_state(self) -> dict[str, Any]:
+        return {"lent": dict(self.lent)}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self.lent = {}                                   # a resumed search: each trial starts on its own CPUs
+
+    def _share(self, trials: list, ended: Any = None, started: Any = None, retried: Any = None) -> None:
+        running = [t for t in trials if t is started or (t not in (ended, retried) and t.status == "RUNNING")]
+        waiting = sum(t is retried or (t not in (ended, started) and t.status == "PENDING") for t in trials)
+        n = lent_threads(len(running), waiting, len(trials), self.total, self.cpus, self.per)
+        lent = {t.trial_id: n for t in running if n != self.per}
+        if lent != self.lent:
+            with contextlib.suppress(OSError):           # a trial that cannot read it keeps its own CPUs
+                rundir.write_json(self.path, lent)
+                self.lent = lent
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._share(trials, started=trial)
+
+    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._share(trials, retried=trial)                  # it waits for a CPU again
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._share(trials, ended=trial)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._share(trials, ended=trial)
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        self.path.unlink(missing_ok=True)
+        self.lent = {}
+
+
+def take_lent_threads(path: str | None, trial_id: str, current: int, own: int) -> int:
+    """A trial's torch threads for its next rung: what the search's lending file (:class:`LendIdleCpus`) gives
+    ``trial_id``, else its ``own``; ``current`` is what it has now (set_num_threads only on a change)."""
+    n = own
+    if path:
+        with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
+            n = max(own, int(json.loads(Path(path).read_text()).get(trial_id, own)))
+    if n != current:
+        import torch
+
+        torch.set_num_threads(n)
+    return n
+
+
 def _searched(config: dict[str, Any]) -> dict[str, Any]:
     space = _LIVE.get("space")
     return {k: v for k, v in space.resolve(config).items() if k in space.keys} if space else dict(config)
@@ -523,10 +598,12 @@ def _trial(config: dict[str, Any], prepared: Prepared, setup: dict[str, Any]) ->
     if any. A collapsed classifier's last report carries ``collapsed=1`` (with its metrics: ASHA ranks it)."""
     from loratune.training.checkpoint import load_checkpoint
 
-    out = Path(setup["trials_dir"]) / rt.get_context().get_trial_id()
+    trial_id = rt.get_context().get_trial_id()
+    out = Path(setup["trials_dir"]) / trial_id
     cfg = TrainConfig.from_stored({**setup["options"], **setup["space"].resolve(config)})
     node = ray.util.get_node_ip_address()
-    state: dict[str, Any] = {"epoch": 0, "planned": cfg.epochs, "collapsed": 0}
+    own = cfg.threads or 1                        # the trial's CPUs (train() sets them); a local search may lend more
+    state: dict[str, Any] = {"epoch": 0, "planned": cfg.epochs, "collapsed": 0, "threads": own, "most": own}
     stage = out / STAGE                           # what Ray copies to storage: a link to this epoch's checkpoint
 
     def on_event(event: dict[str, Any]) -> None:
@@ -534,11 +611,16 @@ def _trial(config: dict[str, Any], prepared: Prepared, setup: dict[str, Any]) ->
             state["planned"] = event["epochs"]
         elif event["kind"] == "collapsed":
             state["collapsed"] = 1
+        elif event["kind"] == "step" and event["step"] % LEND_EVERY == 0:       # CPUs lent or taken back
+            state["threads"] = take_lent_threads(setup.get("lent"), trial_id, state["threads"], own)
+            state["most"] = max(state["most"], state["threads"])
 
     def on_epoch(epoch: float, val: dict[str, float], ckpt: Path) -> None:
         state["epoch"] = epoch
         metrics = {**{f"val_{k}": float(v) for k, v in val.items()}, "epoch": epoch, "epochs_planned": state["planned"],
                    "diverged": 0, "collapsed": state["collapsed"], "node_ip": node}
+        metrics["threads"] = state["most"]                          # the most threads this rung trained on
+        state["most"] = state["threads"]
         shutil.rmtree(stage, ignore_errors=True)
         stage.mkdir()
         try:
