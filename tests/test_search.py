@@ -609,7 +609,10 @@ def test_idle_cpus_are_lent_to_the_running_trials_and_taken_back(tmp_path: Path)
     from loratune.search.driver import LendIdleCpus, take_lent_threads
 
     path = tmp_path / ".threads.json"
+    path.write_text('{"a": 2, "b": 2}')                              # left by a driver that died
     lend = LendIdleCpus(str(path), total=3, cpus=2, per=1)
+    lend.setup()                                                     # the search starts (or resumes): gone
+    assert not path.exists()
     a, b, c = (SimpleNamespace(trial_id=i, status="PENDING") for i in "abc")
     trials = [a, b]
     lend.on_trial_start(0, trials, a)

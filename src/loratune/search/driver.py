@@ -530,11 +530,9 @@ class LendIdleCpus(Callback):
         self.path, self.total, self.cpus, self.per = Path(path), total, cpus, per
         self.lent: dict[str, int] = {}                  # what the file says
 
-    def get_state(self) -> dict[str, Any]:
-        return {"lent": dict(self.lent)}
-
-    def set_state(self, state: dict[str, Any]) -> None:
-        self.lent = {}                                   # a resumed search: each trial starts on its own CPUs
+    def setup(self, **info: Any) -> None:
+        self.path.unlink(missing_ok=True)                # a resumed search's trials start on their own CPUs
+        self.lent = {}
 
     def _share(self, trials: list, ended: Any = None, started: Any = None, retried: Any = None) -> None:
         running = [t for t in trials if t is started or (t not in (ended, retried) and t.status == "RUNNING")]
@@ -564,7 +562,7 @@ class LendIdleCpus(Callback):
 
 
 def take_lent_threads(path: str | None, trial_id: str, current: int, own: int) -> int:
-    """A trial's torch threads for its next rung: what the search's lending file (:class:`LendIdleCpus`) gives
+    """A trial's torch threads from now on: what the search's lending file (:class:`LendIdleCpus`) gives
     ``trial_id``, else its ``own``; ``current`` is what it has now (set_num_threads only on a change)."""
     n = own
     if path:
