@@ -599,8 +599,8 @@ def test_lent_threads_shares_the_cpus_only_once_no_trial_is_to_come_or_waiting()
 
 def test_idle_cpus_are_lent_to_the_running_trials_and_taken_back(tmp_path: Path) -> None:
     """The driver's side (LendIdleCpus, fed Ray's callbacks with stand-in trials) and the trial's (take_lent_threads,
-    after a validation pass): the last trial gets the CPU the others freed, a retry takes it back, the file goes
-    with the search."""
+    every LEND_EVERY optimizer steps): the last trial gets the CPU the others freed, a retry takes it back, the file
+    goes with the search."""
     import json
     from types import SimpleNamespace
 

@@ -616,8 +616,8 @@ def _trial(config: dict[str, Any], prepared: Prepared, setup: dict[str, Any]) ->
     def on_epoch(epoch: float, val: dict[str, float], ckpt: Path) -> None:
         state["epoch"] = epoch
         metrics = {**{f"val_{k}": float(v) for k, v in val.items()}, "epoch": epoch, "epochs_planned": state["planned"],
-                   "diverged": 0, "collapsed": state["collapsed"], "node_ip": node}
-        metrics["threads"] = state["most"]                          # the most threads this rung trained on
+                   "diverged": 0, "collapsed": state["collapsed"], "node_ip": node,
+                   "threads": state["most"]}                        # the most threads this rung trained on
         state["most"] = state["threads"]
         shutil.rmtree(stage, ignore_errors=True)
         stage.mkdir()
