@@ -235,3 +235,44 @@ def test_train_resume_refuses_training_flags(trained, tmp_path, capsys) -> None:
     assert_one_line_error(code, err, "nothing to resume")                   # the missing run is the first problem
     code, out, err = run(capsys, "train", "--out", str(trained), "--resume")
     assert code == 0 and "already finished" in out + err
+
+
+RUN_THEN_EXIT = """
+import gc, sys
+from loratune.cli.main import run
+
+class Cycle:                                   # garbage only the collector frees: a cycle with a finalizer
+    def __init__(self, path):
+        self.path, self.me = path, self
+    def __del__(self):
+        open(self.path, "w").write("finalized")
+
+gc.disable()                                   # so that only run()'s own collection can free it
+Cycle(sys.argv[1])
+code = run(sys.argv[2:])
+print("code", code, "frozen", gc.get_freeze_count() > 0, "finalized", open(sys.argv[1]).read(), flush=True)
+sys.exit(code)
+"""
+
+
+@pytest.mark.parametrize("argv,code", [(["--targets", "q,v", "--rank", "2"], 0), (["--targets", "q_lin"], 2)])
+def test_the_command_returns_mains_exit_code_after_finalizing_garbage_and_freezing_the_rest(
+        argv, code, tmp_path, tiny_model_dir) -> None:
+    """``loratune`` (cli.main.run, the console script and ``python -m loratune``): main's exit code and output;
+    garbage left before the exit is finalized (its ``__del__`` ran) before what is alive is frozen for a quick
+    exit."""
+    import subprocess
+    import sys
+
+    mark = tmp_path / "mark"
+    mark.write_text("alive")
+    done = subprocess.run([sys.executable, "-c", RUN_THEN_EXIT, str(mark), "info", "--model", tiny_model_dir, *argv],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == code, done.stderr
+    assert f"code {code} frozen True finalized finalized" in done.stdout
+    assert ("trainable params: " in done.stdout) == (code == 0)
+    err = done.stderr.strip().splitlines()
+    assert bool(err and err[-1].startswith("loratune info: error: ")) == (code == 2), done.stderr
+    module = subprocess.run([sys.executable, "-m", "loratune", "info", "--model", tiny_model_dir, *argv],
+                            capture_output=True, text=True, timeout=120)
+    assert module.returncode == code and ("trainable params: " in module.stdout) == (code == 0)

@@ -2,6 +2,6 @@
 
 import sys
 
-from loratune.cli.main import main
+from loratune.cli.main import run
 
-sys.exit(main())
+sys.exit(run())
