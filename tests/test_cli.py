@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -261,9 +263,6 @@ def test_the_command_returns_mains_exit_code_after_finalizing_garbage_and_freezi
     """``loratune`` (cli.main.run, the console script and ``python -m loratune``): main's exit code and output;
     garbage left before the exit is finalized (its ``__del__`` ran) before what is alive is frozen for a quick
     exit."""
-    import subprocess
-    import sys
-
     mark = tmp_path / "mark"
     mark.write_text("alive")
     done = subprocess.run([sys.executable, "-c", RUN_THEN_EXIT, str(mark), "info", "--model", tiny_model_dir, *argv],

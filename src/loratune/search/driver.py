@@ -48,7 +48,7 @@ from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.schedulers import ASHAScheduler
 
 from loratune.errors import Diverged, InputError, Interrupted
-from loratune.runtime import available_cpus, release_memory, require
+from loratune.runtime import available_cpus, release_memory, require, set_threads
 from loratune.search.space import (
     METRICS,
     Space,
@@ -563,16 +563,12 @@ class LendIdleCpus(Callback):
 
 def take_lent_threads(path: str | None, trial_id: str, current: int, own: int) -> int:
     """A trial's torch threads from now on: what the search's lending file (:class:`LendIdleCpus`) gives
-    ``trial_id``, else its ``own``; ``current`` is what it has now (set_num_threads only on a change)."""
+    ``trial_id``, else its ``own``; ``current`` is what it has now (runtime.set_threads only on a change)."""
     n = own
     if path:
         with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
             n = max(own, int(json.loads(Path(path).read_text()).get(trial_id, own)))
-    if n != current:
-        import torch
-
-        torch.set_num_threads(n)
-    return n
+    return set_threads(n) if n != current else n
 
 
 def _searched(config: dict[str, Any]) -> dict[str, Any]:
