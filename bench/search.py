@@ -7,6 +7,7 @@ RSS and PSS (Ray's processes and workers included) are sampled every 0.5 s for t
     python -m bench.search                 # both sides, then the table (about 30 minutes)
     python -m bench.search --side ours     # one side only
     python -m bench.search --split-seed 1  # both sides on another stratified cut (default 0, `make demo`'s)
+    python -m bench.search --seed 1        # both sides with another sampler and training seed (default 0)
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ OURS_ARGS: list[str] = []          # extra ``loratune tune`` flags for our side 
 
 # --- the reference: the seed's Ray Tune + peft code ------------------------------------------------------------
 
-def _seed_trainable(config: dict[str, Any], data: dict[str, Any]) -> None:
+def _seed_trainable(config: dict[str, Any], data: dict[str, Any], seed: int = 0) -> None:
     """One trial as the seed wrote it: peft model, fp32, DataLoader with random batches, a torch loop, a report
     of validation loss and accuracy after each epoch."""
     import torch
@@ -44,7 +45,7 @@ def _seed_trainable(config: dict[str, Any], data: dict[str, Any]) -> None:
 
     from loratune.training.models import load_tokenizer, resolve_model_path
 
-    torch.manual_seed(SEED)
+    torch.manual_seed(seed)
     path = resolve_model_path("minilm-l6")
     tok = load_tokenizer("minilm-l6")
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
@@ -52,7 +53,7 @@ def _seed_trainable(config: dict[str, Any], data: dict[str, Any]) -> None:
                                              lora_dropout=config["dropout"], target_modules=list(config["targets"])))
     collate = DataCollatorWithPadding(tok)
     train = DataLoader(data["train"], batch_size=16, shuffle=True, collate_fn=collate,
-                       generator=torch.Generator().manual_seed(SEED))
+                       generator=torch.Generator().manual_seed(seed))
     val = DataLoader(data["validation"], batch_size=64, shuffle=False, collate_fn=collate)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config["lr"], weight_decay=0.01)
     total = MAX_EPOCHS * len(train)
@@ -98,7 +99,7 @@ def reference(out: Path) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     with _ray_session(None, out / "ray.log"):
         tuner = tune.Tuner(
-            tune.with_resources(tune.with_parameters(_seed_trainable, data=data), {"cpu": 2}),
+            tune.with_resources(tune.with_parameters(_seed_trainable, data=data, seed=SEED), {"cpu": 2}),
             param_space=space,
             tune_config=tune.TuneConfig(metric="val_loss", mode="min", num_samples=SAMPLES,
                                         search_alg=BasicVariantGenerator(random_state=SEED),
@@ -170,6 +171,7 @@ def measure(side: str, root: Path) -> dict[str, Any]:
     result.unlink(missing_ok=True)
     child = subprocess.Popen([sys.executable, "-m", "bench.search", "--side", side, "--root", str(root), "--child",
                               "--samples", str(SAMPLES), "--max-epochs", str(MAX_EPOCHS), "--split-seed", str(SPLIT_SEED),
+                              "--seed", str(SEED),
                               "--ours-args", shlex.join(OURS_ARGS)],
                              cwd=Path(__file__).resolve().parent.parent, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     peak = [0, 0]
@@ -221,7 +223,7 @@ HEADER = ["search", "wall s", "epochs trained", "best val acc", "its 95% Wilson 
 
 
 def main(argv: list[str] | None = None) -> int:
-    global SAMPLES, MAX_EPOCHS, SPLIT_SEED, OURS_ARGS
+    global SAMPLES, MAX_EPOCHS, SEED, SPLIT_SEED, OURS_ARGS
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--side", choices=["ours", "reference", "both"], default="both")
     ap.add_argument("--root", default="/tmp/lt-bench-search")
@@ -229,11 +231,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-epochs", type=int, default=MAX_EPOCHS, help="epochs per trial (smoke runs: 1)")
     ap.add_argument("--split-seed", type=int, default=SPLIT_SEED, help="the train/validation/test cut both sides "
                     "search on (default 0, what `make demo` uses)")
+    ap.add_argument("--seed", type=int, default=SEED, help="both sides' search seed: the sampler's draws and each "
+                    "trial's training seed (default 0, what `make demo` uses)")
     ap.add_argument("--ours-args", default="", help="extra `loratune tune` flags for our side, e.g. "
                     "'--rungs-per-epoch 1' (the default: none, what `make demo` runs)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
-    SAMPLES, MAX_EPOCHS, SPLIT_SEED, OURS_ARGS = a.samples, a.max_epochs, a.split_seed, shlex.split(a.ours_args)
+    SAMPLES, MAX_EPOCHS, SEED, SPLIT_SEED = a.samples, a.max_epochs, a.seed, a.split_seed
+    OURS_ARGS = shlex.split(a.ours_args)
     root = Path(a.root)
     root.mkdir(parents=True, exist_ok=True)
     if a.child:
@@ -244,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
 
     res = {}
     for side in (["reference", "ours"] if a.side == "both" else [a.side]):
-        res[side] = {**measure(side, root), "split_seed": SPLIT_SEED}
+        res[side] = {**measure(side, root), "split_seed": SPLIT_SEED, "seed": SEED}
         print(f"{side}: {json.dumps(res[side])}", flush=True)
     (root / "results.json").write_text(json.dumps(res, indent=1))
     print(table(rows(res), HEADER))
