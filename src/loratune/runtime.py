@@ -32,14 +32,18 @@ def _malloc_trim() -> Any:
         return None
 
 
-def release_memory() -> bool:
+def release_memory(*, full: bool = True) -> bool:
     """Collect garbage and hand the heap's free pages back to the OS; True if glibc's ``malloc_trim`` ran.
 
     Training allocates activations of many shapes (length buckets, evaluation batches); glibc keeps what
     was freed in its heap, so a process that trains again (a Ray worker reused for the next trial) grew
-    by about 0.9 GB a trial here. Called between epochs and between trials: ≈ 0.1 s each (mostly the gc).
+    by about 0.9 GB a trial here. ``full`` (between trials, at a run's end) collects every generation, which
+    walks every object of torch, transformers and Ray: 0.3-0.4 s in a trial's process. Between validation
+    passes (``full=False``) the freed activations are freed by reference counting already, so only the young
+    generations are collected (microseconds) before the trim (≈ 0.02 s); a search's trial did this four
+    times an epoch, ≈ 4% of its time (BENCHMARKS.md).
     """
-    gc.collect()
+    gc.collect() if full else gc.collect(1)
     trim = _malloc_trim()
     if trim is None:
         return False

@@ -480,7 +480,7 @@ def end_epoch(run: Run, optim: Optim, state: TrainState, logs: _Logs, *, epoch_e
     evaluation is logged (metrics.jsonl shows the loss as null), before a checkpoint or ``on_epoch`` sees the epoch.
     """
     val, confusion, answers = _evaluate_validation(run)
-    runtime.release_memory()                                # the epoch's activations, freed, back to the OS
+    runtime.release_memory(full=False)                      # the epoch's activations, freed, back to the OS
     if epoch_end:
         state.epoch, state.next_batch, state.rung = state.epoch + 1, 0, 0
     else:
