@@ -7,7 +7,13 @@ import math
 import numpy as np
 import pytest
 
-from loratune.tasks.metrics import compute_metrics, confusion, per_class, roc_auc
+from loratune.tasks.metrics import (
+    compute_metrics,
+    confusion,
+    per_class,
+    roc_auc,
+    roc_curve,
+)
 
 
 def _probs1(p1: list[float]) -> np.ndarray:
@@ -104,3 +110,59 @@ def test_confusion_and_per_class() -> None:
     assert pc["precision"] == pytest.approx([0.5, 2 / 3, 0.0])
     assert pc["recall"] == pytest.approx([0.5, 2 / 3, 0.0])
     assert pc["f1"] == pytest.approx([0.5, 2 / 3, 0.0])
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_every_metric_is_scikit_learns(seed) -> None:
+    """numpy's confusion matrix and midranks against scikit-learn itself, on random splits: 2-5 classes, a few
+    to a few hundred examples, scores rounded so that ties are common, classes that are never predicted or
+    never occur, and an always-one-class model."""
+    from sklearn import metrics as sk
+
+    rng = np.random.default_rng(seed)
+    c, n = int(rng.integers(2, 6)), int(rng.integers(3, 300))
+    labels = rng.integers(0, c - (seed % 3 == 1), n)                 # every third: the last class never occurs
+    labels[:2] = [0, 1]                                              # (at least two classes do)
+    probs = np.round(rng.dirichlet(np.ones(c), n), 1 + seed % 3)
+    if seed % 5 == 0:
+        probs[:, 0] += 2.0                                           # always predicts class 0
+    preds = probs.argmax(axis=1)
+    m = compute_metrics(labels, probs)
+    exact = {"accuracy": sk.accuracy_score(labels, preds),
+             "f1": sk.f1_score(labels, preds, average="weighted", zero_division=0),
+             "f1_macro": sk.f1_score(labels, preds, average="macro", zero_division=0),
+             "precision": sk.precision_score(labels, preds, average="weighted", zero_division=0),
+             "recall": sk.recall_score(labels, preds, average="weighted", zero_division=0),
+             "roc_auc": (sk.roc_auc_score(labels, probs[:, 1]) if c == 2 else
+                         np.mean([sk.roc_auc_score(labels == k, probs[:, k]) for k in np.unique(labels)]))}
+    assert m == pytest.approx(exact, rel=1e-12, abs=1e-12)
+    assert confusion(labels, preds, c) == sk.confusion_matrix(labels, preds, labels=list(range(c))).tolist()
+    p, r, f, s = sk.precision_recall_fscore_support(labels, preds, labels=list(range(c)), zero_division=0)
+    pc = per_class(labels, preds, c)
+    assert pc["support"] == s.tolist()
+    assert (pc["precision"], pc["recall"], pc["f1"]) == (pytest.approx(p.tolist(), abs=1e-12),
+                                                         pytest.approx(r.tolist(), abs=1e-12),
+                                                         pytest.approx(f.tolist(), abs=1e-12))
+    fpr, tpr = roc_curve(labels == 1, probs[:, 1])
+    sk_fpr, sk_tpr, _ = sk.roc_curve(labels == 1, probs[:, 1], drop_intermediate=False)
+    assert fpr == pytest.approx(sk_fpr, abs=1e-12) and tpr == pytest.approx(sk_tpr, abs=1e-12)
+
+
+def test_labels_outside_the_classes_are_refused() -> None:
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 2\)"):
+        compute_metrics(np.array([0, 2]), _probs1([0.1, 0.9]))
+
+
+def test_evaluating_imports_no_scikit_learn() -> None:
+    """scikit-learn cost each trial's process about 0.7 s to import and 100 MiB (2 trials and the driver in a
+    search); the metrics and the report's ROC curve need none of it. Checked in a fresh process."""
+    import subprocess
+    import sys
+
+    code = ("import sys, numpy as np\n"
+            "from loratune.tasks.metrics import compute_metrics, per_class, roc_curve\n"
+            "compute_metrics(np.array([0, 1, 1]), np.array([[.6, .4], [.3, .7], [.8, .2]]))\n"
+            "per_class(np.array([0, 1]), np.array([1, 1]), 2); roc_curve(np.array([0, 1]), np.array([.2, .9]))\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('sklearn', 'scipy')))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]"

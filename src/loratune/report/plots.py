@@ -85,7 +85,7 @@ def confusion_plot(matrix: Sequence[Sequence[int]], names: Sequence[str]) -> str
 
 def roc_plot(labels: np.ndarray, probs: np.ndarray, names: Sequence[str]) -> str:
     """ROC curve of the positive class (two classes) or one-vs-rest per class, with each AUC."""
-    from sklearn.metrics import auc, roc_curve
+    from loratune.tasks.metrics import binary_auc, roc_curve
 
     fig, (ax,) = _fig(4.2, 3.6)
     classes = [1] if probs.shape[1] == 2 else range(probs.shape[1])
@@ -93,8 +93,9 @@ def roc_plot(labels: np.ndarray, probs: np.ndarray, names: Sequence[str]) -> str
         truth = labels == c
         if truth.all() or not truth.any():
             continue
-        fpr, tpr, _ = roc_curve(truth, probs[:, c])
-        ax.plot(fpr, tpr, color=PALETTE[c % len(PALETTE)], lw=1.5, label=f"{names[c]} (AUC {auc(fpr, tpr):.3f})")
+        fpr, tpr = roc_curve(truth, probs[:, c])
+        ax.plot(fpr, tpr, color=PALETTE[c % len(PALETTE)], lw=1.5,
+                label=f"{names[c]} (AUC {binary_auc(truth, probs[:, c]):.3f})")
     ax.plot([0, 1], [0, 1], color="#aaa", ls=":", lw=1)
     ax.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC (test)", xlim=(0, 1), ylim=(0, 1.02))
     ax.legend(loc="lower right", fontsize=8)

@@ -20,6 +20,9 @@ from typing import Any
 
 import numpy as np
 
+# the F1 of confusion matrices, as compute_metrics reports it
+from loratune.tasks.metrics import f1_weighted
+
 __all__ = ["Z95", "bootstrap_f1", "f1_weighted", "mcnemar", "mcnemar_chi2", "p_text", "paired", "wilson"]
 
 Z95 = 1.959963984540054                          # the standard normal's 97.5% quantile: a two-sided 95% interval
@@ -42,23 +45,6 @@ def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float]:
     centre = (k + z2 / 2) / (n + z2)
     half = z / (n + z2) * math.sqrt(k * (n - k) / n + z2 / 4)
     return (0.0 if k == 0 else max(0.0, centre - half), 1.0 if k == n else min(1.0, centre + half))
-
-
-def f1_weighted(confusion: np.ndarray) -> np.ndarray:
-    """The support-weighted F1 of confusion matrices ``(..., C, C)`` (rows: true class, columns: predicted),
-    as scikit-learn's ``f1_score(average="weighted", zero_division=0)`` on the examples they count:
-
-        F1 = Σ_c (s_c / n) · 2 tp_c / (s_c + p_c)
-
-    with ``s_c`` the row sums (support), ``p_c`` the column sums (predicted), ``tp_c`` the diagonal; a class
-    with ``s_c + p_c = 0`` scores 0 (it weighs 0 anyway). Returns the leading shape ``(...)``.
-    """
-    m = np.asarray(confusion, dtype=np.float64)
-    support, predicted = m.sum(axis=-1), m.sum(axis=-2)             # (..., C) each
-    tp = np.diagonal(m, axis1=-2, axis2=-1)
-    denom = support + predicted
-    per_class = np.divide(2 * tp, denom, out=np.zeros_like(tp), where=denom > 0)
-    return (support * per_class).sum(axis=-1) / support.sum(axis=-1)
 
 
 def bootstrap_f1(confusion: Any, *, seed: int = 0, rounds: int = 2000, level: float = 0.95) -> tuple[float, float]:
