@@ -43,7 +43,7 @@ def release_memory(*, full: bool = True) -> bool:
     generations are collected (microseconds) before the trim (≈ 0.02 s); a search's trial did this four
     times an epoch, ≈ 4% of its time (BENCHMARKS.md).
     """
-    gc.collect() if full else gc.collect(1)
+    gc.collect(2 if full else 1)
     trim = _malloc_trim()
     if trim is None:
         return False
