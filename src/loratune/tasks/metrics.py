@@ -76,7 +76,7 @@ def compute_metrics(labels: np.ndarray, probs: np.ndarray, loss: float | None = 
     if loss is not None:
         out["loss"] = float(loss)
     out["accuracy"] = float(tp.sum() / len(labels))
-    out["f1"] = float(np.average(f1, weights=support))
+    out["f1"] = float(f1_weighted(m))
     out["f1_macro"] = float(f1[seen].mean())
     out["precision"] = float(np.average(_ratio(tp, predicted), weights=support))
     out["recall"] = float(np.average(_ratio(tp, support), weights=support))

@@ -49,6 +49,7 @@ from loratune.tasks.causal_eval import (
 )
 from loratune.tasks.causal_metrics import label_logprobs
 from loratune.tasks.classification import evaluate, tokenize
+from loratune.tasks.metrics import confusion as confusion_matrix
 from loratune.training import compiled, lock, rundir
 from loratune.training.checkpoint import load_checkpoint, load_latest, save_checkpoint
 from loratune.training.data import load_splits
@@ -525,9 +526,7 @@ def _evaluate_validation(run: Run) -> tuple[dict[str, float], list[list[int]] | 
         metrics, answers = evaluate_split(run, split)
         return metrics, None, answers
     metrics, probs = evaluate(run.model, split, run.device, run.precision, run.data.pad_id)
-    c = len(run.data.label_names)
-    cells = np.bincount(split.labels.astype(np.int64) * c + probs.argmax(axis=1), minlength=c * c)
-    return metrics, cells.reshape(c, c).tolist(), []
+    return metrics, confusion_matrix(split.labels, probs.argmax(axis=1), len(run.data.label_names)), []
 
 
 def collapsed(confusion: Any, loss: float, train_labels: np.ndarray) -> bool:
