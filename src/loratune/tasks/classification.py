@@ -21,10 +21,12 @@ from loratune.tasks.metrics import compute_metrics
 
 @torch.no_grad()
 def predict_probs(model: nn.Module, enc: Encoded, device: torch.device, precision: str, *, pad_id: int = 0,
-                  labels: np.ndarray | None = None, batch_size: int = 64) -> tuple[np.ndarray, float | None]:
+                  labels: np.ndarray | None = None, batch_size: int = 32) -> tuple[np.ndarray, float | None]:
     """Softmax probabilities (N, C) in input order, and the mean cross-entropy when ``labels`` are given.
 
-    Batches are sorted by length (least padding); the model is put in eval mode and back.
+    Batches are sorted by length (least padding); the model is put in eval mode and back. 32 a batch: MiniLM on the
+    400 validation sentences of the built-in data (bf16, 6 interleaved rounds) took 0.913 s at 1 thread and 0.703 s
+    at 2 against 1.053 and 0.794 s in batches of 64 (16 and 24: no faster than 32); fewer padding tokens.
     """
     was_training = model.training
     model.eval()
