@@ -651,3 +651,43 @@ def test_idle_cpus_are_lent_to_the_running_trials_and_taken_back(tmp_path: Path)
         torch.set_num_threads(threads)
     lend.on_experiment_end(trials)
     assert not path.exists()
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_ray_session_shuts_down_behind_the_caller_unless_it_failed(tmp_path, monkeypatch, fail: bool) -> None:
+    """With ``defer``, a session that ended well is shut down by a background thread, joined when ``defer`` closes;
+    one that raised is shut down before the error leaves it. Either way Ray, its temp folder, its log handler and
+    the environment are as before."""
+    import contextlib
+    import logging
+    import threading
+
+    import ray
+
+    from loratune.search import driver
+
+    threads: list[str] = []
+    shutdown = ray.shutdown
+
+    def spy() -> None:
+        threads.append(threading.current_thread().name)
+        shutdown()
+
+    monkeypatch.setattr(ray, "shutdown", spy)
+    env_before = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_DEDUP_LOGS")}
+    handlers_before = list(logging.getLogger("ray").handlers)
+    with contextlib.ExitStack() as defer:
+        try:
+            with driver._ray_session(None, tmp_path / "ray.log", defer=defer) as cluster:
+                temp = ray._private.worker._global_node.get_temp_dir_path()
+                assert cluster["CPU"] >= 1 and ray.is_initialized()
+                if fail:
+                    raise RuntimeError("a trial went wrong")
+        except RuntimeError:
+            assert fail and threads == ["MainThread"] and not ray.is_initialized()
+    assert threads == (["MainThread"] if fail else ["loratune-ray-shutdown"])
+    assert not ray.is_initialized() and os.path.isdir(temp) == fail      # an internal error keeps Ray's logs
+    assert {k: os.environ.get(k) for k in env_before} == env_before
+    assert logging.getLogger("ray").handlers == handlers_before
+    if fail:
+        shutil.rmtree(temp.split("/session_")[0], ignore_errors=True)
