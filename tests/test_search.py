@@ -209,7 +209,7 @@ def _cmdline(p: psutil.Process) -> list[str]:
 
 
 def test_resume_after_sigkill_finishes_without_rerunning_trials(tmp_path, cli_main, capsys, tiny_model_dir) -> None:
-    data = write_csv(tmp_path / "reviews.csv", synthetic_rows(800))    # epochs of seconds: time to kill mid-search
+    data = write_csv(tmp_path / "reviews.csv", synthetic_rows(1600))   # epochs of seconds: time to kill mid-search
     config = tmp_path / "search.yaml"
     config.write_text("samples: 4\nmax_epochs: 2\nsearch:\n  lr: {loguniform: [1.0e-3, 1.0e-2]}\n"
                       "  rank: {choice: [2, 4]}\n")
