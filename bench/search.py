@@ -245,11 +245,15 @@ def main(argv: list[str] | None = None) -> int:
         res = (ours if a.side == "ours" else reference)(root / a.side)
         (root / f"{a.side}.json").write_text(json.dumps(res))
         return 0
-    from bench.common import table
+    from bench.common import machine, table
+    from bench.serve import _git, _lscpu
 
-    res = {}
+    # the machine (lscpu's family and model tell a Zen 4 from a Zen 5), the code, and how busy the host was
+    res: dict[str, Any] = {"machine": {**machine(), "lscpu": _lscpu()}, "git": _git()}
     for side in (["reference", "ours"] if a.side == "both" else [a.side]):
-        res[side] = {**measure(side, root), "split_seed": SPLIT_SEED, "seed": SEED}
+        start, load = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), os.getloadavg()
+        res[side] = {**measure(side, root), "split_seed": SPLIT_SEED, "seed": SEED, "started": start,
+                     "loadavg_start": load, "loadavg_end": os.getloadavg()}
         print(f"{side}: {json.dumps(res[side])}", flush=True)
     (root / "results.json").write_text(json.dumps(res, indent=1))
     print(table(rows(res), HEADER))
