@@ -4,6 +4,7 @@ gaps between searches are read against it), and the wall-time ratio only when bo
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 from bench import search
 
@@ -27,3 +28,23 @@ def test_rows_give_the_wilson_interval_of_the_best_accuracy() -> None:
 def test_rows_without_a_side_or_its_size() -> None:
     rows = search.rows({"ours": _side(0.7975, 207.0)})        # a result from before val_n was recorded
     assert rows[0][1] == "not run" and rows[1][4] == "" and len(rows) == 2
+
+
+def test_results_name_the_machine_the_code_and_the_load(tmp_path, monkeypatch) -> None:
+    """A ratio is only read with the CPU it ran on (a Zen 4 and a Zen 5 differ in their bf16 peak, not in their
+    model name) and the commit: results.json carries lscpu's family and model, the commit, and each side's load."""
+    import json
+    import subprocess
+
+    monkeypatch.setattr(search, "measure", lambda side, root: _side(0.79, 300.0, val_n=400))
+    assert search.main(["--side", "ours", "--root", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["machine"]["cpus"] >= 1 and res["machine"]["torch"]
+    assert res["machine"]["lscpu"]["CPU family"].isdigit() and res["machine"]["lscpu"]["Model"].isdigit()
+    repo = Path(search.__file__).resolve().parents[1]
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True).stdout.strip()
+    assert res["git"]["commit"] == head
+    ours = res["ours"]
+    assert ours["best_val_accuracy"] == 0.79 and ours["split_seed"] == 0 and ours["seed"] == 0
+    assert len(ours["loadavg_start"]) == len(ours["loadavg_end"]) == 3 and ours["started"].endswith("UTC")
+    assert "reference" not in res
