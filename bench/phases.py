@@ -11,9 +11,9 @@ process, so the first-5-steps figure is what every new trial worker pays.
     python -m bench.phases --no-compile         # the eager phases only
     python -m bench.phases --threads 2 --split-seed 0
 
-Writes ``results.json`` (the machine, lscpu's family and model, the commit, each run) under ``--root`` and prints
-a table. Inductor's kernel cache is its own (under /tmp): the first compiled run after a new torch or a wiped
-cache compiles cold (about a minute), later ones warm.
+Writes its figures as JSON (``--out``, default ``bench/results/phases-<YYYY-MM-DD-HHMM>.json``: the machine, lscpu's
+family and model, the commit, each run) and prints a table. Inductor's kernel cache is its own (under /tmp): the
+first compiled run after a new torch or a wiped cache compiles cold (about a minute), later ones warm.
 """
 
 from __future__ import annotations
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=2, help="eager, compiled pairs, interleaved (default 2)")
     p.add_argument("--no-compile", action="store_true", help="the eager runs only")
     p.add_argument("--sample-pct", type=float, default=1.0, help="a share of the data (tests)")
-    p.add_argument("--root", default="bench-phases", help="results.json goes here (default ./bench-phases)")
+    p.add_argument("--out", default=None, help="results JSON (default bench/results/phases-<YYYY-MM-DD-HHMM>.json)")
     p.add_argument("--child", choices=["eager", "compiled"], help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     opts = ["--split-seed", str(a.split_seed), "--threads", str(a.threads), "--sample-pct", str(a.sample_pct)]
@@ -144,19 +144,22 @@ def main(argv: list[str] | None = None) -> int:
     kinds = ["eager"] if a.no_compile or missing else ["eager", "compiled"]
     if missing:
         print(f"--compile not measured: {missing}", file=sys.stderr)
+    started, load_start = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), list(os.getloadavg())
     runs = []
     for _ in range(a.rounds):
         for kind in kinds:
             runs.append(_run_child([kind, *opts]))
             print(f"{kind}: {runs[-1]['later_steps_s']:.2f} s for steps {FIRST + 1}-{runs[-1]['steps']}, "
                   f"first {FIRST} {runs[-1]['first_steps_s']:.2f} s", flush=True)
-    root = Path(a.root)
-    root.mkdir(parents=True, exist_ok=True)
-    res = {"machine": {**machine(), "lscpu": _lscpu()}, "git": _git(), "split_seed": a.split_seed,
+    stamp = time.strftime("%Y-%m-%d-%H%M", time.gmtime())
+    out = Path(a.out) if a.out else Path(__file__).resolve().parent / "results" / f"phases-{stamp}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    res = {"machine": {**machine(), "lscpu": _lscpu()}, "git": _git(), "started": started, "split_seed": a.split_seed,
            "threads": a.threads, "sample_pct": a.sample_pct, "compile_not_measured": missing, "runs": runs,
-           "loadavg_end": list(os.getloadavg())}
-    (root / "results.json").write_text(json.dumps(res, indent=2) + "\n")
+           "loadavg_start": load_start, "loadavg_end": list(os.getloadavg())}
+    out.write_text(json.dumps(res, indent=2) + "\n")
     print(table(rows(runs), HEADER))
+    print(f"figures: {out}")
     return 0
 
 

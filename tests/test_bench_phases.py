@@ -34,8 +34,9 @@ def test_one_eager_epoch_accounts_for_every_step_and_pass(tmp_path, capsys) -> N
     from loratune.training.loop import prepare_data
     from loratune.training.options import TrainConfig
 
-    assert phases.main(["--no-compile", "--rounds", "1", "--sample-pct", "0.05", "--root", str(tmp_path)]) == 0
-    res = json.loads((tmp_path / "results.json").read_text())
+    out = tmp_path / "phases.json"
+    assert phases.main(["--no-compile", "--rounds", "1", "--sample-pct", "0.05", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
     (run,) = res["runs"]
     train = prepare_data(TrainConfig.from_dict({"split_seed": 1, "sample_pct": 0.05})).train
     assert run["compile"] is False and run["steps"] == math.ceil(len(train) / 16)
@@ -43,7 +44,7 @@ def test_one_eager_epoch_accounts_for_every_step_and_pass(tmp_path, capsys) -> N
     assert run["steps_s"] == pytest.approx(run["first_steps_s"] + run["later_steps_s"])
     phases_s = run["steps_s"] + run["validation_s"] + run["adapter_s"] + run["checkpoint_s"]
     assert 0 < phases_s <= run["wall_s"] and run["other_s"] == pytest.approx(run["wall_s"] - phases_s)
-    assert run["adapter_s"] > 0 and run["checkpoint_s"] > 0           # a best pass saves the adapter; each pass a checkpoint
+    assert run["adapter_s"] > 0 and run["checkpoint_s"] > 0     # a new best saves the adapter; each pass checkpoints
     repo = Path(phases.__file__).resolve().parents[1]
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True).stdout.strip()
     assert res["git"]["commit"] == head and res["machine"]["lscpu"]["CPU family"].isdigit()
