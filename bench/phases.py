@@ -4,8 +4,9 @@ One epoch of the untuned default as a search trial trains it (built-in model and
 epoch as at 4 rungs an epoch, no test split, 1 thread), each in a fresh process, eager and with ``--compile``
 interleaved ``--rounds`` times. Each phase is timed by wrapping the trainer's function for it: the optimizer
 steps (each one: the first 5 hold a compile, the rest is the steady speed), the validation passes, the adapter
-file, the checkpoints; ``other`` is the rest of ``train()`` (loading the model, logs). A compile is paid once per
-process, so the first-5-steps figure is what every new trial worker pays.
+file, the checkpoints; ``other`` is the rest of ``train()`` (the data, the model, logs: a search's trial gets the
+data prepared and its worker has the imports done). A compile is paid once per process, so the first-5-steps
+figure is what each new training process pays.
 
     python -m bench.phases                      # split seed 1, 2 rounds (about 5 minutes on a Zen 4)
     python -m bench.phases --no-compile         # the eager phases only
