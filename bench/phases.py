@@ -72,7 +72,7 @@ def epoch(*, compile: bool, split_seed: int, threads: int, sample_pct: float = 1
                    sample_pct=sample_pct, compile=compile, evaluate_test=False)
         wall = time.perf_counter() - t0
     steps = calls["steps"]
-    rest = sorted(steps[FIRST:])
+    rest = steps[FIRST:]
     row = {"compile": compile, "wall_s": wall, "steps": len(steps), "steps_s": sum(steps),
            "first_steps_s": sum(steps[:FIRST]), "later_steps_s": sum(rest),
            "later_step_median_ms": 1000 * statistics.median(rest) if rest else None,
@@ -84,8 +84,8 @@ def epoch(*, compile: bool, split_seed: int, threads: int, sample_pct: float = 1
 
 def _run_child(args: list[str]) -> dict[str, Any]:
     """``epoch()`` in a fresh process (its own compile, its own allocator): the JSON line it prints."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
-                                                        os.environ.get("PYTHONPATH", "")])}
+    paths = [str(Path(__file__).resolve().parents[1]), *filter(None, [os.environ.get("PYTHONPATH")])]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}     # no empty entry: that would add the cwd
     proc = subprocess.run([sys.executable, "-m", "bench.phases", "--child", *args], capture_output=True, text=True,
                           env=env, check=False)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]

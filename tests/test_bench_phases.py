@@ -38,8 +38,8 @@ def test_one_eager_epoch_accounts_for_every_step_and_pass(tmp_path, capsys) -> N
     assert phases.main(["--no-compile", "--rounds", "1", "--sample-pct", "0.05", "--out", str(out)]) == 0
     res = json.loads(out.read_text())
     (run,) = res["runs"]
-    train = prepare_data(TrainConfig.from_dict({"split_seed": 1, "sample_pct": 0.05})).train
-    assert run["compile"] is False and run["steps"] == math.ceil(len(train) / 16)
+    cfg = TrainConfig.from_dict({"split_seed": 1, "sample_pct": 0.05})
+    assert run["compile"] is False and run["steps"] == math.ceil(len(prepare_data(cfg).train) / cfg.batch_size)
     assert run["validation_passes"] == 4                                # a trial's 4 rungs an epoch
     assert run["steps_s"] == pytest.approx(run["first_steps_s"] + run["later_steps_s"])
     phases_s = run["steps_s"] + run["validation_s"] + run["adapter_s"] + run["checkpoint_s"]
