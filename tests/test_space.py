@@ -64,6 +64,17 @@ def base() -> TrainConfig:
     ({"bias": {"choice": ["none", "some"]}}, "search.bias: value 'some' is not valid: --bias: expected one of"),
     ({"targets": {"choice": [[]]}}, "search.targets: --targets: empty target name"),
     ({"rank": {"choice": [4, 4]}}, "search.rank: choice lists a value twice"),
+    ({"rank": {"grid": [4, 4.0]}}, "search.rank: grid lists a value twice"),          # equal numbers, one trial
+    ({"targets": {"choice": ["q,v", "v,q"]}}, "search.targets: choice lists a value twice"),  # the same layers
+    ({"modules_to_save": {"choice": ["pooler", ["pooler"]]}}, "search.modules_to_save: choice lists a value twice"),
+    ({"modules_to_save": {"choice": ["none", "auto"]}}, "search.modules_to_save: auto is not a value to search; "
+                                                        "list the values"),
+    ({"lr": {"choice": [1e-4, "auto"]}}, "search.lr: auto is not a value to search; list numbers"),
+    ({"system_prompt": {"choice": ["a", "b"]}}, "search.system_prompt: cannot be searched: the data is prepared"),
+    ({"task": {"choice": ["classification", "causal-lm"]}}, "search.task: cannot be searched"),
+    ({"prompt_column": {"choice": ["p", "q"]}}, "search.prompt_column: cannot be searched"),
+    ({"completion_column": {"choice": ["p", "q"]}}, "search.completion_column: cannot be searched"),
+    ({"messages_column": {"choice": ["p", "q"]}}, "search.messages_column: cannot be searched"),
     ({"max_length": {"choice": [32, 64]}}, "search.max_length: cannot be searched: the data is tokenized once"),
     ({"model": {"choice": ["a", "b"]}}, "search.model: cannot be searched"),
     ({"epochs": {"choice": [1, 2]}}, "search.epochs: cannot be searched: every trial trains --max-epochs"),

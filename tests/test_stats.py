@@ -57,6 +57,10 @@ def test_mcnemar_closed_form() -> None:
         mcnemar(-1, 3)
     assert (p_text(0.2026), p_text(1.0), p_text(0.001), p_text(0.00099)) == (
         "p = 0.203", "p = 1.000", "p = 0.001", "p < 0.001")
+    # Three decimals would show 0.0498 as "0.050" beside a verdict of "beyond chance": more where they flip it.
+    assert mcnemar(42, 25) == pytest.approx(0.0498, abs=5e-5)
+    assert (p_text(mcnemar(42, 25)), p_text(0.04999), p_text(0.05), p_text(0.0504), p_text(0.00996, alpha=0.01)) == (
+        "p = 0.0498", "p = 0.04999", "p = 0.050", "p = 0.050", "p = 0.00996")
 
 
 @pytest.mark.parametrize("b,c", [(0, 1), (1, 9), (12, 30), (40, 41), (7, 0), (150, 210), (600, 1000)])

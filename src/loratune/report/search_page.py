@@ -259,7 +259,7 @@ def _on_test(cmp: dict[str, Any]) -> str:
         return "<br>" + esc(cmp["verdict"][0].upper() + cmp["verdict"][1:] + ".")
     return "<br>" + esc(
         f"On test, against the untuned default: accuracy {cmp['best_accuracy']:.3f} vs {cmp['default_accuracy']:.3f}"
-        f" ({100 * (cmp['best_accuracy'] - cmp['default_accuracy']):+.1f} points), McNemar {p_text(cmp['p_value'])}: "
+        f" ({100 * (cmp['best_accuracy'] - cmp['default_accuracy']):+.1f} points), McNemar {p_text(cmp['p_value'], cmp.get('alpha', 0.05))}: "
         + ("a difference beyond chance" if cmp.get("beyond_chance") else "not beyond chance")
         + f" on {cmp['n']} test examples (the winner was chosen on validation, so only test can judge it).")
 
@@ -269,7 +269,7 @@ def _comparison_card(cmp: dict[str, Any]) -> list[str]:
     if cmp.get("p_value") is None:
         return []
     return [card("vs untuned default, test", f"{100 * (cmp['best_accuracy'] - cmp['default_accuracy']):+.1f} points",
-                 f"McNemar {p_text(cmp['p_value'])} ({'beyond' if cmp.get('beyond_chance') else 'not beyond'} "
+                 f"McNemar {p_text(cmp['p_value'], cmp.get('alpha', 0.05))} ({'beyond' if cmp.get('beyond_chance') else 'not beyond'} "
                  f"chance) · {cmp['best_only']} examples only the winner got right, {cmp['default_only']} only the "
                  f"default · n = {cmp['n']}")]
 

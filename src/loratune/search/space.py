@@ -131,8 +131,13 @@ def default_space(base: TrainConfig) -> dict[str, Any]:
 FIXED_ONLY = {
     "model": "all trials share one model; fix it with --model",
     "data": "the data is prepared once for all trials; fix it with --data",
+    "task": "the data is prepared once for all trials, as one task; fix it with --task",
     "text_column": "the data is prepared once for all trials",
     "label_column": "the data is prepared once for all trials",
+    "prompt_column": "the data is prepared once for all trials",
+    "completion_column": "the data is prepared once for all trials",
+    "messages_column": "the data is prepared once for all trials",
+    "system_prompt": "the data is prepared (and tokenized) once for all trials; fix it with --system-prompt",
     "validation_file": "the data is prepared once for all trials",
     "test_file": "the data is prepared once for all trials",
     "sample_pct": "the data is prepared once for all trials; fix it with --sample-pct",
@@ -237,7 +242,8 @@ def encode(key: str, value: Any) -> Any:
     if key == "modules_to_save" and value != AUTO:
         return ",".join(parse_modules(value)) or "none"
     if value == AUTO and OPTIONS[key].auto:                # a trial's table row must show what it trained with
-        raise InputError(f"auto is not a value to search; list numbers ({auto_text(key)})")
+        what = "numbers" if option_kind(key) in ("int", "float") else "the values"
+        raise InputError(f"auto is not a value to search; list {what} ({auto_text(key)})")
     return value
 
 
@@ -268,6 +274,18 @@ def parse_space(raw: Any, base: TrainConfig) -> Space:
     return space
 
 
+def _identity(key: str, value: Any) -> Any:
+    """What makes two listed values the same trial: numbers by value (4 and 4.0), target and module lists as
+    sets ("q,v" and "v,q" adapt the same layers; a ``re:`` pattern as written), anything else by its repr."""
+    if isinstance(value, bool):
+        return ("bool", value)
+    if _is_number(value):
+        return ("number", float(value))
+    if key in ("targets", "modules_to_save") and isinstance(value, str) and not value.startswith("re:"):
+        return ("names", frozenset(value.split(",")))
+    return ("repr", repr(value))
+
+
 def _parse_dim(key: str, spec: Any, where: str) -> Dim:
     if isinstance(spec, str) and spec.startswith("="):
         other = spec[1:].strip()
@@ -292,7 +310,7 @@ def _parse_dim(key: str, spec: Any, where: str) -> Dim:
             values = tuple(encode(key, v) for v in arg)
         except InputError as e:
             raise InputError(f"{where}: {e}") from None
-        if len(set(map(repr, values))) != len(values):
+        if len({_identity(key, v) for v in values}) != len(values):
             raise InputError(f"{where}: {dist} lists a value twice: {list(arg)!r}")
         return Dim(key, dist, values)
     if not isinstance(arg, (list, tuple)) or len(arg) != 2 or not all(_is_number(v) for v in arg):

@@ -97,9 +97,17 @@ def mcnemar_chi2(b: int, c: int) -> float:
     return 0.0 if b + c == 0 else max(abs(b - c) - 1, 0) ** 2 / (b + c)
 
 
-def p_text(p: float) -> str:
-    """A p-value as people read it: ``"p = 0.203"``, or ``"p < 0.001"`` below what three decimals show."""
-    return "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
+def p_text(p: float, alpha: float = 0.05) -> str:
+    """A p-value as people read it: ``"p = 0.203"``, or ``"p < 0.001"`` below what three decimals show; more
+    decimals where three would round it onto ``alpha`` or past it (0.0498 is below 0.05: "p = 0.0498", not
+    "p = 0.050" beside a verdict of "beyond chance")."""
+    if p < 0.001:
+        return "p < 0.001"
+    for digits in range(3, 10):
+        shown = round(p, digits)
+        if (shown < alpha) == (p < alpha):
+            return f"p = {p:.{digits}f}"
+    return f"p = {p:.10f}"
 
 
 def paired(first: Any, second: Any) -> dict[str, Any]:

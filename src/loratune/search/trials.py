@@ -271,7 +271,7 @@ def comparison(best: Mapping[str, Any], default: Mapping[str, Any], best_test: T
     words = (("better than" if ours > theirs else "worse than") + " the default beyond chance" if beyond
              else "not beyond chance")
     verdict = (f"{who}: test accuracy {ours:.3f} vs untuned default {theirs:.3f} ({100 * (ours - theirs):+.1f} "
-               f"points); McNemar {stats.p_text(pv)}: {words} on {p['n']} test examples")
+               f"points); McNemar {stats.p_text(pv, ALPHA)}: {words} on {p['n']} test examples")
     return {"same_trial": False, "split": "test", "method": "McNemar exact (two-sided binomial on the discordant "
             "examples)", "n": p["n"], "best_accuracy": ours, "default_accuracy": theirs,
             "best_only": p["first_only"], "default_only": p["second_only"], "p_value": pv, "chi2": p["chi2"],
