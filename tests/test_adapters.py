@@ -209,3 +209,40 @@ def test_the_file_holds_exactly_what_trains(arch, bias) -> None:
                     for n in trainable if ".adapters." not in n or f".adapters.{name}." in n}
         assert set(state) == expected
         assert all(v.device.type == "cpu" and v.is_contiguous() for v in state.values())
+
+
+def test_mixed_regex_and_name_targets_load_in_peft_as_trained(tmp_path, batch) -> None:
+    # A YAML list may mix a re: pattern with names; peft takes a regex only as the whole target_modules string.
+    spec = LoraSpec(targets=("re:.*self\\.query", "value"), rank=4, alpha=8)
+    out, ours = _saved(tmp_path, "bert", spec)
+    cfg = json.loads((out / CONFIG_NAME).read_text())
+    assert cfg["target_modules"] == r"(?:.*self\.query)|(?:(?:.*\.)?value)"
+    ref = PeftModel.from_pretrained(tiny_model("bert").eval(), str(out)).eval()
+    adapted = {n.removeprefix("base_model.model.") for n, m in ref.named_modules() if hasattr(m, "lora_A")
+               and hasattr(m, "base_layer")}
+    assert adapted == set(lora_layers(ours)) and len(adapted) == 4
+    assert _rel(ref(**batch).logits, ours(**batch).logits) <= 1e-5
+    back = tiny_model("bert").eval()
+    load_adapter(back, out)
+    assert set(lora_layers(back)) == adapted and _rel(back(**batch).logits, ours(**batch).logits) <= 1e-5
+
+
+@pytest.mark.parametrize("init", [False, "orthogonal"])
+def test_peft_inits_that_keep_w0_load(tmp_path, init, batch) -> None:
+    # Only A and B's start differs; the trained tensors are what loads (peft reloads them exactly too).
+    pm = get_peft_model(tiny_model("bert"), LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"],
+                                                       task_type="SEQ_CLS", init_lora_weights=init))
+    _perturb(pm, seed=3)
+    pm.save_pretrained(str(tmp_path / "p"))
+    ours = tiny_model("bert").eval()
+    load_adapter(ours, tmp_path / "p")
+    assert _rel(ours(**batch).logits, pm.eval()(**batch).logits) <= 1e-5
+
+
+@pytest.mark.parametrize("init", ["loftq", "corda", "pissa_niter_4"])
+def test_peft_inits_that_change_w0_are_refused(tmp_path, init) -> None:
+    out, _ = _saved(tmp_path, "bert", LoraSpec(targets=("qv",), rank=4, alpha=8))
+    cfg = json.loads((out / CONFIG_NAME).read_text())
+    (out / CONFIG_NAME).write_text(json.dumps({**cfg, "init_lora_weights": init}))
+    with pytest.raises(InputError, match=f'init_lora_weights="{init}" is not supported'):
+        load_adapter(tiny_model("bert"), out)

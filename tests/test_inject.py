@@ -147,3 +147,53 @@ def test_gradients_reach_only_the_trainable_set_and_base_is_unchanged(batch) -> 
         key = n.replace(".base_layer", "")
         if n not in trainable:
             assert torch.equal(p, frozen[key]), n
+
+
+class _Expert(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Linear(8, 8)
+
+
+class _MoeLayer(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.experts = torch.nn.ModuleList([_Expert(), _Expert()])
+
+
+class _Moe(torch.nn.Module):
+    """model.layers.N.experts.M.w: two numbered segments, the layer's first (a mixture of experts)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = torch.nn.Module()
+        self.model.layers = torch.nn.ModuleList([_MoeLayer(), _MoeLayer()])
+
+
+def _t5() -> torch.nn.Module:
+    import transformers as tf
+
+    torch.manual_seed(0)
+    return tf.T5ForSequenceClassification(tf.T5Config(vocab_size=100, d_model=16, d_kv=8, d_ff=32, num_layers=2,
+                                                      num_decoder_layers=2, num_heads=2)).eval()
+
+
+@pytest.mark.parametrize("make,targets,expected", [
+    (_Moe, ["w"], {"model.layers.1.experts.0.w", "model.layers.1.experts.1.w"}),
+    (_t5, ["wi", "SelfAttention.q"], {"transformer.encoder.block.1.layer.0.SelfAttention.q",
+                                      "transformer.encoder.block.1.layer.1.DenseReluDense.wi",
+                                      "transformer.decoder.block.1.layer.0.SelfAttention.q",
+                                      "transformer.decoder.block.1.layer.2.DenseReluDense.wi"})])
+def test_layers_is_the_first_numbered_segment_as_in_peft(make, targets, expected) -> None:
+    # T5's encoder.block.1.layer.0.SelfAttention.q is in layer (block) 1; a greedy match took the last number, 0.
+    ours = resolve_targets(make(), targets, layers=[1])
+    pm = get_peft_model(make(), LoraConfig(r=2, target_modules=targets, layers_to_transform=[1]))
+    assert set(ours) == _peft_targets(pm) == expected
+
+
+def test_modules_named_q_and_v_are_taken_as_named() -> None:
+    # T5 names its projections q, k, v, o (peft's default targets for it: q and v); DistilBERT has none so named.
+    pm = get_peft_model(_t5(), LoraConfig(r=2, task_type="SEQ_CLS"))
+    assert set(pm.peft_config["default"].target_modules) == {"q", "v"}
+    assert set(resolve_targets(_t5(), ["q", "v"])) == _peft_targets(pm)
+    assert expand_targets(tiny_model("distilbert"), ["q", "v"]) == ["q_lin", "v_lin"]

@@ -133,6 +133,30 @@ def test_switching_100_times_keeps_w0() -> None:
             assert _rel(p, ref) <= 1e-5
 
 
+def test_switching_away_from_a_merged_adapter_unmerges_it(batch, caplog) -> None:
+    # As peft's set_adapter: a merged adapter would otherwise stay in the base weights.
+    model = tiny_model("bert").eval()
+    base = model(**batch).logits
+    inject(model, LoraSpec(targets=("qv",), rank=4, alpha=8), "a")
+    inject(model, LoraSpec(targets=("qv",), rank=2, alpha=4), "b")
+    _randomize_b(model, "a", seed=1)
+    _randomize_b(model, "b", seed=2)
+    set_active(model, "b")
+    only_b = model(**batch).logits
+    merge(model, "a")
+    assert _rel(model(**batch).logits, base) > 1e-3                       # a is in the weights now
+    with caplog.at_level("WARNING", logger="loratune.core.inject"):
+        set_active(model, None)
+    assert "'a' was merged into the base weights; unmerging it" in caplog.text
+    assert _rel(model(**batch).logits, base) <= 1e-5
+    merge(model, "a")
+    set_active(model, "a")                                                # merged and active: stays merged
+    assert [layer.merged for layer in lora_layers(model).values()][0] == ["a"]
+    set_active(model, "b")
+    assert _rel(model(**batch).logits, only_b) <= 1e-5
+    assert all(not layer.merged for layer in lora_layers(model).values())
+
+
 def test_routing_equals_separate_runs(batch) -> None:
     model = tiny_model("distilbert").eval()
     inject(model, LoraSpec(targets=("qv",), rank=4, alpha=8), "a")

@@ -77,6 +77,8 @@ def test_every_option_declares_help_and_a_kind_that_matches_its_type(name) -> No
     ({"validation_file": ""}, "--validation-file: expected a file path"),
     ({"targets": "q,,v"}, "--targets: empty target name"),
     ({"layers": "a-b"}, "--layers: expected indices like"),
+    ({"targets": "re:.*query", "layers": "0"}, "--layers: cannot be combined with a re: target (peft refuses"),
+    ({"targets": ["re:.*query", "value"], "layers": [1]}, "--layers: cannot be combined with a re: target"),
     ({"rnak": 4}, "unknown training option 'rnak'; known options: alpha, alpha_pattern, batch_size, bias"),
 ])
 def test_bad_values_name_the_flag(values, message) -> None:

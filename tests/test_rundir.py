@@ -137,3 +137,10 @@ def test_written_results_are_valid_json_for_any_reader(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "x.json").read_text(), parse_constant=lambda c: pytest.fail(c)) == {
         "a": [None, None, 1.5], "b": {"c": None}}
     assert not math.isnan(rundir.read_json(tmp_path / "x.json")["a"][2])
+
+
+def test_dumps_writes_nan_and_infinities_as_null() -> None:
+    # --json output (eval's roc_auc is NaN on a split with one class) must be JSON any reader takes.
+    text = rundir.dumps({"accuracy": 0.9, "roc_auc": float("nan"), "x": [float("inf"), -float("inf"), 1]})
+    assert text == '{"accuracy": 0.9, "roc_auc": null, "x": [null, null, 1]}'
+    assert json.loads(text)["roc_auc"] is None

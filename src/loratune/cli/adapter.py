@@ -6,7 +6,6 @@ cli/main.py's ``build_parser`` calls :func:`register`; importing this module doe
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -183,11 +182,12 @@ def check_resume(args: argparse.Namespace) -> None:
 
 def cmd_eval(args: argparse.Namespace, ui: Renderer) -> int:
     from loratune.infer.inference import evaluate_adapter
+    from loratune.training import rundir
 
     m = evaluate_adapter(args.adapter, data=args.data, split=args.split, text_column=args.text_column,
                          label_column=args.label_column, precision=args.precision, base=args.base)
     if args.json:
-        ui.out(json.dumps(m))
+        ui.out(rundir.dumps(m))
     else:
         ui.out(f"{m['split']} ({m['examples']} examples): " + ", ".join(
             f"{k} {v:.4f}" for k, v in m.items() if k not in ("split", "examples")))
@@ -196,12 +196,13 @@ def cmd_eval(args: argparse.Namespace, ui: Renderer) -> int:
 
 def cmd_predict(args: argparse.Namespace, ui: Renderer) -> int:
     from loratune.infer.inference import predict, read_lines
+    from loratune.training import rundir
 
     if args.texts and args.file:
         raise InputError("predict: give texts as arguments or --file, not both")
     texts = args.texts if args.texts else read_lines(args.file, _bad_line_reporter(ui, args.file))
     for row in predict(args.adapter, texts, precision=args.precision, base=args.base, chunk=args.batch_size):
-        ui.out(json.dumps(row, ensure_ascii=False) if args.json else f"{row['label']}\t{row['score']:.4f}\t{row['text']}")
+        ui.out(rundir.dumps(row, ensure_ascii=False) if args.json else f"{row['label']}\t{row['score']:.4f}\t{row['text']}")
     return 0
 
 
@@ -216,6 +217,7 @@ def cmd_generate(args: argparse.Namespace, ui: Renderer) -> int:
     """Completions one prompt after another: streamed as text (a blank line between two), or ``--json`` lines."""
     from loratune.infer.generate import generate
     from loratune.infer.inference import read_lines
+    from loratune.training import rundir
 
     if args.prompts and args.file:
         raise InputError("generate: give prompts as arguments or --file, not both")
@@ -234,7 +236,7 @@ def cmd_generate(args: argparse.Namespace, ui: Renderer) -> int:
                     base=args.base, on_text=None if args.json else show)
     for row in rows:
         if args.json:
-            ui.out(json.dumps(row, ensure_ascii=False))
+            ui.out(rundir.dumps(row, ensure_ascii=False))
             sys.stdout.flush()
         else:
             show("\n")

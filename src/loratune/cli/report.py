@@ -6,7 +6,6 @@ cli/main.py's ``build_parser`` calls :func:`register`; importing this module doe
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
@@ -50,10 +49,11 @@ def cmd_report(args: argparse.Namespace, ui: Renderer) -> int:
 
 def cmd_analyze(args: argparse.Namespace, ui: Renderer) -> int:
     from loratune.report.analysis import analyze, format_table
+    from loratune.training import rundir
 
     result = analyze(args.adapter, compare=args.compare, base=args.base)
     if args.json:
-        ui.out(json.dumps(result))
+        ui.out(rundir.dumps(result))
     else:
         for line in format_table(result):
             ui.out(line)

@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,23 @@ _NEUTRAL: dict[str, Any] = {
     "use_qalora": False, "velora_config": None}
 
 
+KEEPS_W0 = ("orthogonal", "eva")
+"""peft initialisations that leave the base weights as they are (only A and B's start differs): their trained
+adapters load as any other. pissa_niter_*, corda and loftq change W0 from a random SVD, data or quantisation."""
+
+
+def peft_targets(targets: Sequence[str]) -> str | list[str]:
+    """``target_modules`` as peft reads it: a list of names (each matching a module named so or ending in
+    ``"." + name``), or, when any target is a ``re:`` pattern, one regex that peft matches against whole module
+    names: the patterns and the names (as ``(?:.*\\.)?name``) joined by ``|``, so peft adapts what loratune did."""
+    patterns = [t[3:] for t in targets if t.startswith("re:")]
+    if not patterns:
+        return list(targets)
+    if len(targets) == 1:
+        return patterns[0]
+    return "|".join(f"(?:{t[3:]})" if t.startswith("re:") else rf"(?:(?:.*\.)?{re.escape(t)})" for t in targets)
+
+
 def peft_config(spec: LoraSpec, targets: list[str], *, base_model: str | None, fan_in_fan_out: bool,
                 has_head: bool, causal: bool = False) -> dict[str, Any]:
     """The ``adapter_config.json`` peft 0.21 writes for the same LoraConfig (fields we don't use at defaults).
@@ -68,7 +86,6 @@ def peft_config(spec: LoraSpec, targets: list[str], *, base_model: str | None, f
     ``task_type``: ``SEQ_CLS`` with a classification head, else ``CAUSAL_LM`` for a decoder LM (``causal``, so
     peft loads it as a PeftModelForCausalLM), else null. ``modules_to_save`` as peft's SEQ_CLS writes it: the
     user's names, then ``classifier`` and ``score``; without a head, the user's names or null."""
-    regex = len(targets) == 1 and targets[0].startswith("re:")
     # PiSSA / OLoRA changed W0; the file is converted to apply to the original W0 (adapter_state): rank 2r, and α
     # doubled (×√2 with rsLoRA) so that the scaling stays — peft's path_initial_model_for_weight_conversion.
     converted = spec.init in ("pissa", "olora")
@@ -87,7 +104,7 @@ def peft_config(spec: LoraSpec, targets: list[str], *, base_model: str | None, f
                             else list(spec.modules_to_save) or None),
         "peft_type": "LORA", "r": spec.rank * rank_x,
         "rank_pattern": {k.removeprefix("re:"): v * rank_x for k, v in spec.rank_pattern}, "revision": None,
-        "target_modules": targets[0][3:] if regex else list(targets),
+        "target_modules": peft_targets(targets),
         "task_type": "SEQ_CLS" if has_head else "CAUSAL_LM" if causal else None,
         "use_dora": spec.variant == "dora", "use_rslora": spec.rslora,
     }
@@ -256,9 +273,12 @@ def read_adapter_config(adapter_dir: str | os.PathLike) -> tuple[LoraSpec, dict[
     if layers is not None and not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers):
         raise InputError(f"{path}: field 'layers_to_transform' must be a list of layer indices >= 0")
     init = field("init_lora_weights", (bool, str), default=True)
-    if init is False or (isinstance(init, str) and init not in ("gaussian", "pissa", "olora")):
-        raise InputError(f"{path}: init_lora_weights={json.dumps(init)} is not supported by loratune (true, gaussian, "
-                         "pissa or olora; pissa_niter_* starts from a random SVD that a loader cannot recompute)")
+    if init is False or init in KEEPS_W0:          # A and B's start only: the trained tensors are what loads
+        init = True
+    if isinstance(init, str) and init not in ("gaussian", "pissa", "olora"):
+        raise InputError(f"{path}: init_lora_weights={json.dumps(init)} is not supported by loratune (true, false, "
+                         f"gaussian, {', '.join(KEEPS_W0)}, pissa or olora: {json.dumps(init)} changes the base "
+                         "weights in a way a loader cannot recompute)")
     rslora = field("use_rslora", bool, default=False)
     field("base_model_name_or_path", str)
     saved = field("modules_to_save", list, default=[])

@@ -4,7 +4,8 @@ Targets are matched exactly as peft's ``target_modules``: a name matches a modul
 name equals it or ends with ``"." + name`` (so ``dense`` also takes BERT's ``pooler.dense``);
 ``re:<regex>`` must match the whole module name (peft's string form). Short names q/k/v/o and the
 presets ``qv``, ``attention``, ``all-linear`` are resolved from the model's own layer names, so they
-work on DistilBERT, BERT/RoBERTa, GPT-2, Llama-style and any model that uses one of those namings.
+work on DistilBERT, BERT/RoBERTa, GPT-2, Llama-style and any model that uses one of those namings (a model
+whose linear layers are named q, k, v, o, as T5's, takes those names as they are).
 
 Besides LoRA's A and B, whole modules train: the task head (:func:`head_names`) always, and the modules
 the user names in ``--modules-to-save`` (peft's ``modules_to_save``, :func:`saved_modules`), e.g. BERT's
@@ -14,6 +15,7 @@ these modules whole.
 
 from __future__ import annotations
 
+import logging
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,6 +26,8 @@ from torch import nn
 
 from loratune.core.lora import LoraLinear, RoutedModule, is_conv1d, linear_shape
 from loratune.errors import InputError
+
+log = logging.getLogger(__name__)
 
 # Attention projection names by naming family: (q, k, v, o). The first family whose q and v
 # names occur among the model's linear layers wins.
@@ -38,7 +42,9 @@ FAMILIES: list[tuple[str, str, str, str]] = [
 PRESETS = {"qv": ("q", "v"), "attention": ("q", "k", "v", "o")}
 HEAD_SUFFIXES = ("classifier", "score")   # peft's SEQ_CLS modules_to_save, matched by str.endswith
 CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")   # transformers' decoder-LM class names
-_LAYER_INDEX = re.compile(r".*\.[^.]*\.(\d+)\.")  # peft's layers_to_transform rule (no layers_pattern)
+# peft's layers_to_transform rule (no layers_pattern): the first numbered segment after a named one, lazily, so
+# T5's "block.1.layer.0" and a mixture of experts' "layers.1.experts.0" are in layer 1, not 0.
+_LAYER_INDEX = re.compile(r".*?\.[^.]*\.(\d+)\.")
 
 
 @dataclass(frozen=True)
@@ -211,7 +217,9 @@ def expand_targets(model: nn.Module, targets: Sequence[str], modules_to_save: Se
             out.extend(n if n.rsplit(".", 1)[-1] in clash else n.rsplit(".", 1)[-1] for n in kept)
             continue
         for short in PRESETS.get(t, (t,)):
-            if short in ("q", "k", "v", "o"):
+            # q/k/v/o name a family's projections, unless the model's linear layers are named so (T5: peft's
+            # default targets for it are "q" and "v"): then the name is taken as it is, as peft would.
+            if short in ("q", "k", "v", "o") and not any(_suffix_match(n, short) for n in linears):
                 out.append(_family(model, linears)["qkvo".index(short)])
             else:
                 out.append(short)
@@ -342,9 +350,16 @@ def adapter_names(model: nn.Module) -> list[str]:
 
 
 def set_active(model: nn.Module, name: str | None) -> None:
-    """Apply adapter ``name`` to every row (None: the base model alone)."""
+    """Apply adapter ``name`` to every row (None: the base model alone). Another adapter merged into the base
+    weights is unmerged first, with a warning (as peft's ``set_adapter``): else it would stay applied."""
     if name is not None and name not in adapter_names(model):
         raise InputError(f"no adapter named {name!r}; this model has {adapter_names(model)}")
+    others = sorted({n for layer in lora_layers(model).values() for n in layer.merged if n != name})
+    if others:
+        log.warning("adapter %s was merged into the base weights; unmerging it to switch to %s",
+                    ", ".join(map(repr, others)), "the base model" if name is None else repr(name))
+        for other in others:
+            unmerge(model, other)
     for layer in lora_layers(model).values():
         layer.active = name if name in layer.adapters else None
         layer.route = None

@@ -413,6 +413,10 @@ class TrainConfig:
                 raise InputError(f"{flag(name)}: a {other} option, but this run's task is {self.task}"
                                  + (" (--task auto chose it from the data's columns and the model; give --task "
                                     f"{other} to change it)" if "task" in self.auto_fields else ""))
+        if self.layers is not None and any(t.startswith("re:") for t in self.targets):
+            raise InputError("--layers: cannot be combined with a re: target (peft refuses layers_to_transform with "
+                             "a regex target_modules, so the adapter could not be loaded there); put the layers in "
+                             r"the pattern instead, e.g. 're:.*\.layer\.(0|1)\..*\.query'")
         if self.method == "full":
             for name in LORA_ONLY:
                 default = (resolve_auto(name, *self.auto_key()) if declared_default(name) == AUTO

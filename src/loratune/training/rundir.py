@@ -71,6 +71,11 @@ def start(out: Path, *, overwrite: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
+def dumps(obj: Any, **kw: Any) -> str:
+    """``json.dumps`` with NaN and infinities as null: valid JSON for any reader (``--json`` output)."""
+    return json.dumps(_clean(obj), **kw)
+
+
 def json_line(obj: Any) -> str:
     """One line of ``metrics.jsonl``: ``obj`` as JSON, NaN and infinities as null, with its newline."""
     return json.dumps(_clean(obj)) + "\n"
