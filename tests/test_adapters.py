@@ -239,6 +239,17 @@ def test_peft_inits_that_keep_w0_load(tmp_path, init, batch) -> None:
     assert _rel(ours(**batch).logits, pm.eval()(**batch).logits) <= 1e-5
 
 
+def test_an_eva_adapter_loads(tmp_path, batch) -> None:
+    # EVA picks A's start from activations (its eva_config says how); W0 is untouched, the file loads as it is.
+    out, ours = _saved(tmp_path, "bert", LoraSpec(targets=("qv",), rank=4, alpha=8))
+    cfg = json.loads((out / CONFIG_NAME).read_text())
+    (out / CONFIG_NAME).write_text(json.dumps({**cfg, "init_lora_weights": "eva",
+                                               "eva_config": {"rho": 2.0, "tau": 0.99, "whiten": False}}))
+    back = tiny_model("bert").eval()
+    load_adapter(back, out)
+    assert _rel(back(**batch).logits, ours(**batch).logits) <= 1e-5
+
+
 @pytest.mark.parametrize("init", ["loftq", "corda", "pissa_niter_4"])
 def test_peft_inits_that_change_w0_are_refused(tmp_path, init) -> None:
     out, _ = _saved(tmp_path, "bert", LoraSpec(targets=("qv",), rank=4, alpha=8))

@@ -53,10 +53,11 @@ PREFIX = "base_model.model."
 _READ = {"peft_type", "r", "lora_alpha", "lora_dropout", "bias", "target_modules", "layers_to_transform",
          "init_lora_weights", "use_rslora", "use_dora", "lora_bias", "rank_pattern", "alpha_pattern",
          "base_model_name_or_path", "modules_to_save", "fan_in_fan_out"}
-_FREE = {"auto_mapping", "inference_mode", "peft_version", "revision", "task_type", "megatron_core", "qalora_group_size"}
+_FREE = {"auto_mapping", "inference_mode", "peft_version", "revision", "task_type", "megatron_core", "qalora_group_size",
+         "eva_config"}                                    # how EVA chose A's start: nothing a loader needs
 _NEUTRAL: dict[str, Any] = {
     "alora_invocation_tokens": None, "arrow_config": None, "corda_config": None, "ensure_weight_tying": False,
-    "eva_config": None, "exclude_modules": None, "kasa_config": None, "layer_replication": None,
+    "exclude_modules": None, "kasa_config": None, "layer_replication": None,
     "layers_pattern": None, "loftq_config": {}, "lora_ga_config": None, "megatron_config": None,
     "monteclora_config": None, "target_parameters": None, "trainable_token_indices": None, "use_bdlora": None,
     "use_qalora": False, "velora_config": None}
