@@ -257,3 +257,42 @@ def test_peft_inits_that_change_w0_are_refused(tmp_path, init) -> None:
     (out / CONFIG_NAME).write_text(json.dumps({**cfg, "init_lora_weights": init}))
     with pytest.raises(InputError, match=f'init_lora_weights="{init}" is not supported'):
         load_adapter(tiny_model("bert"), out)
+
+
+@pytest.mark.parametrize("init", [True, "pissa"])
+def test_a_refused_file_leaves_the_model_as_it_was(tmp_path, init, batch) -> None:
+    # A peft adapter for 3 classes on a 2-class model: its LoRA tensors fit, its head does not. The load is
+    # refused before anything is copied; the adapter is taken out again (PiSSA's residual too), and a good
+    # file loads under the same name afterwards.
+    pm = get_peft_model(tiny_model("bert", num_labels=3), LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"],
+                                                                     task_type="SEQ_CLS", init_lora_weights=init))
+    _perturb(pm, seed=4)
+    pm.save_pretrained(str(tmp_path / "three"))
+    model = tiny_model("bert").eval()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    grads = {n: p.requires_grad for n, p in model.named_parameters()}
+    logits = model(**batch).logits
+    with pytest.raises(InputError, match="classifier.bias has shape"):
+        load_adapter(model, tmp_path / "three")
+    assert not lora_layers(model) and dict(model.named_parameters()).keys() == before.keys()
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == grads
+    assert torch.equal(model(**batch).logits, logits)
+    good, ours = _saved(tmp_path, "bert", LoraSpec(targets=("qv",), rank=4, alpha=8))
+    load_adapter(model, good)
+    assert _rel(model(**batch).logits, ours(**batch).logits) <= 1e-5
+
+
+def test_a_refused_second_adapter_keeps_the_first_active(tmp_path, batch) -> None:
+    good, ours = _saved(tmp_path, "bert", LoraSpec(targets=("qv",), rank=4, alpha=8))
+    model = tiny_model("bert").eval()
+    load_adapter(model, good, "a")
+    bad = tmp_path / "bad"
+    shutil.copytree(good, bad)
+    w = load_file(str(bad / WEIGHTS_NAME))
+    w[next(k for k in w if "lora_A" in k)][0, 0] = float("nan")
+    save_file(w, str(bad / WEIGHTS_NAME))
+    with pytest.raises(InputError, match="NaN"):
+        load_adapter(model, bad, "b")
+    assert set(next(iter(lora_layers(model).values())).adapters) == {"a"}
+    assert _rel(model(**batch).logits, ours(**batch).logits) <= 1e-5

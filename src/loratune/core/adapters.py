@@ -35,6 +35,7 @@ from loratune.core.inject import (
     is_causal_lm,
     lora_layers,
     mark_trainable,
+    resolve_targets,
     saved_modules,
     trains,
     within,
@@ -371,11 +372,57 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike, name: str = "
         raise InputError(f"{Path(adapter_dir) / CONFIG_NAME}: a CAUSAL_LM adapter (for a decoder LM) does not fit "
                          f"{type(model).__name__}, a classifier; load it on the model's *ForCausalLM class")
     weights = read_weights(adapter_dir)
-    wpath = Path(adapter_dir) / WEIGHTS_NAME
+    # A file refused below leaves the model as it was: the adapter's layers unwrapped again, the active adapters
+    # and what trains restored, and nothing copied (every tensor is checked before the first copy).
+    # (PiSSA and OLoRA replace W0 by a residual at injection: the targeted weights are kept to put back.)
+    active = {path: layer.active for path, layer in lora_layers(model).items()}
+    grads = {pname: p.requires_grad for pname, p in model.named_parameters()}
     try:
+        kept = {n: _unwrapped(model.get_submodule(n)).weight.detach().clone()
+                for n in resolve_targets(model, spec.targets, spec.layers, spec.modules_to_save)
+                } if spec.init in ("pissa", "olora") else {}
         inject(model, spec, name, strict=False)              # peft's rules for a file (see inject)
     except InputError as e:
         raise InputError(f"{Path(adapter_dir) / CONFIG_NAME}: does not fit {type(model).__name__}: {e}") from None
+    try:
+        _load_tensors(model, weights, spec, raw, name, Path(adapter_dir) / WEIGHTS_NAME)
+    except BaseException:
+        _take_out(model, name, active, grads)
+        for n, w in kept.items():
+            _unwrapped(model.get_submodule(n)).weight.copy_(w)
+        raise
+    mark_trainable(model, spec.bias, spec.modules_to_save)
+    hint = raw.get("base_model_name_or_path")
+    base = getattr(getattr(model, "config", None), "_name_or_path", None)
+    if hint and base and Path(str(hint)).name != Path(str(base)).name:
+        log.info("adapter was trained on %s; loading it on %s (shapes match)", hint, base)
+    return spec
+
+
+def _unwrapped(module: nn.Module) -> nn.Module:
+    return getattr(module, "base_layer", module)
+
+
+def _take_out(model: nn.Module, name: str, active: dict[str, str | None], grads: dict[str, bool]) -> None:
+    """Undo :func:`inject` of adapter ``name`` (a load that failed): drop it, unwrap the layers it alone held, put
+    back each layer's active adapter and every parameter's requires_grad."""
+    for path, layer in lora_layers(model).items():
+        if name in layer.adapters:
+            del layer.adapters[name]
+        if path not in active and not layer.adapters and not layer.merged:
+            parent, _, child = path.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, layer.base_layer)
+        else:
+            layer.active = active.get(path)
+    for pname, p in model.named_parameters():
+        if pname in grads:
+            p.requires_grad_(grads[pname])
+
+
+def _load_tensors(model: nn.Module, weights: dict[str, torch.Tensor], spec: LoraSpec, raw: dict[str, Any], name: str,
+                  wpath: Path) -> None:
+    """Copy the file's tensors into adapter ``name`` (just injected), the head and ``modules_to_save``; every one
+    is checked (a parameter for each, none missing, shapes, finite values) before the first is copied."""
     params = model.state_dict(keep_vars=True)          # parameters and persistent buffers by name
     expected: dict[str, torch.Tensor] = {}
     for path, layer in lora_layers(model).items():
@@ -410,13 +457,9 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike, name: str = "
                              "(an adapter for another base model?)")
         if not torch.isfinite(tensor).all():
             raise InputError(f"{wpath}: {key} holds NaN or infinite values")
-        target.copy_(tensor.to(target.dtype))
-    mark_trainable(model, spec.bias, spec.modules_to_save)
-    hint = raw.get("base_model_name_or_path")
-    base = getattr(getattr(model, "config", None), "_name_or_path", None)
-    if hint and base and Path(str(hint)).name != Path(str(base)).name:
-        log.info("adapter was trained on %s; loading it on %s (shapes match)", hint, base)
-    return spec
+    with torch.no_grad():
+        for key, tensor in weights.items():
+            expected[key].copy_(tensor.to(expected[key].dtype))
 
 
 def lora_tensors(path: str, adapter: nn.Module) -> dict[str, torch.Tensor]:
