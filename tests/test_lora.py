@@ -151,7 +151,7 @@ def test_switching_away_from_a_merged_adapter_unmerges_it(batch, caplog) -> None
     assert _rel(model(**batch).logits, base) <= 1e-5
     merge(model, "a")
     set_active(model, "a")                                                # merged and active: stays merged
-    assert [layer.merged for layer in lora_layers(model).values()][0] == ["a"]
+    assert next(iter(lora_layers(model).values())).merged == ["a"]
     set_active(model, "b")
     assert _rel(model(**batch).logits, only_b) <= 1e-5
     assert all(not layer.merged for layer in lora_layers(model).values())

@@ -67,8 +67,7 @@ def base() -> TrainConfig:
     ({"rank": {"grid": [4, 4.0]}}, "search.rank: grid lists a value twice"),          # equal numbers, one trial
     ({"targets": {"choice": ["q,v", "v,q"]}}, "search.targets: choice lists a value twice"),  # the same layers
     ({"modules_to_save": {"choice": ["pooler", ["pooler"]]}}, "search.modules_to_save: choice lists a value twice"),
-    ({"modules_to_save": {"choice": ["none", "auto"]}}, "search.modules_to_save: auto is not a value to search; "
-                                                        "list the values"),
+    ({"modules_to_save": {"choice": ["none", "auto"]}}, "auto is not a value to search; list the values"),
     ({"lr": {"choice": [1e-4, "auto"]}}, "search.lr: auto is not a value to search; list numbers"),
     ({"system_prompt": {"choice": ["a", "b"]}}, "search.system_prompt: cannot be searched: the data is prepared"),
     ({"task": {"choice": ["classification", "causal-lm"]}}, "search.task: cannot be searched"),
