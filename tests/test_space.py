@@ -335,3 +335,14 @@ def test_bad_space_flags_exit_2(capsys, tmp_path, argv, fragment) -> None:
     argv = [str(tmp_path / a) if a in files or a == "DIR" else a for a in argv]
     code, _, err = run(capsys, "tune", "--show-space", *argv)
     assert_one_line_error(code, err, fragment)
+
+
+def test_show_space_of_a_resumed_full_search_reads_its_options_as_the_search_does(capsys, tmp_path) -> None:
+    # A --method full search's search.yaml holds the LoRA options at the defaults of its day; they mean nothing
+    # there, and the search itself (TrainConfig.from_stored) skips them; --show-space --resume must too.
+    from loratune.search.space import FULL_SPACE
+
+    options = {**TrainConfig(method="full").to_dict(), "rank": 3, "alpha": 7.0}
+    (tmp_path / "search.yaml").write_text(yaml.safe_dump({"options": options, "search": FULL_SPACE,
+                                                          "experiment": str(tmp_path / "ray")}))
+    assert _shown(capsys, "--resume", str(tmp_path)) == FULL_SPACE

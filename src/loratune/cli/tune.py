@@ -159,7 +159,7 @@ def show_space(args: argparse.Namespace, ui: Renderer) -> int:
         raw = rundir.read_yaml(args.resume / "search.yaml").get("search")
         if not options or not isinstance(raw, dict):
             raise InputError(f"--resume: {args.resume} holds no search (no readable search.yaml)")
-        base = TrainConfig.from_dict(options)
+        base = TrainConfig.from_stored(options)                 # as the search itself reads it (driver.tune)
     else:
         training, search = search_options(args)
         raw = _space(args, search)
