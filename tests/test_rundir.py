@@ -9,6 +9,7 @@ import math
 from pathlib import Path
 
 import pytest
+import yaml
 
 from loratune.errors import InputError
 from loratune.training import rundir
@@ -144,3 +145,16 @@ def test_dumps_writes_nan_and_infinities_as_null() -> None:
     text = rundir.dumps({"accuracy": 0.9, "roc_auc": float("nan"), "x": [float("inf"), -float("inf"), 1]})
     assert text == '{"accuracy": 0.9, "roc_auc": null, "x": [null, null, 1]}'
     assert json.loads(text)["roc_auc"] is None
+
+
+def test_yaml_reads_exponents_without_a_dot_as_numbers() -> None:
+    # PyYAML's YAML 1.1 read "lr: 1e-4" as the string '1e-4' ("--lr: expected a number"); YAML 1.2 and people
+    # read a number. The rest is the safe loader's: quoted stays text, ints stay ints.
+    from loratune import yamltext
+
+    doc = yamltext.load("lr: 1e-4\nb: 5E-5\nc: -2e3\nd: 1.0e-4\ne: '1e-4'\nf: 3\ng: .5\nh: [1e-4, 1e-1]\ni: on")
+    assert doc == {"lr": 1e-4, "b": 5e-5, "c": -2000.0, "d": 1e-4, "e": "1e-4", "f": 3, "g": 0.5, "h": [1e-4, 0.1],
+                   "i": True}
+    assert type(doc["f"]) is int and type(doc["lr"]) is float
+    with pytest.raises(yaml.constructor.ConstructorError):
+        yamltext.load("!!python/object:os.system {}")

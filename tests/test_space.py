@@ -317,6 +317,8 @@ def test_show_space_prints_the_default_a_file_and_full_fine_tuning_s(capsys, tmp
     cfg.write_text("rank: 4\nsearch:\n  dropout: {uniform: [0.0, 0.2]}\n")
     assert _shown(capsys, "--config", str(cfg)) == {"dropout": {"uniform": [0.0, 0.2]}}
     assert _shown(capsys, "--space", str(cfg)) == {"dropout": {"uniform": [0.0, 0.2]}}   # a config's search: key
+    cfg.write_text("lr: 1e-4\nsearch:\n  lr: {loguniform: [1e-5, 1e-3]}\n")              # exponents as people write them
+    assert _shown(capsys, "--config", str(cfg)) == {"lr": {"loguniform": [1e-5, 1e-3]}}
 
 
 @pytest.mark.parametrize("argv,fragment", [

@@ -10,6 +10,7 @@ from typing import Any, Callable
 
 import yaml
 
+from loratune import yamltext
 from loratune.cli.progress import Renderer
 from loratune.errors import InputError
 from loratune.training.options import (
@@ -105,7 +106,7 @@ def read_yaml(path: str) -> dict[str, Any]:
     if not p.is_file():
         raise InputError(f"--config: {path} " + ("is a folder" if p.is_dir() else "does not exist"))
     try:
-        doc = yaml.safe_load(p.read_text(encoding="utf-8"))
+        doc = yamltext.load(p.read_text(encoding="utf-8"))
     except UnicodeDecodeError:
         raise InputError(f"--config: {path} is not UTF-8 text") from None
     except yaml.YAMLError as e:

@@ -59,9 +59,9 @@ project's)."""
 
 
 def _shipped(name: str) -> dict[str, Any]:
-    import yaml
+    from loratune import yamltext
 
-    return yaml.safe_load((SPACES_DIR / f"{name}.yaml").read_text(encoding="utf-8"))
+    return yamltext.load((SPACES_DIR / f"{name}.yaml").read_text(encoding="utf-8"))
 
 
 DEFAULT_SPACE: dict[str, Any] = _shipped("default")
@@ -105,12 +105,14 @@ def load_space(spec: str) -> dict[str, Any]:
     :func:`parse_space` like any space."""
     import yaml
 
+    from loratune import yamltext
+
     path = SPACES_DIR / f"{spec}.yaml" if spec in space_presets() else Path(spec).expanduser()
     if not path.is_file():
         raise InputError(f"--space: {spec!r} is neither a shipped space ({', '.join(space_presets())}) nor a YAML "
                          "file")
     try:
-        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+        doc = yamltext.load(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
         raise InputError(f"--space: cannot read {path} ({type(e).__name__}: {str(e)[:120]})") from None
     if isinstance(doc, dict) and isinstance(doc.get("search"), dict):

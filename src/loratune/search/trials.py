@@ -27,6 +27,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import yaml
 
+from loratune import yamltext
 from loratune.errors import InputError
 from loratune.search import stats
 from loratune.search.space import (
@@ -390,7 +391,7 @@ def read_search_yaml(out: Path) -> dict[str, Any]:
     if not path.is_file():
         raise InputError(f"--resume: {out} holds no search (no search.yaml)")
     try:
-        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+        doc = yamltext.load(path.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError, UnicodeDecodeError) as e:
         raise InputError(f"{path}: cannot read ({e})") from None
     if not isinstance(doc, dict) or "experiment" not in doc:

@@ -25,6 +25,7 @@ from typing import Any, Iterable, Mapping
 
 import yaml
 
+from loratune import yamltext
 from loratune.errors import InputError
 from loratune.runtime import versions
 from loratune.training import lock
@@ -107,7 +108,7 @@ def read_config(out: Path) -> tuple[TrainConfig, dict[str, Any]]:
     """The options a run was started with (for ``--resume``), and the extra keys."""
     path = out / "config.yaml"
     try:
-        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+        doc = yamltext.load(path.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError, UnicodeDecodeError) as e:
         raise InputError(f"{path}: cannot read ({e})") from None
     if not isinstance(doc, dict):
@@ -175,7 +176,7 @@ def read_json(path: Path) -> Any:
 def read_yaml(path: Path) -> dict[str, Any]:
     """The mapping in a YAML file, or {} (logged) when it is missing, unreadable or not a mapping."""
     try:
-        doc = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else None
+        doc = yamltext.load(path.read_text(encoding="utf-8")) if path.is_file() else None
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
         log.warning("%s: unreadable, skipped (%s)", path, e)
         doc = None
