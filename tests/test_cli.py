@@ -32,7 +32,7 @@ def trained(tmp_path_factory, tiny_model_dir, tiny_data) -> Path:
 
 BAD_CASES = ["missing file", "missing column", "empty file", "single class", "not utf-8", "unseen validation label",
              "empty text", "lr <= 0", "epochs <= 0", "batch size <= 0", "unknown model", "model folder without config",
-             "rank too large", "unknown target", "bad config file"]
+             "rank too large", "unknown target", "bad config file", "max length past the positions"]
 
 
 def _bad_files(tmp: Path) -> dict[str, tuple[list[str], str]]:
@@ -60,6 +60,8 @@ def _bad_files(tmp: Path) -> dict[str, tuple[list[str], str]]:
         "rank too large": (["--rank", "33"], "--rank"),
         "unknown target": (["--targets", "q_proj"], "q_proj"),
         "bad config file": (["--config", str(tmp / "empty.csv") + ".yaml"], "--config"),
+        # the tiny model has 64 positions: a batch of 65 tokens would fail inside its embeddings mid-training
+        "max length past the positions": (["--max-length", "65"], "--max-length: 65 tokens is more than"),
     }
 
 
@@ -72,6 +74,21 @@ def test_bad_train_input_exits_2_with_one_line(case, tmp_path, capsys, tiny_mode
     code, _, err = run(capsys, *base, *argv)
     assert_one_line_error(code, err, fragment)
     assert not (out / "results.json").exists() and not (out / "adapter").exists()
+
+
+def test_auto_max_length_fits_the_models_positions(tmp_path, capsys, tiny_model_dir) -> None:
+    # --max-length auto (128 for a classifier) on a model with 64 positions: texts are cut at 64, and
+    # config.yaml and the adapter (what inference cuts at) say so; 100-word texts train instead of failing.
+    rows = [(" ".join(["good"] * 100), "pos"), (" ".join(["bad"] * 100), "neg")] * 20 + synthetic_rows(40)
+    write_csv(tmp_path / "long.csv", rows)
+    out = tmp_path / "run"
+    code, _, err = run(capsys, "train", "--model", tiny_model_dir, "--data", str(tmp_path / "long.csv"), "--out",
+                       str(out), "--max-steps", "2", "--batch-size", "8", "--threads", "1")
+    assert code == 0, err
+    assert yaml.safe_load((out / "config.yaml").read_text())["max_length"] == 64
+    assert json.loads((out / "adapter" / "loratune.json").read_text())["max_length"] == 64
+    code, got, err = run(capsys, "predict", "--adapter", str(out / "adapter"), " ".join(["fine"] * 200))
+    assert code == 0 and got.split("\t")[0] in ("pos", "neg"), err
 
 
 def test_existing_out_is_refused(tmp_path, capsys, tiny_model_dir, tiny_data) -> None:

@@ -55,6 +55,7 @@ from loratune.training.checkpoint import load_checkpoint, load_latest, save_chec
 from loratune.training.data import load_splits
 from loratune.training.levers import Levers
 from loratune.training.models import (
+    fit_max_length,
     load_causal_lm,
     load_model,
     load_tokenizer,
@@ -87,6 +88,7 @@ class Prepared:
     test: Encoded | CausalSplit
     pad_id: int
     task: str = "classification"
+    max_length: int | None = None                       # the tokens cut at (auto fitted to the model's positions)
 
 
 @dataclass
@@ -143,11 +145,14 @@ def prepare_data(cfg: TrainConfig) -> Prepared:
                              f"task needs one, e.g. --model smollm2-135m (the default for it)")
     tok = load_tokenizer(cfg.model)
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    if (fit := fit_max_length(cfg)) != cfg.max_length:       # auto, past the model's positions
+        cfg = cfg.replace(max_length=fit)
     if cfg.task == "causal-lm":
         return _prepare_causal(cfg, tok, int(pad))
     splits = load_splits(cfg)
     enc = {name: tokenize(getattr(splits, name), tok, cfg.max_length) for name in ("train", "validation", "test")}
-    return Prepared(splits.label_names, enc["train"], enc["validation"], enc["test"], int(pad))
+    return Prepared(splits.label_names, enc["train"], enc["validation"], enc["test"], int(pad),
+                    max_length=cfg.max_length)
 
 
 def _prepare_causal(cfg: TrainConfig, tok: Any, pad: int) -> Prepared:
@@ -172,7 +177,7 @@ def _prepare_causal(cfg: TrainConfig, tok: Any, pad: int) -> Prepared:
             log.warning("%d of %d %s conversations are longer than --max-length %d tokens and were cut (the "
                         "oldest turns first; the last completion kept whole where it fits)", enc.truncated,
                         len(enc), name, cfg.max_length)
-    return Prepared(list(splits.choices), train, val, test, pad, task="causal-lm")
+    return Prepared(list(splits.choices), train, val, test, pad, task="causal-lm", max_length=cfg.max_length)
 
 
 def build_model(cfg: TrainConfig, label_names: list[str]) -> tuple[nn.Module, LoraSpec | None, list[str]]:
@@ -204,6 +209,8 @@ def setup(cfg: TrainConfig, data: Prepared, out: Path, *, device: torch.device, 
     length."""
     if cfg.compile:
         compiled.check_compiler(device)                     # before the model loads: a one-line refusal
+    if data.max_length is not None and data.max_length < cfg.max_length:   # auto, fitted to the model's positions
+        cfg = cfg.replace(max_length=data.max_length)       # config.yaml and the adapter: what the data was cut at
     model, spec, targets = build_model(cfg, data.label_names)
     if spec is not None and "modules_to_save" in cfg.auto_fields:
         cfg = cfg.replace(modules_to_save=spec.modules_to_save)   # config.yaml: what this model trains

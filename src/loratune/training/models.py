@@ -278,3 +278,50 @@ def is_model_folder(path: str | os.PathLike) -> bool:
         return json.loads((p / "loratune.json").read_text(encoding="utf-8")).get("method") == "full"
     except (OSError, ValueError, AttributeError):
         return False
+
+
+POSITION_TABLES = ("position_embeddings", "wpe", "embed_positions")
+"""Learned absolute position tables by name: BERT/RoBERTa/DistilBERT/ELECTRA, GPT-2, BART/OPT."""
+
+
+def position_limit(model: nn.Module) -> int | None:
+    """The longest input (in tokens) a model with a learned table of absolute positions can take: the table's rows,
+    less the positions it skips (RoBERTa's start after its padding index, BART's and OPT's after an offset of 2).
+    None for rotary or relative positions (Llama, SmolLM2, T5), where a longer input runs."""
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Embedding) and name.rsplit(".", 1)[-1] in POSITION_TABLES:
+            skip = int(getattr(m, "offset", 0) or 0) + (m.padding_idx + 1 if m.padding_idx is not None else 0)
+            return m.num_embeddings - skip
+    return None
+
+
+def position_limit_of(spec: str, task: str = "classification") -> int | None:
+    """:func:`position_limit` of model ``spec`` from its config alone (the model built on the meta device: no
+    weights read or allocated); None where the config cannot say."""
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+    )
+
+    try:
+        config = _from_pretrained(AutoConfig, resolve_model_path(spec), "config")
+        with torch.device("meta"):
+            model = (AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
+                     ).from_config(config)
+    except Exception:  # noqa: BLE001 - a GGUF file, remote code, ...: the model's own loader reports those
+        return None
+    return position_limit(model)
+
+
+def fit_max_length(cfg: Any) -> int:
+    """``--max-length`` within the model's positions (:func:`position_limit_of`): ``auto`` comes down to them (a
+    small model with 64 positions takes 64, not 128); a given value past them is an InputError naming the flag
+    (a longer batch would fail inside the model's embeddings mid-training)."""
+    limit = position_limit_of(cfg.model, cfg.task)
+    if limit is None or cfg.max_length <= limit:
+        return int(cfg.max_length)
+    if "max_length" in cfg.auto_fields:
+        return limit
+    raise InputError(f"--max-length: {cfg.max_length} tokens is more than {cfg.model} takes ({limit} positions); "
+                     f"give --max-length {limit} or less")

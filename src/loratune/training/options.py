@@ -308,7 +308,8 @@ class TrainConfig:
                              "(both --validation-file and --test-file, no --sample-pct)", ge=0, le=2**32 - 1, metavar="SEED")
     sample_pct: float = option(1.0, "float", "fraction of the training split to use, stratified", gt=0, le=1,
                                metavar="FRACTION")
-    max_length: int = option(AUTO, "int", "longest tokenized input; longer texts are truncated", ge=2, auto=True,
+    max_length: int = option(AUTO, "int", "longest tokenized input; longer texts are truncated; at most the "
+                             "model's positions (auto comes down to them)", ge=2, auto=True,
                              metavar="TOKENS")
     method: str = option("lora", "str", "lora (train adapters, the base frozen) or full (every weight trains; "
                          "the run writes model/, a transformers folder, instead of adapter/)", choices=METHODS)
