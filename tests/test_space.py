@@ -348,3 +348,21 @@ def test_show_space_of_a_resumed_full_search_reads_its_options_as_the_search_doe
     (tmp_path / "search.yaml").write_text(yaml.safe_dump({"options": options, "search": FULL_SPACE,
                                                           "experiment": str(tmp_path / "ray")}))
     assert _shown(capsys, "--resume", str(tmp_path)) == FULL_SPACE
+
+
+def test_a_given_training_flag_fixes_its_option_in_the_default_space(capsys, tmp_path) -> None:
+    # "Training flags fix an option for every trial": the default space leaves out what they fix.
+    from loratune.search.space import DEFAULT_SPACE, default_space
+
+    assert _shown(capsys, "--rank", "4", "--lr", "1e-3") == {k: v for k, v in DEFAULT_SPACE.items()
+                                                          if k not in ("rank", "lr")}
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("dropout: 0.05\n")                                  # a --config key is given as much as a flag
+    assert "dropout" not in _shown(capsys, "--config", str(cfg))
+    assert default_space(TrainConfig(), ["rank"]) == {k: v for k, v in DEFAULT_SPACE.items() if k != "rank"}
+    with pytest.raises(InputError, match="fix every option the default space searches"):
+        default_space(TrainConfig(), list(DEFAULT_SPACE))
+    # A space of the user's own keeps what it searches: the flag is the untuned default trial's value there.
+    f = tmp_path / "space.yaml"
+    f.write_text("rank: {choice: [2, 4]}\n")
+    assert _shown(capsys, "--space", str(f), "--rank", "8") == {"rank": {"choice": [2, 4]}}

@@ -1,7 +1,8 @@
 """``loratune tune``: the search command (flags -> :func:`loratune.search.driver.tune`, events -> lines).
 
 cli/main.py's build_parser calls :func:`register`; importing this module does nothing (no Ray, no torch).
-Every training flag fixes that option for all trials; ``--config`` is a YAML file with training
+Every training flag fixes that option for all trials (the default space leaves it out; a space of the user's own that
+searches it takes the flag as the untuned default trial's value); ``--config`` is a YAML file with training
 options and the search's own keys (``search:``, ``samples:``, ``max_epochs:``, ...). Flags override it.
 """
 
@@ -40,7 +41,9 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     """Add the ``tune`` subcommand to cli/main.py's subparsers."""
     s = sub.add_parser("tune", parents=[common], help="search LoRA hyperparameters on Ray Tune (ASHA)",
                        description="Search LoRA hyperparameters on Ray Tune with ASHA early stopping. Training flags "
-                                   "fix an option for every trial; the space is the YAML key `search:` of --config.")
+                                   "fix an option for every trial (the default space then leaves it out); the space "
+                                   "is the YAML key `search:` of --config or --space. An option both given and "
+                                   "searched in a space of yours is the untuned default trial's value.")
     add_train_options(s)
     g = s.add_argument_group("search options (also YAML keys of --config)")
     kw = {"default": argparse.SUPPRESS}
@@ -164,7 +167,7 @@ def show_space(args: argparse.Namespace, ui: Renderer) -> int:
         training, search = search_options(args)
         raw = _space(args, search)
         base = TrainConfig.from_dict(training)
-        raw = default_space(base) if raw is None else raw
+        raw = default_space(base, training) if raw is None else raw
     space = parse_space(raw, base)
     ui.out(yaml.safe_dump({"search": {d.key: raw[d.key] for d in space.dims}}, sort_keys=False,
                           default_flow_style=None).rstrip())

@@ -28,7 +28,7 @@ import itertools
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 from loratune.errors import InputError
 from loratune.training.options import (
@@ -36,6 +36,7 @@ from loratune.training.options import (
     OPTIONS,
     TrainConfig,
     auto_text,
+    flag,
     option_names,
     parse_layers,
     parse_modules,
@@ -122,12 +123,18 @@ def load_space(spec: str) -> dict[str, Any]:
     return doc
 
 
-def default_space(base: TrainConfig) -> dict[str, Any]:
+def default_space(base: TrainConfig, fixed: Iterable[str] = ()) -> dict[str, Any]:
     """The space searched when none is given: :data:`FULL_SPACE` for ``--method full``, :data:`CAUSAL_SPACE` for
-    causal-LM data, else :data:`DEFAULT_SPACE`."""
-    if base.method == "full":
-        return FULL_SPACE
-    return CAUSAL_SPACE if base.task == "causal-lm" else DEFAULT_SPACE
+    causal-LM data, else :data:`DEFAULT_SPACE`; without the options in ``fixed`` (those the user gave: a flag fixes
+    its option for every trial). InputError when they fix every option it searches."""
+    space = FULL_SPACE if base.method == "full" else CAUSAL_SPACE if base.task == "causal-lm" else DEFAULT_SPACE
+    fixed = set(fixed)
+    left = {k: v for k, v in space.items() if k not in fixed}
+    if not left:
+        raise InputError(f"search: the options given ({', '.join(flag(k) for k in space)}) fix every option the "
+                         "default space searches; leave one out, or give a space (--space FILE or search: in "
+                         "--config)")
+    return left
 
 # Options a search cannot vary, and why (the message tells the user what to do instead).
 FIXED_ONLY = {

@@ -363,7 +363,7 @@ def new_search(config: TrainConfig | None, options: dict[str, Any], space: dict[
     base = _absolute_paths(base)
     check_metric(metric, base.task)                    # val_accuracy of causal-LM data: once the data is read
     try:
-        raw = json.loads(json.dumps(default_space(base) if space is None else space))     # plain values, as in YAML
+        raw = json.loads(json.dumps(default_space(base, options) if space is None else space))  # plain, as in YAML
     except (TypeError, ValueError) as e:
         raise InputError(f"search: expected plain YAML values (numbers, strings, lists, mappings): {e}") from None
     if storage is not None and Path(storage).expanduser().resolve() == Path.home().resolve():
