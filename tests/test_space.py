@@ -327,11 +327,19 @@ def test_show_space_prints_the_default_a_file_and_full_fine_tuning_s(capsys, tmp
     (["--space", "BAD"], "search.rank"),
     (["--space", "seed", "--config", "CONFIG"], "the space is given twice"),
     (["--space", "seed", "--resume", "DIR"], "drop --space"),
-], ids=["unknown", "a list", "a bad distribution", "twice", "with resume"])
+    # what only the model or the search's own options show: --show-space checks them as the search would
+    (["--space", "NOTARGET"], "search.targets: 'zz': target 'zz' matches no linear layer"),
+    (["--space", "BIGRANK"], "search.rank: rank 1000 is larger than min(d, k) = 384"),
+    (["--space", "GRID", "--search-alg", "optuna"], "grid is not available with --search-alg optuna"),
+    (["--samples", "0"], "--samples: expected an integer >= 1"),
+], ids=["unknown", "a list", "a bad distribution", "twice", "with resume", "no such target", "rank too large",
+        "optuna grid", "no samples"])
 def test_bad_space_flags_exit_2(capsys, tmp_path, argv, fragment) -> None:
     from conftest import assert_one_line_error, run
 
-    files = {"LIST": "- 1\n- 2\n", "BAD": "rank: {choice: []}\n", "CONFIG": "search:\n  rank: {choice: [4]}\n"}
+    files = {"LIST": "- 1\n- 2\n", "BAD": "rank: {choice: []}\n", "CONFIG": "search:\n  rank: {choice: [4]}\n",
+             "NOTARGET": "targets: {choice: [[zz]]}\n", "BIGRANK": "rank: {choice: [8, 1000]}\n",
+             "GRID": "rank: {grid: [4, 8]}\n"}
     for name, text in files.items():
         (tmp_path / name).write_text(text)
     argv = [str(tmp_path / a) if a in files or a == "DIR" else a for a in argv]

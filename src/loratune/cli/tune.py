@@ -152,7 +152,7 @@ def show_space(args: argparse.Namespace, ui: Renderer) -> int:
     the fixed options, as YAML on stdout; nothing starts."""
     import yaml
 
-    from loratune.search.space import default_space, parse_space
+    from loratune.search.space import parse_space
     from loratune.training.options import TrainConfig
 
     if args.resume is not None:
@@ -163,12 +163,16 @@ def show_space(args: argparse.Namespace, ui: Renderer) -> int:
         if not options or not isinstance(raw, dict):
             raise InputError(f"--resume: {args.resume} holds no search (no readable search.yaml)")
         base = TrainConfig.from_stored(options)                 # as the search itself reads it (driver.tune)
-    else:
+        space = parse_space(raw, base)
+    else:                                   # checked as the search checks it before Ray starts (driver.tune)
+        from loratune.search.space import validate
+        from loratune.search.trials import new_search
+
         training, search = search_options(args)
         raw = _space(args, search)
-        base = TrainConfig.from_dict(training)
-        raw = default_space(base, training) if raw is None else raw
-    space = parse_space(raw, base)
+        doc = new_search(None, training, raw, **{**{k: v for k, v in SEARCH_KEYS.items() if k != "search"}, **search})
+        raw = doc["search"]
+        space = validate(raw, TrainConfig.from_stored(doc["options"]), search_alg=doc["search_alg"], load_model=True)
     ui.out(yaml.safe_dump({"search": {d.key: raw[d.key] for d in space.dims}}, sort_keys=False,
                           default_flow_style=None).rstrip())
     return 0
