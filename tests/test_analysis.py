@@ -230,6 +230,9 @@ def test_missing_base_gives_null_amplification_and_a_log_line(tmp_path: Path, ca
 def test_bad_adapters(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="does not exist"):
         analyze(tmp_path / "missing")
+    good = write_adapter(tmp_path / "g", {"l.q": (torch.randn(2, 5), torch.randn(4, 2))})
+    with pytest.raises(InputError, match=r"^--compare: .*missing does not exist"):   # its own flag, not --adapter's
+        analyze(good, compare=tmp_path / "missing")
     folder = write_adapter(tmp_path / "a", {"l.q": (torch.randn(2, 5), torch.randn(4, 2))})
     save_file({"base_model.model.l.q.lora_A.weight": torch.randn(2, 5)}, str(folder / "adapter_model.safetensors"))
     with pytest.raises(InputError, match="lora_B"):

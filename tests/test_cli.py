@@ -292,3 +292,31 @@ def test_the_command_returns_mains_exit_code_after_finalizing_garbage_and_freezi
     module = subprocess.run([sys.executable, "-m", "loratune", "info", "--model", tiny_model_dir, *argv],
                             capture_output=True, text=True, timeout=120)
     assert module.returncode == code and ("trainable params: " in module.stdout) == (code == 0)
+
+
+def test_debug_is_a_yaml_key_too(tmp_path, capsys, tiny_model_dir, tiny_data) -> None:
+    # DESIGN.md: every train option, --debug included, is a flag and a YAML key.
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("debug: true\nmax_length: 32\nmax_steps: 1\nbatch_size: 8\nthreads: 1\n")
+    argv = [sys.executable, "-m", "loratune", "train", "--model", tiny_model_dir, "--data", tiny_data,
+            "--config", str(cfg), "--out", str(tmp_path / "run")]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "INFO loratune.training.data: data" in done.stderr            # the debug level's messages
+    cfg.write_text("debug: maybe\n")
+    code, _, err = run(capsys, "train", "--config", str(cfg), "--out", str(tmp_path / "r2"))
+    assert_one_line_error(code, err, "debug: expected true or false, got 'maybe'")
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["max_steps"] == 1
+
+
+@pytest.mark.parametrize("argv,fragment", [
+    (["info", "--num-labels", "0"], "--num-labels: expected an integer >= 2, got 0"),
+    (["info", "--num-labels", "-1"], "--num-labels: expected an integer >= 2, got -1"),
+    (["predict", "--batch-size", "0", "a text"], "--batch-size: expected an integer >= 1, got 0"),
+])
+def test_counts_below_their_least_exit_2(argv, fragment, trained, capsys) -> None:
+    # they passed silently: a head with no classes, a batch size acting as 1
+    if argv[0] == "predict":
+        argv = [argv[0], "--adapter", str(trained / "adapter"), *argv[1:]]
+    code, _, err = run(capsys, *argv)
+    assert_one_line_error(code, err, fragment)

@@ -45,7 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    debug = getattr(args, "debug", False)
+    debug = getattr(args, "debug", False) or _config_debug(args)
+    if debug:
+        args.debug = True
     ui = Renderer()
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
@@ -84,6 +86,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     finally:
         ui.close()
+
+
+def _config_debug(args: argparse.Namespace) -> bool:
+    """``debug: true`` in ``--config`` (a YAML key like every training flag, DESIGN.md). A file that cannot be read
+    is the command's to report (cli/common.read_yaml, exit 2): here it only means no debug."""
+    from loratune.cli.common import config_debug
+
+    if not getattr(args, "config", None):
+        return False
+    try:
+        return config_debug(args.config)
+    except InputError:
+        return False
 
 
 def run(argv: Sequence[str] | None = None) -> int:

@@ -290,6 +290,11 @@ def evaluate_causal_adapter(adapter: str | os.PathLike, *, data: str | None = No
     return {"split": split, "examples": len(part), **metrics}
 
 
+def _count(name: str, value: Any, lo: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+        raise InputError(f"{name}: expected an integer >= {lo}, got {value!r}")
+
+
 def predict(adapter: str | os.PathLike | Loaded, texts: Iterable[str], *, precision: str = "auto",
             base: str | None = None, device: str = "auto", chunk: int = 256,
             threads: int | None = None) -> Iterator[dict[str, Any]]:
@@ -297,6 +302,7 @@ def predict(adapter: str | os.PathLike | Loaded, texts: Iterable[str], *, precis
 
     Memory stays bounded by ``chunk``: texts are read, tokenized and classified a chunk at a time.
     """
+    _count("--batch-size", chunk, 1)
     set_threads(threads)
     require_task(adapter, "classification")
     loaded = adapter if isinstance(adapter, Loaded) else load(adapter, base=base, device=device)
@@ -371,6 +377,7 @@ def info(model: str, *, targets: Sequence[str] | str = ("qv",), rank: int = 8, a
          modules_to_save: Sequence[str] | str = "auto") -> dict[str, Any]:
     """The trainable-parameter report for a model and LoRA settings, without training (``modules_to_save``
     as ``train``'s: ``auto`` takes the default's names the model has)."""
+    _count("--num-labels", num_labels, 2)                    # a classifier: two classes at least, as training
     cfg = TrainConfig(model=model, targets=targets, rank=rank, alpha=alpha, layers=layers, bias=bias,
                       modules_to_save=modules_to_save)
     base = load_model(cfg.model, [f"LABEL_{i}" for i in range(num_labels)])

@@ -241,6 +241,8 @@ def analyze_adapter(adapter: str | os.PathLike, compare: str | os.PathLike | Non
 
     ``with_base=False`` skips loading the base model (amplification ``None``).
     """
+    if compare is not None and not Path(compare).is_dir():      # named by its own flag, before any work
+        raise InputError(f"--compare: {compare} " + ("is not a folder" if Path(compare).exists() else "does not exist"))
     pairs = lora_pairs(adapter)
     weights: dict[str, torch.Tensor] = {}
     spec = note = None
