@@ -57,6 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         warnings.filterwarnings("ignore")
         logging.getLogger("transformers").setLevel(logging.ERROR)
+        logging.getLogger("huggingface_hub").setLevel(logging.ERROR)   # a failed hub request: our one-line error says it
     try:
         return int(args.func(args, ui) or 0)
     except InputError as e:
