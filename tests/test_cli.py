@@ -98,6 +98,13 @@ def test_existing_out_is_refused(tmp_path, capsys, tiny_model_dir, tiny_data) ->
     code, _, err = run(capsys, "train", "--model", tiny_model_dir, "--data", tiny_data, "--out", str(out), *FAST)
     assert_one_line_error(code, err, "--resume")
     assert sorted(p.name for p in out.iterdir()) == ["something"]
+    # --overwrite replaces a run or a search, never a folder of other files (it emptied any folder given)
+    for command in ("train", "tune"):
+        code, _, err = run(capsys, command, "--model", tiny_model_dir, "--data", tiny_data, "--out", str(out),
+                           "--overwrite", *FAST[2:])
+        assert_one_line_error(code, err, "--overwrite: ")
+        assert "holds files but no loratune run or search (no config.yaml or search.yaml)" in err
+        assert sorted(p.name for p in out.iterdir()) == ["something"]
 
 
 def test_eval_predict_json_and_merge(trained, tmp_path, capsys) -> None:
@@ -137,6 +144,13 @@ def test_eval_predict_json_and_merge(trained, tmp_path, capsys) -> None:
     capsys.readouterr()
     code, _, err = run(capsys, "merge", "--adapter", str(adapter), "--out", str(merged))
     assert_one_line_error(code, err, "--overwrite")
+    assert run(capsys, "merge", "--adapter", str(adapter), "--out", str(merged), "--overwrite")[0] == 0
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    code, _, err = run(capsys, "merge", "--adapter", str(adapter), "--out", str(other), "--overwrite")
+    assert_one_line_error(code, err, "--overwrite: ")                   # never a folder of other files
+    assert (other / "notes.txt").read_text() == "mine"
 
 
 def test_predict_file_reports_bad_lines_and_goes_on(trained, tmp_path, capsys) -> None:

@@ -38,7 +38,8 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     s.add_argument("--out", type=Path, metavar="DIR", help="run directory (default: runs/train-<timestamp>)")
     s.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint, "
                                                          "with the options it was started with (no training flags)")
-    s.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    s.add_argument("--overwrite", action="store_true",
+                   help="replace the run or search in --out (a folder of other files is refused)")
     s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("eval", parents=[common], help="metrics of an adapter on a split")
@@ -95,7 +96,8 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
                    help="adapter folder (a run's adapter/), or a full fine-tuning run's model/")
     s.add_argument("--out", required=True, type=Path, metavar="DIR", help="folder for the merged transformers model")
     s.add_argument("--base", metavar="MODEL", help="base model (default: the one the adapter was trained on)")
-    s.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    s.add_argument("--overwrite", action="store_true",
+                   help="replace the model folder in --out (a folder without config.json is refused)")
     s.set_defaults(func=cmd_merge)
 
 

@@ -84,7 +84,8 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
                    help="print the space this search would sample (checked, as YAML), and exit")
     s.add_argument("--out", type=Path, metavar="DIR", help="search directory (default: runs/tune-<timestamp>)")
     s.add_argument("--resume", type=Path, metavar="DIR", help="continue the search in DIR (with its own options)")
-    s.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    s.add_argument("--overwrite", action="store_true",
+                   help="replace the run or search in --out (a folder of other files is refused)")
     s.add_argument("--baseline", type=Path, metavar="FULL_RUN_DIR",
                    help="a finished `loratune train --method full` run on the same data and split (checked before "
                         "the search starts): the report puts the best trial's accuracy, parameters and file size "

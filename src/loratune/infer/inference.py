@@ -342,8 +342,12 @@ def merge_export(adapter: str | os.PathLike, out: str | os.PathLike, *, base: st
     if is_model_folder(adapter):
         raise InputError(f"--adapter: {adapter} is a fully fine-tuned model, already a transformers folder with "
                          "nothing to merge; load it with AutoModelForSequenceClassification.from_pretrained as it is")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise InputError(f"--out: {out} exists and is not empty; use --overwrite to replace it")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not overwrite:
+            raise InputError(f"--out: {out} exists and is not empty; use --overwrite to replace it")
+        if not (out / "config.json").is_file():             # a model folder, never a folder of other files
+            raise InputError(f"--overwrite: {out} is not a model folder (no config.json); it replaces only a merged "
+                             "model: give a new or empty --out")
     loaded = load(adapter, base=base, device="cpu")
     model = merge_and_unload(loaded.model)
     if loaded.task == "causal-lm":

@@ -45,6 +45,11 @@ def default_out(command: str, root: str | os.PathLike = "runs") -> Path:
     return path
 
 
+RUN_FILES = ("config.yaml", "search.yaml")
+"""What a run (config.yaml, written first) or a search (search.yaml) directory holds from its start: ``--overwrite``
+empties only a folder holding one (``--out . --overwrite`` would have emptied the working directory)."""
+
+
 def check_out(out: Path, *, resume: bool, overwrite: bool) -> None:
     """Refuse an existing non-empty ``--out`` unless ``--resume`` or ``--overwrite`` (checked before any work)."""
     if resume and overwrite:
@@ -58,8 +63,12 @@ def check_out(out: Path, *, resume: bool, overwrite: bool) -> None:
     if (busy := lock.holder(out)) is not None:
         raise InputError(f"--out: {out} is in use by another loratune process ({busy}); wait for it to end, "
                          f"or give another --out")
-    if out.is_dir() and any(p.name != lock.NAME for p in out.iterdir()) and not overwrite:
+    held = out.is_dir() and any(p.name != lock.NAME for p in out.iterdir())
+    if held and not overwrite:
         raise InputError(f"--out: {out} exists and is not empty; use --resume to continue it or --overwrite to replace it")
+    if held and not any((out / name).is_file() for name in RUN_FILES):
+        raise InputError(f"--overwrite: {out} holds files but no loratune run or search (no {' or '.join(RUN_FILES)}); "
+                         "it replaces only those: give a new or empty --out")
 
 
 def start(out: Path, *, overwrite: bool) -> None:
