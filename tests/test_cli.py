@@ -234,7 +234,8 @@ def test_help_lists_every_training_option_with_its_help_and_auto_defaults(comman
            "smollm2-135m for LoRA causal-LM)" in text
     assert "(default: auto = 3 for LoRA classification, 3 for full fine-tuning classification, 1 for LoRA " \
            "causal-LM)" in text
-    assert "truncated, >= 2 (default: auto = 128 for LoRA classification, 128 for full fine-tuning" in text
+    assert "truncated; at most the model's positions (auto comes down to them), >= 2 (default: auto = 128 for LoRA " \
+           "classification, 128 for full fine-tuning" in text
     assert "--rslora, --no-rslora rank-stabilised" in text
     assert "gradient-norm clipping (0: off), >= 0 (default: 1.0)" in text
 
