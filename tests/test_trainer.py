@@ -19,7 +19,7 @@ from conftest import synthetic_rows, write_csv
 from safetensors.torch import load_file
 
 import loratune
-from loratune.errors import Diverged, InputError
+from loratune.errors import Diverged, InputError, Interrupted
 from loratune.tasks.batches import collate
 from loratune.training import loop as trainer
 from loratune.training.levers import Levers
@@ -416,6 +416,40 @@ def _killed_in_an_evaluation_then_resumed(monkeypatch, run: Path, opts: dict, ki
         loratune.train(out=run, **opts)
     monkeypatch.setattr(trainer, "end_epoch", real_end)
     return loratune.train(out=run, resume=True)
+
+
+def _tb_steps(run: Path) -> dict[str, list[int]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run / "tb"))
+    acc.Reload()
+    return {tag: [e.step for e in acc.Scalars(tag)] for tag in ("train/loss", "validation/loss")}
+
+
+def test_ctrl_c_at_a_pass_inside_the_epoch_resumes_with_that_pass_in_its_place(tmp_path, tiny_model_dir,
+                                                                             tiny_data) -> None:
+    """Ctrl-C at step 10 of 40, where --evals-per-epoch 4 validates: the checkpoint comes before that pass, and the
+    resumed run makes it at step 10 (it came one step late, at 11), ending on the uninterrupted run's adapter and log
+    lines; TensorBoard keeps the checkpoint step's own events (a resume dropped them)."""
+    opts = _opts(tiny_model_dir, tiny_data, evals_per_epoch=4)
+    ref = loratune.train(out=tmp_path / "ref", **opts)
+
+    def ctrl_c(event: dict) -> None:
+        if event["kind"] == "step" and event["step"] == 10:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(Interrupted, match="interrupted at step 10"):
+        loratune.train(out=tmp_path / "run", progress=ctrl_c, **opts)
+    again = loratune.train(out=tmp_path / "run", resume=True)
+    lines = [(x["type"], x["step"], x.get("epoch"))
+             for x in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())]
+    assert lines == [(x["type"], x["step"], x.get("epoch"))
+                     for x in map(json.loads, (ref.run_dir / "metrics.jsonl").read_text().splitlines())]
+    assert ("eval", 10, 0.25) in lines
+    assert (again.best_epoch, again.validation, again.test) == (ref.best_epoch, ref.validation, ref.test)
+    weights = "adapter/adapter_model.safetensors"
+    assert (tmp_path / "run" / weights).read_bytes() == (ref.run_dir / weights).read_bytes()
+    assert _tb_steps(tmp_path / "run") == _tb_steps(ref.run_dir)
 
 
 @pytest.mark.parametrize("epochs", [1, 2])

@@ -366,6 +366,10 @@ def fit(run: Run, optim: Optim, state: TrainState, stop: threading.Event, *, res
             order = _epoch_batches(run, state.epoch)
             ends = rung_ends(len(order), cfg.grad_accum, cfg.evals_per_epoch)
             while state.next_batch < len(order) and state.step < run.total and not state.stopped_early:
+                if state.rung < len(ends) and state.next_batch >= ends[state.rung]:   # a pass owed: resumed from a
+                    _validate(run, optim, state, logs, on_epoch, epoch_end=False)    # Ctrl-C between its step and it
+                    run.model.train()
+                    continue
                 group = order[state.next_batch:state.next_batch + cfg.grad_accum]  # one step's micro-batches
                 loss = optimizer_step(run, optim, state, group)
                 _log_step(run, optim, state, logs, loss)
@@ -686,7 +690,8 @@ class _Logs:
         if resumed and self.path.exists():
             with open(self.path, "r+b") as f:
                 f.truncate(state.metrics_bytes)
-        self.tb = SummaryWriter(str(run.out / "tb"), purge_step=state.step)
+        # The checkpoint's own step was logged before it was written: TensorBoard keeps it and drops what came after.
+        self.tb = SummaryWriter(str(run.out / "tb"), purge_step=state.step + 1 if resumed else None)
         self.file = open(self.path, "a" if resumed else "w", encoding="utf-8")
 
     def record(self, obj: dict[str, Any]) -> None:
