@@ -779,3 +779,22 @@ def test_a_search_space_can_draw_the_variant() -> None:
         parse_space({"variant": {"choice": ["lora", "vera"]}}, base)
     with pytest.raises(InputError, match="search.loraplus_ratio: value 0.5 is not valid"):
         parse_space({"loraplus_ratio": {"choice": [None, 0.5]}}, base)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "bert", "distilbert", "llama"])
+def test_weight_decay_skips_the_parameters_transformers_trainer_skips(arch) -> None:
+    """Full fine-tuning: AdamW decays exactly what transformers' Trainer decays (its get_decay_parameter_names:
+    nn.LayerNorm by type, bias and norm names). GPT-2's LayerNorms are ln_1, ln_2, ln_f: a name rule missed them."""
+    from transformers import Trainer
+
+    from loratune.training.state import Optim
+
+    model = tiny_model(arch)
+    model.requires_grad_(True)
+    optim = Optim.create(model, TrainConfig(method="full", lr=1e-3, weight_decay=0.01), total=10,
+                         device=torch.device("cpu"), precision="fp32")
+    names = {id(p): n for n, p in model.named_parameters()}
+    ours = {names[id(p)] for g in optim.optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    assert ours == set(Trainer.get_decay_parameter_names(None, model))
+    if arch == "gpt2":
+        assert "transformer.ln_f.weight" not in ours and "transformer.h.0.ln_1.weight" not in ours

@@ -33,17 +33,30 @@ class Optim:
         Trainer), :func:`linear_schedule` over ``total`` steps with ``cfg.warmup`` of them warm-up, and a
         loss scaler that is on for fp16 only."""
         params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        opt = torch.optim.AdamW(param_groups(params, cfg), lr=cfg.lr)
+        opt = torch.optim.AdamW(param_groups(params, cfg, norm_parameters(model)), lr=cfg.lr)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, linear_schedule(total, math.ceil(cfg.warmup * total)))
         return cls(params, opt, sched, torch.amp.GradScaler(device.type, enabled=precision == "fp16"))
 
 
-def param_groups(params: dict[str, torch.Tensor], cfg: TrainConfig) -> list[dict[str, Any]]:
-    """AdamW's groups: weight decay on all but biases and norms; with LoRA+ (``--loraplus-ratio R``) the B
-    matrices and every other 1-D tensor (biases, DoRA's magnitudes: peft's ``create_loraplus_optimizer`` rule)
-    at R × lr, the rest at lr. Empty groups are left out; the order is fixed (a checkpoint's groups match)."""
+def norm_parameters(model: nn.Module) -> set[str]:
+    """The names of the parameters of ``model``'s normalisation layers, found by type as transformers' Trainer
+    finds them (``nn.LayerNorm``) and by class name (``LlamaRMSNorm``, ``T5LayerNorm``): GPT-2 names its LayerNorms
+    ``ln_1``, ``ln_2``, ``ln_f``, which a rule on parameter names alone misses."""
+    out = set()
+    for mname, m in model.named_modules():
+        if isinstance(m, (nn.LayerNorm, nn.GroupNorm)) or "norm" in type(m).__name__.lower():
+            out.update(f"{mname}.{pname}" if mname else pname for pname, _ in m.named_parameters(recurse=False))
+    return out
+
+
+def param_groups(params: dict[str, torch.Tensor], cfg: TrainConfig, norms: set[str] = frozenset()
+                 ) -> list[dict[str, Any]]:
+    """AdamW's groups: weight decay on all but biases and norms (a name with "norm" in it, or one of ``norms``:
+    :func:`norm_parameters`); with LoRA+ (``--loraplus-ratio R``) the B matrices and every other 1-D tensor (biases,
+    DoRA's magnitudes: peft's ``create_loraplus_optimizer`` rule) at R × lr, the rest at lr. Empty groups are left
+    out; the order is fixed (a checkpoint's groups match)."""
     def no_decay(n: str) -> bool:
-        return n.endswith("bias") or "norm" in n.lower()
+        return n.endswith("bias") or "norm" in n.lower() or n in norms
 
     def fast(n: str, p: torch.Tensor) -> bool:
         return cfg.loraplus_ratio is not None and (".lora_B" in n or p.dim() == 1)
