@@ -390,3 +390,17 @@ def test_collate_pads_right_with_minus_100_labels_and_no_attention(chatml) -> No
         assert b["labels"][row, :n].tolist() == enc.labels[i].tolist()
         assert (b["attention_mask"][row, :n] == 1).all() and (b["attention_mask"][row, n:] == 0).all()
         assert (b["labels"][row, n:] == IGNORE_INDEX).all() and (b["input_ids"][row, n:] == pad).all()
+
+
+@pytest.mark.parametrize(("line", "fields"), [("What is 2+2?,Four, definitely", 3), ("only a prompt", 1)])
+def test_a_csv_row_with_more_or_fewer_fields_than_its_header_is_refused(tmp_path, line, fields) -> None:
+    # csv.DictReader put the extra text under None (dropped: "Four, definitely" became "Four") or filled None in
+    from loratune.training.causal_data import _file_records
+
+    f = tmp_path / "qa.csv"
+    f.write_text(f"prompt,completion\nHi,Hello\n{line}\n", encoding="utf-8")
+    with pytest.raises(InputError, match=rf"line 3 has {fields} fields but the header has 2 \(an unquoted ','"):
+        _file_records(str(f), "--data")
+    f.write_text('prompt,completion\nHi,Hello\n"What is 2+2?","Four, definitely"\n', encoding="utf-8")
+    rows, _ = _file_records(str(f), "--data")
+    assert rows[1] == {"prompt": "What is 2+2?", "completion": "Four, definitely"}

@@ -206,6 +206,11 @@ def _file_records(path_str: str, field: str) -> tuple[list[Any], list[str]]:
         rows, wheres = [], []
         try:
             for row in reader:
+                if None in row or None in row.values():     # more fields than the header (restkey), or fewer
+                    width = len(reader.fieldnames or ())
+                    n = width + len(row.get(None) or ()) - sum(v is None for k, v in row.items() if k is not None)
+                    raise InputError(f"{where}: line {reader.line_num} has {n} fields but the header has {width} "
+                                     f"(an unquoted {delim!r} in a text?)")
                 if any((v or "").strip() for v in row.values() if isinstance(v, str)):
                     rows.append({k.strip(): v for k, v in row.items() if k is not None})
                     wheres.append(f"{where}: line {reader.line_num}")
