@@ -358,6 +358,8 @@ BAD = [  # (case, method, path, body or raw bytes, status, param, fragment of th
      {"model": "a2", "messages": [{"role": "user", "content": "x"}]}, 400, "model", "use /v1/classify"),
     ("load a causal-LM adapter", "POST", "/v1/load_lora_adapter", {"lora_name": "o", "lora_path": "causal"}, 400,
      "lora_path", "a causal-LM adapter"),
+    ("load a path with a NUL", "POST", "/v1/load_lora_adapter", {"lora_name": "o", "lora_path": "ex\u0000tra"}, 400,
+     "lora_path", "not a usable path"),                                       # a 500 (ValueError) before
 ]
 
 
@@ -655,3 +657,27 @@ def test_a_port_in_use_exits_2(root, capsys) -> None:
     assert code == 2, err
     assert err.strip().splitlines()[-1].startswith(f"loratune serve: error: --port: cannot listen on 127.0.0.1:{port}")
     assert "Traceback" not in err
+
+
+def test_a_405_names_the_allowed_methods(server) -> None:
+    # RFC 9110 §15.5.6: a 405 carries Allow (the OpenAI-style error body dropped Starlette's header)
+    u = urlsplit(server.url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
+    try:
+        conn.request("GET", "/v1/classify")
+        response = conn.getresponse()
+        body = json.loads(response.read().decode())
+    finally:
+        conn.close()
+    assert response.status == 405 and body["error"]["type"] == "MethodNotAllowedError"
+    assert "POST" in response.getheader("Allow", "")
+
+
+def test_metrics_writes_gauges_exactly() -> None:
+    # ":g" wrote 1,234,567 bytes of adapters as 1.23457e+06
+    from loratune.serve.metrics import Metrics
+
+    text = Metrics().text({"adapters_bytes_on_disk": 1234567, "queue_rows": 0, "x": 0.25, "y": float("nan"),
+                           "z": float("inf")})
+    assert "loratune_adapters_bytes_on_disk 1234567\n" in text and "loratune_queue_rows 0\n" in text
+    assert "loratune_x 0.25\n" in text and "loratune_y NaN\n" in text and "loratune_z +Inf\n" in text

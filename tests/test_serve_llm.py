@@ -379,6 +379,13 @@ BAD = [  # (case, path, body, status, param, fragment)
      "lone surrogate"),
     ("logprobs 0", "/v1/completions", {**TEXT, "logprobs": 0}, 422, "logprobs", "not supported"),
     ("a stop of 257 characters", "/v1/chat/completions", {**CHAT, "stop": "s" * 257}, 422, "stop", "at most 256"),
+    # vLLM's sampling extras: refused by name, never ignored (a repetition_penalty of 5 answered as without it)
+    ("repetition_penalty", "/v1/completions", {**TEXT, "repetition_penalty": 5.0}, 422, "repetition_penalty",
+     "not supported"),
+    ("top_k", "/v1/chat/completions", {**CHAT, "top_k": 5}, 422, "top_k", "not supported"),
+    ("min_p", "/v1/completions", {**TEXT, "min_p": 0.1}, 422, "min_p", "not supported"),
+    ("ignore_eos", "/v1/completions", {**TEXT, "ignore_eos": True}, 422, "ignore_eos", "not supported"),
+    ("stop_token_ids", "/v1/completions", {**TEXT, "stop_token_ids": [2]}, 422, "stop_token_ids", "not supported"),
 ]
 
 

@@ -192,8 +192,8 @@ def _adapter_path(state: ServerState, raw: str) -> Path:
     path = Path(raw) if Path(raw).is_absolute() else root / raw
     try:
         real = path.resolve(strict=False)
-    except (OSError, RuntimeError) as e:
-        raise HttpError(400, f"lora_path {raw!r}: {e}", "lora_path") from None
+    except (OSError, RuntimeError, ValueError) as e:      # ValueError: a NUL byte, a lone surrogate
+        raise HttpError(400, f"lora_path {raw!r}: not a usable path ({e})", "lora_path") from None
     if real != root and root not in real.parents:
         raise HttpError(403, f"lora_path {raw!r} is outside --adapters-dir {root} (links are followed)", "lora_path")
     if not real.is_dir():
@@ -288,7 +288,9 @@ def build_app(state: ServerState) -> Any:
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
         what = "no such route" if exc.status_code == 404 else str(exc.detail)
-        return error_response(exc.status_code, f"{request.method} {request.url.path}: {what}")
+        response = error_response(exc.status_code, f"{request.method} {request.url.path}: {what}")
+        response.headers.update(exc.headers or {})            # a 405's Allow (RFC 9110 §15.5.6)
+        return response
 
     routes = [
         Route("/health", route(state, "/health", health), methods=["GET"]),

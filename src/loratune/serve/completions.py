@@ -33,7 +33,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from loratune.errors import InputError
-from loratune.serve.http import HttpError, check_text, read_json, submit, text_field
+from loratune.serve.http import (
+    HttpError,
+    check_text,
+    error_type,
+    read_json,
+    submit,
+    text_field,
+)
 from loratune.serve.lm import GenRow
 
 MAX_STOP_CHARS = 256
@@ -41,8 +48,13 @@ ROLES = {"system": "system", "developer": "system", "user": "user", "assistant":
 UNSUPPORTED = {"echo": (False, None), "logprobs": (False, None), "top_logprobs": (None, 0), "best_of": (None, 1),
                "n": (None, 1), "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0),
                "logit_bias": (None, {}), "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []),
-               "response_format": (None, {"type": "text"}), "suffix": (None, ""), "prompt_logprobs": (None,)}
-"""Fields that change what OpenAI's API returns, with the values that ask for nothing loratune lacks."""
+               "response_format": (None, {"type": "text"}), "suffix": (None, ""), "prompt_logprobs": (None,),
+               # vLLM's sampling extras, which its clients send expecting them to act
+               "repetition_penalty": (None, 1, 1.0), "top_k": (None, -1, 0), "min_p": (None, 0, 0.0),
+               "min_tokens": (None, 0), "ignore_eos": (None, False), "stop_token_ids": (None, []),
+               "use_beam_search": (None, False), "length_penalty": (None, 1, 1.0)}
+"""Fields that change what OpenAI's API (or vLLM's) returns, with the values that ask for nothing loratune lacks:
+any other value is a 422 naming the field, never ignored."""
 
 
 async def completions(request: Request, state: Any) -> tuple[Response, str | None, int]:
@@ -286,7 +298,7 @@ def _stream(state: Any, adapter: str | None, rows: list[GenRow], head: dict[str,
                     raise HttpError(500, "internal error: the batch ended without finishing this request")
                 except HttpError as e:
                     err = {"message": e.message, "param": e.param, "code": e.status,
-                           "type": "InternalServerError" if e.status >= 500 else "BadRequestError"}
+                           "type": error_type(e.status)}
                     yield f"data: {json.dumps({'error': err})}\n\n"
                     yield "data: [DONE]\n\n"
                     return

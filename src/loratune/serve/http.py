@@ -20,6 +20,11 @@ _TYPES = {400: "BadRequestError", 401: "AuthenticationError", 403: "PermissionDe
           500: "InternalServerError", 503: "ServiceUnavailableError"}
 
 
+def error_type(status: int) -> str:
+    """OpenAI's error ``type`` for an HTTP status (404: NotFoundError, ...)."""
+    return _TYPES.get(status, "InternalServerError" if status >= 500 else "BadRequestError")
+
+
 def error_response(status: int, message: str, param: str | None = None) -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": _TYPES.get(status, "Error"), "param": param,
                                    "code": status}}, status_code=status)

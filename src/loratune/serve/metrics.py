@@ -8,6 +8,7 @@ the size of each forward pass (rows, all adapters together). Updated and read on
 from __future__ import annotations
 
 import bisect
+import math
 from collections import defaultdict
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -92,5 +93,16 @@ class Metrics:
                   "# TYPE loratune_batch_rows histogram"]
         lines += self.batch.lines("loratune_batch_rows", "")
         for name, value in gauges.items():
-            lines += [f"# TYPE loratune_{name} gauge", f"loratune_{name} {value:g}"]
+            lines += [f"# TYPE loratune_{name} gauge", f"loratune_{name} {_number(value)}"]
         return "\n".join(lines) + "\n"
+
+
+def _number(value: float) -> str:
+    """A sample value as Prometheus' text format writes it, exactly (``:g`` wrote 1,234,567 bytes as 1.23457e+06)."""
+    if isinstance(value, (bool, int)):
+        return str(int(value))
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(float(value))
