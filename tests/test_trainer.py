@@ -372,6 +372,26 @@ def test_train_state_checkpoint_round_trip(tmp_path) -> None:
     assert TrainState.from_checkpoint(old, optim2).stopped_early is False
 
 
+def test_a_checkpoint_keeps_cudas_generators_where_cuda_is_in_use(tmp_path, monkeypatch) -> None:
+    """On a GPU dropout draws from CUDA's generators: a checkpoint saves them (as transformers' Trainer) and a
+    resume puts them back; on a CPU-only run the checkpoint has none. (No GPU here: CUDA's calls are stand-ins.)"""
+    model = torch.nn.Linear(3, 2)
+    cfg = TrainConfig(lr=0.1, warmup=0.0)
+    optim = Optim.create(model, cfg, total=10, device=torch.device("cpu"), precision="fp32")
+    assert "cuda_rng" not in TrainState().to_checkpoint(optim)
+    states = [torch.arange(8, dtype=torch.uint8), torch.arange(8, 16, dtype=torch.uint8)]
+    put: list[list[torch.Tensor]] = []
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [s.clone() for s in states])
+    torch.save(TrainState(step=3).to_checkpoint(optim), tmp_path / "c.pt")
+    ckpt = torch.load(tmp_path / "c.pt", weights_only=True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", put.append)
+    assert TrainState.from_checkpoint(ckpt, optim).step == 3
+    assert len(put) == 1 and all(torch.equal(a, b) for a, b in zip(put[0], states))
+
+
 def test_resume_after_the_early_stop_checkpoint_trains_no_more(tmp_path, tiny_model_dir, tiny_data,
                                                                 monkeypatch) -> None:
     """Killed after the checkpoint of the epoch that stopped early, before results.json: ``--resume`` trains

@@ -128,11 +128,14 @@ class TrainState:
     def to_checkpoint(self, optim: Optim) -> dict[str, Any]:
         """This state, ``optim``'s tensors and states and the torch RNG as one dict of plain containers and
         tensors. The keys are this class's field names plus ``params``, ``optimizer``, ``scheduler``,
-        ``scaler`` and ``rng`` (the search reads ``epoch`` from a trial's checkpoint)."""
+        ``scaler`` and ``rng`` (and ``cuda_rng`` where CUDA is in use; the search reads ``epoch`` from a trial's
+        checkpoint)."""
         return {**{f.name: getattr(self, f.name) for f in fields(self)},
                 "params": {n: p.detach().cpu() for n, p in optim.params.items()},
                 "optimizer": optim.optimizer.state_dict(), "scheduler": optim.scheduler.state_dict(),
-                "scaler": optim.scaler.state_dict(), "rng": torch.get_rng_state()}
+                "scaler": optim.scaler.state_dict(), "rng": torch.get_rng_state(),
+                # CUDA's generators too (dropout draws there on a GPU), as transformers' Trainer saves them
+                **({"cuda_rng": torch.cuda.get_rng_state_all()} if torch.cuda.is_initialized() else {})}
 
     @classmethod
     def from_checkpoint(cls, ckpt: dict[str, Any], optim: Optim) -> TrainState:
@@ -148,4 +151,7 @@ class TrainState:
         optim.scheduler.load_state_dict(ckpt["scheduler"])
         optim.scaler.load_state_dict(ckpt["scaler"])
         torch.set_rng_state(ckpt["rng"])
+        if ckpt.get("cuda_rng") is not None and torch.cuda.is_available() \
+                and len(ckpt["cuda_rng"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
         return cls(**{f.name: ckpt[f.name] for f in fields(cls) if f.name in ckpt})
