@@ -158,3 +158,17 @@ def test_yaml_reads_exponents_without_a_dot_as_numbers() -> None:
     assert type(doc["f"]) is int and type(doc["lr"]) is float
     with pytest.raises(yaml.constructor.ConstructorError):
         yamltext.load("!!python/object:os.system {}")
+
+
+def test_yaml_written_reads_back_as_it_was(tmp_path: Path) -> None:
+    # With 1e5 read as a number, a text option '1e5' (a column's name) must be written quoted, or a resume reads a
+    # float where config.yaml held text.
+    from loratune import yamltext
+
+    doc = {"text_column": "1e5", "label_column": "2E-3", "lr": 1e-4, "rank": 8, "data": "x.csv"}
+    text = yamltext.dump(doc, sort_keys=False)
+    assert "text_column: '1e5'" in text and yamltext.load(text) == doc
+    cfg = TrainConfig(text_column="1e5")
+    rundir.write_config(tmp_path, cfg)
+    back, _ = rundir.read_config(tmp_path)
+    assert back.text_column == "1e5"

@@ -41,12 +41,12 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import ray
-import yaml
 from ray import tune as rt
 from ray.tune import Callback
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.schedulers import ASHAScheduler
 
+from loratune import yamltext
 from loratune.errors import Diverged, InputError, Interrupted
 from loratune.runtime import available_cpus, release_memory, require, set_threads
 from loratune.search.space import (
@@ -138,7 +138,7 @@ def tune(config: TrainConfig | None = None, *, space: dict[str, Any] | None = No
             held.enter_context(lock.hold(out, flag="--out"))
             rundir.check_out(out, resume=False, overwrite=overwrite)        # again, now that no one else can write
             rundir.start(out, overwrite=overwrite)
-            (out / "search.yaml").write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
+            (out / "search.yaml").write_text(yamltext.dump(doc, sort_keys=False), encoding="utf-8")
         emit({"kind": "search_start", "out": str(out), "trials": _trial_total(parsed, doc),
               "resumed": resume is not None, "keys": parsed.keys, "max_epochs": doc["max_epochs"],
               "rungs_per_epoch": rungs_of(doc), "stop_rungs": stop_rungs(doc)})

@@ -110,7 +110,7 @@ def write_generations(out: Path, rows: list[dict[str, Any]], epoch: float | None
 def write_config(out: Path, cfg: TrainConfig, **extra: Any) -> None:
     """``out/config.yaml``: the resolved options, ``extra`` keys (label names) and the library versions, atomically."""
     doc = {**cfg.to_dict(), **extra, "versions": versions()}
-    _atomic_text(out / "config.yaml", yaml.safe_dump(doc, sort_keys=False))
+    _atomic_text(out / "config.yaml", yamltext.dump(doc, sort_keys=False))
 
 
 def read_config(out: Path) -> tuple[TrainConfig, dict[str, Any]]:
