@@ -374,3 +374,18 @@ def test_a_given_training_flag_fixes_its_option_in_the_default_space(capsys, tmp
     f = tmp_path / "space.yaml"
     f.write_text("rank: {choice: [2, 4]}\n")
     assert _shown(capsys, "--space", str(f), "--rank", "8") == {"rank": {"choice": [2, 4]}}
+
+
+def test_a_search_fits_auto_max_length_to_the_models_positions(tiny_model_dir) -> None:
+    # search.yaml stores options resolved: auto's 128 as a given 128 would then be refused for a model with 64
+    # positions; the search fits it first (as train does), and a given value past them is refused before Ray starts.
+    from loratune.cli.tune import SEARCH_KEYS
+    from loratune.search.trials import new_search
+
+    kw = {k: v for k, v in SEARCH_KEYS.items() if k != "search"}
+    doc = new_search(None, {"model": tiny_model_dir}, None, **kw)
+    assert doc["options"]["max_length"] == 64
+    assert TrainConfig.from_stored(doc["options"]).max_length == 64
+    assert new_search(None, {"model": tiny_model_dir, "max_length": 32}, None, **kw)["options"]["max_length"] == 32
+    with pytest.raises(InputError, match="--max-length: 100 tokens is more than"):
+        new_search(None, {"model": tiny_model_dir, "max_length": 100}, None, **kw)

@@ -45,6 +45,7 @@ from loratune.search.space import (
     option_kind,
 )
 from loratune.training import rundir
+from loratune.training.models import fit_max_length
 from loratune.training.options import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -361,6 +362,8 @@ def new_search(config: TrainConfig | None, options: dict[str, Any], space: dict[
     if base.threads not in (None, cpus_per_trial):
         raise InputError(f"--threads: a trial's torch threads equal its CPUs; set --cpus-per-trial {base.threads}")
     base = _absolute_paths(base)
+    if (fit := fit_max_length(base)) != base.max_length:   # auto, past the model's positions: search.yaml keeps
+        base = base.replace(max_length=fit)                 # the fitted number (the trials read it as given)
     check_metric(metric, base.task)                    # val_accuracy of causal-LM data: once the data is read
     try:
         raw = json.loads(json.dumps(default_space(base, options) if space is None else space))  # plain, as in YAML
