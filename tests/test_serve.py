@@ -681,3 +681,33 @@ def test_metrics_writes_gauges_exactly() -> None:
                            "z": float("inf")})
     assert "loratune_adapters_bytes_on_disk 1234567\n" in text and "loratune_queue_rows 0\n" in text
     assert "loratune_x 0.25\n" in text and "loratune_y NaN\n" in text and "loratune_z +Inf\n" in text
+
+
+def test_an_adapter_unloaded_while_its_batch_fails_is_a_404_not_a_500() -> None:
+    # A mixed batch fails; its parts are run again one by one. An unload that lands meanwhile (on the worker) makes
+    # a part fail inside routing: its request learns the adapter is gone (404), not that the forward pass failed.
+    import asyncio
+
+    from loratune.serve.batcher import AdapterGone, Batcher
+
+    loaded = {"a", "b"}
+
+    def run(rows):
+        if len({name for name, _ in rows}) > 1:
+            loaded.discard("b")                       # the unload lands while the mixed batch runs
+            raise RuntimeError("mixed batch failed")
+        if any(name not in loaded for name, _ in rows):
+            raise RuntimeError("no adapter named b")  # what routed() raises for an unloaded adapter
+        return [[0.0, 0.0] for _ in rows]
+
+    async def main():
+        batcher = Batcher(run, max_wait_ms=50, alive=lambda name: name is None or name in loaded)
+        batcher.start()
+        try:
+            return await asyncio.gather(batcher.submit([("a", [1])]), batcher.submit([("b", [2])]),
+                                        return_exceptions=True)
+        finally:
+            await batcher.stop()
+
+    a, b = asyncio.run(main())
+    assert isinstance(a, list) and len(a) == 1 and isinstance(b, AdapterGone)

@@ -124,15 +124,21 @@ class Batcher:
             n = 0
             while self._queue and n + len(self._queue[0].rows) <= self.max_batch:
                 part = self._queue.popleft()
-                gone = next((name for name, _ in part.rows if not self.alive(name)), False)
-                if gone is not False:
-                    if not part.future.done():
-                        part.future.set_exception(AdapterGone(gone))
+                if self._gone(part):
                     continue
                 batch.append(part)
                 n += len(part.rows)
             if batch:
                 await self._run(batch)
+
+    def _gone(self, part: _Part) -> bool:
+        """Whether an adapter ``part`` names was unloaded; if so its request gets AdapterGone (a 404)."""
+        gone = next((name for name, _ in part.rows if not self.alive(name)), False)
+        if gone is False:
+            return False
+        if not part.future.done():
+            part.future.set_exception(AdapterGone(gone))
+        return True
 
     async def _run(self, batch: list[_Part]) -> None:
         rows = [r for part in batch for r in part.rows]
@@ -144,12 +150,15 @@ class Batcher:
             probs = await self.call(self.run, rows)
         except Exception:  # noqa: BLE001 - run the parts alone: one bad request fails alone
             if len(batch) == 1:
+                if self._gone(batch[0]):                # unloaded while it ran: a 404, not a failed forward pass
+                    return
                 log.exception("a batch of one request failed")
                 if not batch[0].future.done():
                     batch[0].future.set_exception(ForwardFailed("the forward pass failed"))
                 return
-            for part in batch:
-                await self._run([part])
+            for part in batch:                         # an unload may land between them (on the worker)
+                if not self._gone(part):
+                    await self._run([part])
             return
         i = 0
         for part in batch:
