@@ -104,16 +104,18 @@ def given_training_flags(args: argparse.Namespace) -> list[str]:
 def read_yaml(path: str) -> dict[str, Any]:
     """``--config``'s options: a mapping, without ``debug`` (the CLI's own key, :func:`config_debug`)."""
     doc = _read_config(path)
-    if "debug" in doc:
-        config_debug(path)                                  # checked: true or false
-        doc = {k: v for k, v in doc.items() if k != "debug"}
-    return doc
+    _debug_of(doc, path)                                    # checked: true or false
+    return {k: v for k, v in doc.items() if k != "debug"}
 
 
 def config_debug(path: str) -> bool:
     """``debug:`` of a ``--config`` file (a YAML key like every training flag, DESIGN.md); InputError unless it
     is true or false."""
-    value = _read_config(path).get("debug", False)
+    return _debug_of(_read_config(path), path)
+
+
+def _debug_of(doc: dict[str, Any], path: str) -> bool:
+    value = doc.get("debug", False)
     if not isinstance(value, bool):
         raise InputError(f"--config: {path}: debug: expected true or false, got {value!r}")
     return value

@@ -29,6 +29,7 @@ from loratune import __version__
 from loratune.core.inject import (
     HEAD_SUFFIXES,
     LoraSpec,
+    _unwrapped,
     full_modules,
     head_names,
     inject,
@@ -397,10 +398,6 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike, name: str = "
     if hint and base and Path(str(hint)).name != Path(str(base)).name:
         log.info("adapter was trained on %s; loading it on %s (shapes match)", hint, base)
     return spec
-
-
-def _unwrapped(module: nn.Module) -> nn.Module:
-    return getattr(module, "base_layer", module)
 
 
 def _take_out(model: nn.Module, name: str, active: dict[str, str | None], grads: dict[str, bool]) -> None:

@@ -6,6 +6,7 @@ only when ``HF_HUB_OFFLINE`` is not set, and a failure says the model is not cac
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -295,9 +296,11 @@ def position_limit(model: nn.Module) -> int | None:
     return None
 
 
+@functools.lru_cache(maxsize=8)
 def position_limit_of(spec: str, task: str = "classification") -> int | None:
     """:func:`position_limit` of model ``spec`` from its config alone (the model built on the meta device: no
-    weights read or allocated); None where the config cannot say."""
+    weights read or allocated); None where the config cannot say. Kept per process: a search asks twice (its
+    options, then its data)."""
     from transformers import (
         AutoConfig,
         AutoModelForCausalLM,
