@@ -92,7 +92,7 @@ def two_nodes(request, tmp_path):
                                      capture_output=True, text=True, timeout=120)
             assert started.returncode == 0, started.stdout + started.stderr
         yield {"ns": ns_a, "address": f"{head}:6379", "nodes": {head, worker}, "env": env, "head": head,
-               "worker": worker, "worker_ns": ns_b}
+               "worker": worker, "worker_ns": ns_b, "head_temp": temps[0]}
     finally:
         for ns in reversed(created):
             _end_namespace(ns)
@@ -121,6 +121,14 @@ def _results(experiment: Path) -> dict[str, list[dict]]:
                 continue
             out.setdefault(row["trial_id"], []).append(row)
     return out
+
+
+def _staged(head_temp: str, experiment: Path) -> Path | None:
+    """The driver's own copy of the trials' result.json files: Ray's staging folder in the head's session folder,
+    where the driver appends each report. The experiment folder holds a snapshot that Ray's sync rewrites every few
+    seconds, so a read there can find a file cut short (seen in CI: the victim with no rows right after the kill)."""
+    found = sorted(Path(head_temp).glob(f"session_*/artifacts/*/{experiment.name}/driver_artifacts"))
+    return found[-1] if found else None
 
 
 def _metrics(run: Path) -> list[dict]:
@@ -195,15 +203,17 @@ def test_a_node_lost_mid_search_retries_its_trials_on_the_other_node_from_their_
     try:
         t0 = time.time()
         victim, ended = None, set()
+        staged = None
         while victim is None or not ended:                     # a trial ended; one on the worker past a checkpoint
             assert proc.poll() is None, "the search ended before the kill:\n" + stderr.read_text()
             assert time.time() < t0 + 180, "no trial trained on the worker in time:\n" + stderr.read_text()
             ended = _ended(stderr.read_text())
-            victim = _running_on(_results(experiment), trials, worker, max_epochs)
+            staged = staged or _staged(two_nodes["head_temp"], experiment)
+            victim = staged and _running_on(_results(staged), trials, worker, max_epochs)
             time.sleep(0.05)
         _kill_namespace(two_nodes["worker_ns"])                # the worker node: raylet, its workers, all of it
         killed = time.time()
-        before, ended = _results(experiment), _ended(stderr.read_text())
+        before, ended = _results(staged), _ended(stderr.read_text())
         retried = None
         while proc.poll() is None:
             assert time.time() < killed + 240, "the search did not finish after the node was lost"
