@@ -9,6 +9,8 @@ answer alone; per-row seeded sampling; stop strings; the context limit; every ba
 
 from __future__ import annotations
 
+import asyncio
+import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -20,6 +22,7 @@ import pytest
 import test_generate
 import torch
 from conftest import assert_one_line_error, run
+from starlette.requests import Request
 from test_causal_data import chat_tokenizer
 from test_serve import _make, call, metrics, serving, total, wait_for
 
@@ -29,6 +32,7 @@ from loratune.errors import InputError
 from loratune.infer.generate import generate
 from loratune.infer.inference import load
 from loratune.serve.app import Limits
+from loratune.serve.completions import completions
 from loratune.serve.server import prepare
 from loratune.tasks.causal_metrics import stop_ids
 from loratune.training.models import load_causal_lm, load_tokenizer
@@ -293,6 +297,42 @@ def test_a_stream_the_client_leaves_ends_its_row(server, client, monkeypatch) ->
     stream.close()
     assert wait_for(lambda: bool(seen), timeout=30)
     assert seen[0][0]["finish_reason"] == "cancelled" and seen[0][0]["completion_tokens"] < 64
+
+
+def test_a_stream_never_sent_generates_nothing(server, client, monkeypatch) -> None:
+    """A streamed answer is made, then never sent: the request's task ended between the handler and the response
+    (cancelled, or the client gone and the server stopping). Its rows must not be generating to max_tokens for
+    nobody: the only row the batcher runs is the next request's. (A stream that has begun and is left ends its rows
+    at their next step: test_a_stream_the_client_leaves_ends_its_row.)"""
+    seen: list[list[dict]] = []
+    run = server.state.batcher.run
+
+    def spy(rows):
+        out = run(rows)
+        seen.append(out)
+        return out
+
+    monkeypatch.setattr(server.state.batcher, "run", spy)
+    lo = _CACHE["plain"]
+    prompt = next(p for p in PROMPTS if text_ref(lo.model, lo.tokenizer, p, 64)[1] == 64)   # writes all 64 alone
+    body = json.dumps({"model": "plain", "prompt": prompt, "max_tokens": 64, "temperature": 0,
+                       "stream": True}).encode()
+    scope = {"type": "http", "method": "POST", "path": "/v1/completions", "query_string": b"",
+             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]}
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def made_then_dropped() -> str:
+        response, _, _ = await completions(Request(scope, receive), server.state)
+        await asyncio.sleep(0.5)                            # the batcher's loop runs meanwhile
+        return type(response).__name__
+
+    loop = server.state.batcher._task.get_loop()           # the server's own event loop, as uvicorn runs the app
+    assert asyncio.run_coroutine_threadsafe(made_then_dropped(), loop).result(timeout=30) == "StreamingResponse"
+    after = client.completions.create(model="plain", prompt=PROMPTS[0], max_tokens=1, temperature=0)
+    assert after.usage.completion_tokens == 1
+    assert [r["completion_tokens"] for batch in seen for r in batch] == [1], seen
 
 
 # --- adapters at run time, kinds that do not mix -------------------------------------------------------------

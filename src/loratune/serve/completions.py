@@ -257,9 +257,6 @@ def _stream(state: Any, adapter: str | None, rows: list[GenRow], head: dict[str,
     for k, row in enumerate(rows):
         row.emit = lambda piece, k=k: loop.call_soon_threadsafe(queue.put_nowait, (k, piece, None))
         row.on_done = lambda result, k=k: loop.call_soon_threadsafe(queue.put_nowait, (k, None, result))
-    task = asyncio.ensure_future(_submit(state, adapter, rows, head["model"]))
-    # the stream may end before the batch does (its rows finished first): a later failure is the batch's
-    task.add_done_callback(lambda t: t.cancelled() or t.exception())
     obj = "chat.completion.chunk" if chat else "text_completion"
 
     def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
@@ -272,6 +269,11 @@ def _stream(state: Any, adapter: str | None, rows: list[GenRow], head: dict[str,
         return {"index": k, "text": text or "", "logprobs": None, "finish_reason": finish}
 
     async def events() -> AsyncIterator[str]:
+        # The rows are submitted here, not when the response is made: a client gone before the response started
+        # has Starlette cancel the stream before its first step, so this body never runs, nor its `finally`.
+        task = asyncio.ensure_future(_submit(state, adapter, rows, head["model"]))
+        # the stream may end before the batch does (its rows finished first): a later failure is the batch's
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
         finished: dict[int, dict[str, Any]] = {}
         getter: asyncio.Future | None = None
         try:
