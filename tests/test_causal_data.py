@@ -404,3 +404,75 @@ def test_a_csv_row_with_more_or_fewer_fields_than_its_header_is_refused(tmp_path
     f.write_text('prompt,completion\nHi,Hello\n"What is 2+2?","Four, definitely"\n', encoding="utf-8")
     rows, _ = _file_records(str(f), "--data")
     assert rows[1] == {"prompt": "What is 2+2?", "completion": "Four, definitely"}
+
+
+# --------------------------------------------------------------------------- data files (training/causal_data.py, detect.py)
+
+def test_a_stray_quote_in_a_causal_csv_is_refused_not_merged_into_one_row(tmp_path) -> None:
+    # csv's strict=False read the four data lines as one row: the prompt ran from line 2's quote to line 5's
+    from loratune.training.causal_data import _file_records
+
+    f = tmp_path / "qa.csv"
+    f.write_text('prompt,completion\n"unclosed,yes\nq2,no\nq3,yes\nsay "hi" there,no\n', encoding="utf-8")
+    with pytest.raises(InputError, match=r"^--data: \S+qa\.csv: line 5: not valid CSV \(.*\); the row starts on "
+                                         r"line 2 \(an unclosed '\"'\?\)$"):
+        _file_records(str(f), "--data")
+    f.write_text('prompt,completion\n"a, quoted comma","doubled ""quotes"""\n"two\nlines",say "hi" as is\n',
+                 encoding="utf-8")
+    assert _file_records(str(f), "--data")[0] == [{"prompt": "a, quoted comma", "completion": 'doubled "quotes"'},
+                                                  {"prompt": "two\nlines", "completion": 'say "hi" as is'}]
+
+
+def test_a_causal_text_longer_than_csvs_default_field_limit_reads(tmp_path) -> None:
+    from loratune.training.causal_data import _file_records
+
+    long = "lorem ipsum " * 12_000                                 # 144,000 characters: over csv's 131,072
+    f = tmp_path / "qa.csv"
+    f.write_text(f'prompt,completion\n"{long}",yes\nq2,no\n', encoding="utf-8")
+    assert [r["prompt"] for r in _file_records(str(f), "--data")[0]] == [long, "q2"]
+
+
+def test_task_auto_reads_a_first_jsonl_record_longer_than_a_mebibyte(tmp_path) -> None:
+    import json
+
+    from loratune.training.detect import peek_columns
+
+    f = tmp_path / "long.jsonl"
+    f.write_text(json.dumps({"prompt": "Summarize: " + "lorem ipsum " * 90_000, "completion": "a summary"}) + "\n"
+                 + json.dumps({"prompt": "q", "completion": "yes"}) + "\n", encoding="utf-8")
+    assert f.stat().st_size > 1 << 20
+    assert peek_columns(str(f)) == ("prompt", "completion")
+
+
+@pytest.mark.parametrize(("name", "body"), [("h.csv", "prompt,completion\n"), ("e.json", "[]\n"), ("p.parquet", None)])
+def test_empty_causal_data_names_the_flag_and_the_file(tmp_path, name, body) -> None:
+    from loratune.training.causal_data import load_causal_splits
+    from loratune.training.options import TrainConfig
+
+    f = tmp_path / name
+    good = tmp_path / "good.jsonl"
+    good.write_text("".join(f'{{"prompt": "q{i}", "completion": "{"yes" if i % 2 else "no"}"}}\n' for i in range(40)))
+    if body is None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.table({"prompt": pa.array([], pa.string()), "completion": pa.array([], pa.string())}), f)
+    else:
+        f.write_text(body, encoding="utf-8")
+    for flag, kw in (("--data", {"data": str(f)}),
+                     ("--validation-file", {"data": str(good), "validation_file": str(f)}),
+                     ("--test-file", {"data": str(good), "test_file": str(f)})):
+        with pytest.raises(InputError, match=rf"^{flag}: {re.escape(str(f))}: no rows$"):
+            load_causal_splits(TrainConfig(task="causal-lm", **kw))
+
+
+def test_causal_csv_blank_lines_are_skipped_as_the_classifiers_are(tmp_path) -> None:
+    # a leading blank line was taken as an empty header; a whitespace-only line as a row of 1 field
+    from loratune.training.causal_data import _file_records
+
+    f = tmp_path / "qa.csv"
+    f.write_text('\n\r\n  \nprompt,completion\nq1,yes\n   \n\t\n,\nq2,no\n\n', encoding="utf-8")
+    rows, wheres = _file_records(str(f), "--data")
+    assert rows == [{"prompt": "q1", "completion": "yes"}, {"prompt": "q2", "completion": "no"}]
+    assert [w.rsplit(": ", 1)[1] for w in wheres] == ["line 5", "line 9"]
+

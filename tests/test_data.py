@@ -193,6 +193,24 @@ def test_save_to_disk_dataset_dict(tmp_path: Path) -> None:
     assert len(D.load_splits(cfg(tmp_path / "one")).train) == 32
 
 
+def test_a_file_replaces_an_unlabelled_hf_split_which_is_then_not_read(tmp_path: Path) -> None:
+    # GLUE's test splits are unlabelled (-1); --test-file replaces such a split, so it must not be checked
+    datasets = pytest.importorskip("datasets")
+    feats = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=["neg", "pos"])})
+
+    def part(n: int, unlabelled: bool = False):
+        return datasets.Dataset.from_dict({"text": [f"t {i}" for i in range(n)],
+                                           "label": [-1 if unlabelled else i % 2 for i in range(n)]}, feats)
+    datasets.DatasetDict({"train": part(40), "validation": part(6, True), "test": part(10, True)}).save_to_disk(
+        str(tmp_path / "dd"))
+    fail(cfg(tmp_path / "dd"), "(split 'validation')", "row 1", "the label is empty")
+    fail(cfg(tmp_path / "dd", validation_file=write_csv(tmp_path / "v.csv", rows(4))), "(split 'test')", "row 1",
+         "the label is empty")
+    s = D.load_splits(cfg(tmp_path / "dd", validation_file=write_csv(tmp_path / "v.csv", rows(4)),
+                          test_file=write_csv(tmp_path / "t.csv", rows(8))))
+    assert (len(s.train), len(s.validation), len(s.test)) == (40, 4, 8) and s.label_names == ["neg", "pos"]
+
+
 def test_hf_name_unreachable_is_input_error(monkeypatch: pytest.MonkeyPatch) -> None:
     datasets = pytest.importorskip("datasets")
 
@@ -247,6 +265,52 @@ def test_wrong_delimiter(tmp_path: Path) -> None:
     ragged = tmp_path / "r.csv"
     ragged.write_text("text,label\ngood,a\nbad, unquoted, comma,b\n")
     fail(cfg(ragged), "line 3 has 4 fields", "header has 2")
+
+
+def test_blank_and_whitespace_only_lines_are_skipped_before_the_header_too(tmp_path: Path) -> None:
+    # a whitespace-only line before the header was taken as a header of one empty column
+    path = tmp_path / "d.csv"
+    path.write_text("\n  \n\t\ntext,label\ngood,pos\n   \n,\nbad,neg\n", encoding="utf-8")
+    assert S.read_file(path, "text", "label", field="--data") == (["good", "bad"], ["pos", "neg"])
+    path.write_text("text,label\ngood,pos\n  \nbad, unquoted, comma,neg\n", encoding="utf-8")
+    fail(cfg(path), "line 4 has 4 fields", "header has 2")
+
+
+@pytest.mark.parametrize("ext", [".csv", ".tsv"])
+def test_a_stray_quote_is_refused_not_merged_into_one_row(tmp_path: Path, ext: str) -> None:
+    # csv's strict=False read the four data lines as one row: the text ran from line 2's quote to line 5's
+    d = "," if ext == ".csv" else "\t"
+    path = tmp_path / f"d{ext}"
+    path.write_text(f'text{d}label\n"unclosed quote{d}pos\ngood movie{d}pos\nbad movie{d}neg\n'
+                    f'He said "wow" nice{d}neg\n', encoding="utf-8")
+    with pytest.raises(InputError, match=r"^--data: \S+: line 5: not valid CSV \(.*\); the row starts on line 2 "
+                                         r"\(an unclosed '\"'\?\)$"):
+        S.read_file(path, "text", "label", field="--data")
+    path.write_text(f'text{d}label\ngood movie{d}pos\n"unclosed quote{d}pos\nbad movie{d}neg\n', encoding="utf-8")
+    with pytest.raises(InputError, match=r"^--data: \S+: line 4: not valid CSV \(unexpected end of data\); "
+                                         r"the row starts on line 3"):
+        S.read_file(path, "text", "label", field="--data")
+
+
+@pytest.mark.parametrize("ext", [".csv", ".tsv"])
+def test_quoted_delimiters_doubled_quotes_and_line_breaks_still_read(tmp_path: Path, ext: str) -> None:
+    d = "," if ext == ".csv" else "\t"
+    texts = [f"a quoted{d} delimiter", 'doubled ""quotes"" inside', "a text\nover two lines", 'mid-text "quote" as is']
+    path = tmp_path / f"d{ext}"
+    path.write_text(f"text{d}label\n" + "".join(f'"{t}"{d}pos\n' for t in texts[:3]) + f"{texts[3]}{d}neg\n",
+                    encoding="utf-8")
+    got_texts, got_labels = S.read_file(path, "text", "label", field="--data")
+    assert got_texts == [f"a quoted{d} delimiter", 'doubled "quotes" inside', "a text\nover two lines",
+                         'mid-text "quote" as is']
+    assert got_labels == ["pos", "pos", "pos", "neg"]
+
+
+@pytest.mark.parametrize("ext", [".csv", ".tsv"])
+def test_a_text_longer_than_csvs_default_field_limit_reads(tmp_path: Path, ext: str) -> None:
+    # csv.field_size_limit() defaults to 131,072 characters; JSONL has no such limit, nor should CSV
+    long = "word " * 30_000
+    path = write_csv(tmp_path / f"d{ext}", [(long, "pos"), ("short", "neg")], delim="," if ext == ".csv" else "\t")
+    assert S.read_file(path, "text", "label", field="--data") == ([long, "short"], ["pos", "neg"])
 
 
 def test_corrupt_parquet(tmp_path: Path) -> None:

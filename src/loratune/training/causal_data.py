@@ -17,11 +17,10 @@ label set), else uniformly at random. Those references are also the candidates o
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
 import types
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -86,16 +85,15 @@ def load_causal_splits(cfg: TrainConfig) -> CausalSplits:
                          f"task needs prompt/completion, messages or Alpaca rows (the built-in: --data {INSTRUCT_NAME})")
     names = {"prompt_column": cfg.prompt_column, "completion_column": cfg.completion_column,
              "messages_column": cfg.messages_column}
-    parts = _records(cfg.data)
+    replaced = [n for n, file in (("validation", cfg.validation_file), ("test", cfg.test_file)) if file is not None]
+    parts = _records(cfg.data, replaced)                            # the splits files replace: not read
     for name, file, fld in (("validation", cfg.validation_file, "--validation-file"),
                             ("test", cfg.test_file, "--test-file")):
         if file is not None:
             parts[name] = _file_records(file, fld)
     convs: dict[str, tuple[list[Conversation], list[str]]] = {}
     formats: list[str] = []
-    for name, (rows, wheres) in parts.items():
-        if not rows:
-            raise InputError(f"{wheres[0] if wheres else name}: no rows")
+    for name, (rows, wheres) in parts.items():                     # never empty (_some)
         fmt = detect_format(dict.fromkeys(k for r in rows if isinstance(r, dict) for k in r), **names,
                             where=wheres[0].rsplit(": ", 1)[0])
         formats.append(fmt)
@@ -155,23 +153,28 @@ def _builtin_instruct(cfg: TrainConfig) -> CausalSplits:
     return CausalSplits(out["train"], out["validation"], out["test"], wheres, list(splits.label_names))
 
 
-def _records(spec: str) -> dict[str, tuple[list[Any], list[str]]]:
-    """``--data`` -> {split name or "all": (records, where each came from)}."""
+def _records(spec: str, replaced: Collection[str] = ()) -> dict[str, tuple[list[Any], list[str]]]:
+    """``--data`` -> {split name or "all": (records, where each came from)}; a dataset's splits named in
+    ``replaced`` (by ``--validation-file`` / ``--test-file``) are not read."""
     path = Path(spec).expanduser()
     if path.is_dir():
         if not any((path / n).is_file() for n in ("dataset_dict.json", "state.json")):
             raise InputError(f"--data: {path} is a folder but not a Hugging Face save_to_disk folder "
                              f"(no dataset_dict.json or state.json in it)")
-        return _hf_records(spec, path)
+        return _hf_records(spec, path, replaced)
     if path.is_file():
         return {"all": _file_records(spec, "--data")}
     if path.suffix.lower() in sources._FILE_TYPES or spec.startswith((".", "/", "~")):
         raise InputError(f"--data: file {path} does not exist")
-    return _hf_records(spec, None)
+    return _hf_records(spec, None, replaced)
 
 
 def _file_records(path_str: str, field: str) -> tuple[list[Any], list[str]]:
-    """Every record of a CSV / TSV / JSONL / JSON / Parquet file (all columns) and its line or row."""
+    """Every record of a CSV / TSV / JSONL / JSON / Parquet file (all columns) and its line or row.
+
+    CSV / TSV text is read as the classifier's (sources.csv_rows: strict quoting, blank lines skipped). Raises
+    InputError naming ``field`` and the file for a file that cannot be read or parsed, or that has no rows.
+    """
     p = Path(path_str).expanduser()
     if p.is_dir():
         raise InputError(f"{field}: {p} is a folder; expected a CSV, JSONL or Parquet file")
@@ -191,7 +194,7 @@ def _file_records(path_str: str, field: str) -> tuple[list[Any], list[str]]:
         except (pa.ArrowException, OSError, ValueError) as e:
             why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
             raise InputError(f"{where}: not a valid Parquet file (truncated or corrupt?): {why}") from None
-        return rows, [f"{where}: row {i + 1}" for i in range(len(rows))]
+        return _some(rows, [f"{where}: row {i + 1}" for i in range(len(rows))], where)
     try:
         text = p.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -201,22 +204,13 @@ def _file_records(path_str: str, field: str) -> tuple[list[Any], list[str]]:
     if not text.strip():
         raise InputError(f"{where}: the file is empty")
     if kind == "csv":
-        delim = "\t" if p.suffix.lower() == ".tsv" else ","
-        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delim)
+        lines = sources.csv_rows(text, "\t" if p.suffix.lower() == ".tsv" else ",", where)
+        _, header = next(lines, (0, []))
         rows, wheres = [], []
-        try:
-            for row in reader:
-                if None in row or None in row.values():     # more fields than the header (restkey), or fewer
-                    width = len(reader.fieldnames or ())
-                    n = width + len(row.get(None) or ()) - sum(v is None for k, v in row.items() if k is not None)
-                    raise InputError(f"{where}: line {reader.line_num} has {n} fields but the header has {width} "
-                                     f"(an unquoted {delim!r} in a text?)")
-                if any((v or "").strip() for v in row.values() if isinstance(v, str)):
-                    rows.append({k.strip(): v for k, v in row.items() if k is not None})
-                    wheres.append(f"{where}: line {reader.line_num}")
-        except csv.Error as e:
-            raise InputError(f"{where}: line {reader.line_num}: not valid CSV ({e})") from None
-        return rows, wheres
+        for n, row in lines:
+            rows.append(dict(zip(header, row)))
+            wheres.append(f"{where}: line {n}")
+        return _some(rows, wheres, where)
     if text.lstrip().startswith("["):
         try:
             rows = json.loads(text)
@@ -224,7 +218,7 @@ def _file_records(path_str: str, field: str) -> tuple[list[Any], list[str]]:
             raise InputError(f"{where}: not valid JSON ({e})") from None
         if not isinstance(rows, list):
             raise InputError(f"{where}: expected a JSON array of records")
-        return rows, [f"{where}: record {i + 1}" for i in range(len(rows))]
+        return _some(rows, [f"{where}: record {i + 1}" for i in range(len(rows))], where)
     rows, wheres = [], []
     for n, line in enumerate(text.split("\n"), 1):
         if line.strip():
@@ -233,13 +227,24 @@ def _file_records(path_str: str, field: str) -> tuple[list[Any], list[str]]:
             except (ValueError, RecursionError) as e:
                 raise InputError(f"{where}: line {n} is not valid JSON ({e})") from None
             wheres.append(f"{where}: line {n}")
+    return _some(rows, wheres, where)
+
+
+def _some(rows: list[Any], wheres: list[str], where: str) -> tuple[list[Any], list[str]]:
+    """``(rows, wheres)``, or InputError ``where: no rows`` when there are none (``where`` names the flag and
+    the file, or the dataset and split)."""
+    if not rows:
+        raise InputError(f"{where}: no rows")
     return rows, wheres
 
 
-def _hf_records(spec: str, folder: Path | None) -> dict[str, tuple[list[Any], list[str]]]:
-    """A ``save_to_disk`` folder or hub dataset: its train / validation / test splits as records."""
+def _hf_records(spec: str, folder: Path | None, replaced: Collection[str]) -> dict[str, tuple[list[Any], list[str]]]:
+    """A ``save_to_disk`` folder or hub dataset: its train / validation / test splits as records, but for those
+    named in ``replaced``."""
     out = {}
     for ours, (ds, theirs) in sources.hf_splits(spec, folder).items():
-        rows = ds.to_list()
-        out[ours] = (rows, [f"--data: {spec} (split {theirs!r}): row {i + 1}" for i in range(len(rows))])
+        if ours in replaced:
+            continue
+        rows, where = ds.to_list(), f"--data: {spec} (split {theirs!r})"
+        out[ours] = _some(rows, [f"{where}: row {i + 1}" for i in range(len(rows))], where)
     return out

@@ -63,7 +63,8 @@ def load_splits(cfg: TrainConfig, label_names: Sequence[str] | None = None) -> S
     Raises InputError for unusable data: fewer than two classes, validation or test labels not in
     training, or too few rows to split.
     """
-    parts = _load_data(cfg.data, cfg.text_column, cfg.label_column)
+    replaced = [n for n, file in (("validation", cfg.validation_file), ("test", cfg.test_file)) if file is not None]
+    parts = _load_data(cfg.data, cfg.text_column, cfg.label_column, replaced)     # replaced splits: not read
     for name, file, fld in (("validation", cfg.validation_file, "--validation-file"),
                             ("test", cfg.test_file, "--test-file")):
         if file is not None:

@@ -5,8 +5,6 @@ Kept apart from causal_data.py (which loads data) so that training/options.py ca
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 from functools import lru_cache
 from pathlib import Path
@@ -59,17 +57,15 @@ def peek_columns(spec: str) -> tuple[str, ...] | None:
             import pyarrow.parquet as pq
 
             return tuple(pq.ParquetFile(path).schema_arrow.names)
-        with open(path, encoding="utf-8-sig") as f:
-            head = f.read(1 << 20)
-        if kind == "csv":
-            delim = "\t" if path.suffix.lower() == ".tsv" else ","
-            return tuple(h.strip() for h in next(csv.reader(io.StringIO(head.lstrip("\r\n")), delimiter=delim)))
-        text = head.lstrip()
-        if text.startswith("["):
-            text = path.read_text(encoding="utf-8-sig")
-            first = json.loads(text)[0]
+        with open(path, encoding="utf-8-sig", newline="\n") as f:    # lines end at "\n" only, as the loaders split
+            if kind == "csv":                        # the header: the first row with a non-blank field
+                delim = "\t" if path.suffix.lower() == ".tsv" else ","
+                return tuple(next(sources.csv_rows(f.read(1 << 20), delim, str(path)))[1])
+            line = next(ln for ln in f if ln.strip())    # the whole first record, however long
+        if line.lstrip().startswith("["):            # a .json file holding one array of objects
+            first = json.loads(path.read_text(encoding="utf-8-sig"))[0]
         else:
-            first = json.loads(text.split("\n", 1)[0])
+            first = json.loads(line)
         return tuple(first) if isinstance(first, dict) else None
     except Exception:  # noqa: BLE001 - any unreadable file: no guess (the loader reports it properly)
         return None

@@ -22,7 +22,7 @@ import sys
 import tarfile
 import tempfile
 import zlib
-from collections.abc import Sequence
+from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -155,8 +155,13 @@ def _source_member(tarball: Path) -> bytes:
 
 # --------------------------------------------------------------------------- reading sources
 
-def _load_data(spec: str, text_col: str, label_col: str) -> dict[str, tuple[Rows, str]]:
-    """``--data`` -> {split name or "all": (rows, description for messages)}."""
+def _load_data(spec: str, text_col: str, label_col: str,
+               replaced: Collection[str] = ()) -> dict[str, tuple[Rows, str]]:
+    """``--data`` -> {split name or "all": (rows, description for messages)}.
+
+    A dataset's splits named in ``replaced`` ("validation", "test": those a ``--validation-file`` or
+    ``--test-file`` replaces) are neither read nor checked, so an unlabelled test split (GLUE's) does not
+    stop a run that brings its own test file."""
     if spec == BUILTIN_NAME:
         path = builtin_data_path()
         return {"all": (read_file(path, "text", "label", field="--data"), f"--data: {BUILTIN_NAME}")}
@@ -165,12 +170,12 @@ def _load_data(spec: str, text_col: str, label_col: str) -> dict[str, tuple[Rows
         if not any((path / n).is_file() for n in ("dataset_dict.json", "state.json")):
             raise InputError(f"--data: {path} is a folder but not a Hugging Face save_to_disk folder "
                              f"(no dataset_dict.json or state.json in it)")
-        return _read_hf(spec, path, text_col, label_col)
+        return _read_hf(spec, path, text_col, label_col, replaced)
     if path.is_file():
         return {"all": (read_file(path, text_col, label_col, field="--data"), f"--data: {path}")}
     if path.suffix.lower() in _FILE_TYPES or spec.startswith((".", "/", "~")):
         raise InputError(f"--data: file {path} does not exist")
-    return _read_hf(spec, None, text_col, label_col)
+    return _read_hf(spec, None, text_col, label_col, replaced)
 
 
 def read_file(path: str | os.PathLike[str], text_col: str, label_col: str, *, field: str) -> Rows:
@@ -217,30 +222,65 @@ def _read_csv(text: str, delim: str, text_col: str, label_col: str, where: str) 
                 log.info("%s: the header has no comma but %r; reading it as %r-separated", where, d, d)
                 delim = d
                 break
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delim)
+    rows = csv_rows(text, delim, where)
+    _, header = next(rows, (0, []))
+    cols = _columns(header, text_col, label_col, where, "columns")
     texts: list[str] = []
     labels: list[str] = []
     lines: list[int] = []
+    for line, row in rows:
+        texts.append(row[cols[0]])
+        labels.append(row[cols[1]])
+        lines.append(line)
+    return _check_rows(texts, labels, where, [f"line {n}" for n in lines])
+
+
+def csv_rows(text: str, delim: str, where: str) -> Iterator[tuple[int, list[str]]]:
+    """The rows of CSV / TSV ``text``, each with the line it starts on, read lazily: first the header (the
+    first row with a non-blank field, its names stripped), then the data rows, each as many fields as the header.
+
+    Rows without a non-blank field (blank lines, whitespace-only lines, ``,,``) are skipped. Quoting follows
+    Python's csv (a ``"`` that opens a field quotes it up to the next lone ``"``, and ``""`` inside is a quote)
+    and is strict: a field that closes its quote and goes on, or a quote never closed, is an error rather than
+    the rows after a stray ``"`` read as one text. A .tsv file is quoted the same way (as pandas and csv write
+    it). Raises InputError (``where``: line N: ...) for invalid CSV or a row whose field count differs from
+    the header's.
+    """
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delim, strict=True)
+    header: list[str] | None = None
+    start = 1
     try:
-        header: list[str] = []
-        for header in reader:  # the first non-blank row
-            if header:
-                break
-        header = [h.strip() for h in header]
-        cols = _columns(header, text_col, label_col, where, "columns")
-        start = reader.line_num + 1
         for row in reader:
-            if row and any(c.strip() for c in row):  # rows of only empty fields (",,") are skipped
-                if len(row) != len(header):
+            if any(c.strip() for c in row):
+                if header is None:
+                    header = [h.strip() for h in row]
+                    yield start, header
+                elif len(row) != len(header):
                     raise InputError(f"{where}: line {start} has {len(row)} fields but the header has "
                                      f"{len(header)} (an unquoted {delim!r} in a text?)")
-                texts.append(row[cols[0]])
-                labels.append(row[cols[1]])
-                lines.append(start)
+                else:
+                    yield start, row
             start = reader.line_num + 1
     except csv.Error as e:
-        raise InputError(f"{where}: line {reader.line_num}: not valid CSV ({e})") from None
-    return _check_rows(texts, labels, where, [f"line {n}" for n in lines])
+        at = reader.line_num
+        more = f"; the row starts on line {start} (an unclosed '\"'?)" if start < at else ""
+        raise InputError(f"{where}: line {at}: not valid CSV ({e}){more}") from None
+
+
+def _allow_long_csv_fields() -> None:
+    """Lift csv's limit on the length of a field (131,072 characters by default) for this process, so that
+    a CSV text may be as long as a JSONL one. The limit is a C long: where sys.maxsize does not fit one
+    (Windows), the largest value that does is taken."""
+    limit = sys.maxsize
+    while True:
+        try:
+            csv.field_size_limit(limit)
+            return
+        except OverflowError:
+            limit //= 2
+
+
+_allow_long_csv_fields()
 
 
 def _columns(names: list[str], text_col: str, label_col: str, where: str, what: str) -> tuple[int, int]:
@@ -301,12 +341,15 @@ def _read_parquet(path: Path, text_col: str, label_col: str, where: str) -> Rows
     return _check_rows(texts, labels, where, None)
 
 
-def _read_hf(spec: str, folder: Path | None, text_col: str, label_col: str) -> dict[str, tuple[Rows, str]]:
+def _read_hf(spec: str, folder: Path | None, text_col: str, label_col: str,
+             replaced: Collection[str]) -> dict[str, tuple[Rows, str]]:
     parts = hf_splits(spec, folder)                   # first: a missing `datasets` package is its error
     import datasets
 
     out = {}
     for ours, (ds, theirs) in parts.items():
+        if ours in replaced:                          # a file replaces this split: not read, not checked
+            continue
         where = f"--data: {spec} (split {theirs!r})"
         if not isinstance(ds, datasets.Dataset):
             raise InputError(f"{where}: expected a map-style dataset, got {type(ds).__name__}")
