@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_model
-from safetensors.torch import save_file
+from conftest import assert_one_line_error, run, tiny_model
+from safetensors.torch import load_file, save_file
 
 from loratune.cli import main as cli
 from loratune.core.adapters import save_adapter
@@ -22,6 +22,7 @@ from loratune.report.analysis import (
     LoraPair,
     amplification,
     analyze,
+    analyze_adapter,
     effective_rank,
     format_table,
     lora_pairs,
@@ -191,6 +192,59 @@ def test_amplification_against_the_base_weights(tmp_path: Path, arch: str, targe
         assert m["amplification"] == pytest.approx(expected.item(), rel=1e-4)
 
 
+def _peft_unconverted(tmp_path: Path, init: str) -> tuple[Path, dict[str, torch.Tensor]]:
+    """A peft adapter started with ``init`` (pissa / olora), A and B nudged, saved as peft saves it by default
+    (init_lora_weights kept, not converted); and the true ΔW of each matrix: peft's merged weight minus W0."""
+    import transformers as tf
+    from peft import LoraConfig, get_peft_model
+
+    base_dir = tmp_path / "base"
+    tiny_model("bert").save_pretrained(str(base_dir))
+    model = tf.BertForSequenceClassification.from_pretrained(str(base_dir))
+    w0 = {n: m.weight.detach().double().clone() for n, m in model.named_modules() if n.endswith(("query", "value"))}
+    pm = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"],
+                                          init_lora_weights=init, task_type="SEQ_CLS"))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_" in n:
+                p.add_(0.01 * torch.randn(p.shape, generator=g))
+    pm.save_pretrained(str(tmp_path / "adapter"))
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["init_lora_weights"] == init
+    merged = dict(pm.merge_and_unload().named_modules())
+    return tmp_path / "adapter", {n: merged[n].weight.detach().double() - w for n, w in w0.items()}
+
+
+@pytest.mark.filterwarnings("ignore:(PiSSA|OLoRA) changes the base weights:UserWarning")
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_unconverted_pissa_and_olora_analyse_the_learned_delta(tmp_path: Path, init: str) -> None:
+    """ΔW relative to the original W0 is s·(B·A − B0·A0), A0 and B0 recomputed from W0 as the loader does:
+    its singular values (rank ≤ 2r) and norm equal those of peft's merged weight minus W0."""
+    folder, truth = _peft_unconverted(tmp_path, init)
+    result = analyze(folder)
+    assert [m["name"] for m in result["matrices"]] == list(truth)
+    for m in result["matrices"]:
+        true = torch.linalg.svdvals(truth[m["name"]])
+        assert m["rank"] == 4 and m["delta"] == "s*(B*A-B0*A0)"
+        assert len(m["singular_values"]) == 8
+        assert np.allclose(m["singular_values"], true[:8].numpy(), rtol=0, atol=1e-6)
+        assert true[8:].max().item() < 1e-6                      # nothing left out: ΔW has rank ≤ 2r
+        assert m["frobenius_norm"] == pytest.approx(torch.linalg.matrix_norm(truth[m["name"]]).item(), abs=1e-6)
+        assert m["amplification"] is not None
+
+
+@pytest.mark.filterwarnings("ignore:(PiSSA|OLoRA) changes the base weights:UserWarning")
+def test_unconverted_pissa_without_its_base_is_labelled(tmp_path: Path) -> None:
+    folder, _ = _peft_unconverted(tmp_path, "pissa")
+    shutil.rmtree(tmp_path / "base")
+    res = analyze_adapter(folder)
+    pairs = lora_pairs(folder)
+    for m in res.matrices:
+        assert m.delta == "s*B*A (PiSSA, no base)"
+        assert np.allclose(m.singular_values, torch.linalg.svdvals(pairs[m.name].delta())[:4].numpy(), rtol=1e-9)
+    assert res.note is not None and "not what was learned" in res.note and "PiSSA" in res.note
+
+
 def test_json_shape_and_compare(tmp_path: Path) -> None:
     first, _ = _trained_like(tmp_path / "a", "bert", ("query", "value"), rank=4, seed=1)
     second, _ = _trained_like(tmp_path / "b", "bert", ("query",), rank=8, seed=2)
@@ -225,6 +279,67 @@ def test_missing_base_gives_null_amplification_and_a_log_line(tmp_path: Path, ca
     assert analyze(no_base)["matrices"][0]["amplification"] is None
     with pytest.raises(InputError, match="--base"):
         analyze(folder, base=str(tmp_path / "nowhere"))
+
+
+@pytest.mark.parametrize("task", ["classification", "causal-lm"])
+def test_a_base_named_by_the_adapter_is_never_downloaded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         task: str) -> None:
+    """As ``loratune infer``: only a base the user names (--base) may be fetched from the hub."""
+    import loratune.training.models as models
+
+    calls: list[tuple[str, bool]] = []
+
+    def stub(loader, spec, what, *, download=True, **kw):
+        calls.append((spec, download))
+        raise InputError("stub: not loading")
+
+    monkeypatch.setattr(models, "_from_pretrained", stub)
+    folder = write_adapter(tmp_path / "a", {"l.q": (torch.randn(2, 5), torch.randn(4, 2))}, base="some-org/some-model")
+    (folder / "loratune.json").write_text(json.dumps({"task": task}))
+    analyze(folder)
+    assert calls and all(c == ("some-org/some-model", False) for c in calls)
+    calls.clear()
+    with pytest.raises(InputError, match="--base"):
+        analyze(folder, base="other-org/other-model")
+    assert calls and all(c == ("other-org/other-model", True) for c in calls)
+
+
+def test_the_table_says_when_a_matrix_is_not_the_learned_delta(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    """A DoRA adapter without its base shows s·B·A alone: the text table says so (the JSON has it in ``delta``),
+    and the note is logged; a PiSSA / OLoRA matrix with its base says which ΔW it is."""
+    g = torch.Generator().manual_seed(0)
+    folder = write_adapter(tmp_path / "dora", {"l.q": (torch.randn(2, 5, generator=g), torch.randn(4, 2, generator=g))},
+                           base=str(tmp_path / "gone"))
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**cfg, "use_dora": True}))
+    tensors = load_file(str(folder / "adapter_model.safetensors"))
+    tensors["base_model.model.l.q.lora_magnitude_vector"] = torch.ones(4)
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    with caplog.at_level(logging.WARNING, logger="loratune.report.analysis"):
+        code = cli.main(["analyze", str(folder)])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "DoRA without its base model" in out and "s·B·A alone" in out
+    assert any("DoRA's ΔW" in r.getMessage() for r in caplog.records)
+    lines = format_table({"matrices": [
+        {"name": "a.q", "shape": [4, 5], "rank": 2, "singular_values": [1.0], "effective_rank": 1,
+         "frobenius_norm": 1.0, "amplification": None, "delta": "s*B*A (PiSSA, no base)"}]})
+    assert any("PiSSA" in line and "not what was learned" in line for line in lines)
+    lines = format_table({"matrices": [
+        {"name": "a.q", "shape": [4, 5], "rank": 2, "singular_values": [1.0], "effective_rank": 1,
+         "frobenius_norm": 1.0, "amplification": 1.0, "delta": "s*(B*A-B0*A0)"}]})
+    assert any("B0" in line and "A0" in line for line in lines)
+
+
+@pytest.mark.parametrize("rslora,scaling", [(False, "(α/r)"), (True, "(α/√r)")])
+def test_the_report_heading_follows_the_adapters_scaling(tmp_path: Path, rslora: bool, scaling: str) -> None:
+    """rsLoRA scales by α/√r: the report's ΔW heading says so (from the adapter's use_rslora)."""
+    from loratune.report.sections import analysis_section
+
+    folder = write_adapter(tmp_path / "a", {"l.q": (torch.randn(2, 5), torch.randn(4, 2))}, rslora=rslora)
+    heading = analysis_section(folder)[0]
+    assert heading == f"<h2>What the adapter learned: ΔW = {scaling}·B·A</h2>"
 
 
 def test_bad_adapters(tmp_path: Path) -> None:
@@ -270,3 +385,18 @@ def test_cli_analyze(tmp_path: Path, loratune_cli, capsys: pytest.CaptureFixture
     assert "does not exist" in capsys.readouterr().err
     assert loratune_cli(["analyze", str(first), "--base", str(tmp_path / "nope")]) == 2
     assert "--base" in capsys.readouterr().err
+
+
+def test_cli_errors_name_the_argument(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """ADAPTER is positional: its error names it so, not a flag analyze does not have; a --base that does not
+    load says so once, without the loader's own --model prefix."""
+    nope = tmp_path / "nope"
+    for extra in ([], ["--json"]):
+        assert_one_line_error(*run(capsys, "analyze", str(nope), *extra)[::2], f"ADAPTER: {nope} does not exist")
+    (tmp_path / "file").write_text("x")
+    assert_one_line_error(*run(capsys, "analyze", str(tmp_path / "file"))[::2], "ADAPTER: ")
+    folder, _ = _trained_like(tmp_path, "bert", ("query",), rank=2)
+    capsys.readouterr()                                  # transformers' progress bars while saving the base
+    code, _, err = run(capsys, "analyze", str(folder), "--base", str(nope))
+    assert_one_line_error(code, err, f"--base: cannot load '{nope}': {nope} does not exist")
+    assert "--model" not in err and "--adapter" not in err

@@ -184,3 +184,21 @@ def test_the_headline_says_whether_the_winner_beats_the_default_on_test(tmp_path
     finally:
         ui.close()
     assert verdict in capsys.readouterr().out
+
+
+def test_the_search_card_counts_every_status(tmp_path: Path) -> None:
+    """Collapsed trials (training/loop.collapsed stopped them) and statuses the page has no colour for are counted:
+    the card's counts add up to the number of trials, and a collapsed cell gets its class."""
+    rows = [{"trial": "t0", "status": "completed", "epochs_run": 3, "lr": 5e-4, "val_loss": 0.45, "val_accuracy": 0.78},
+            {"trial": "t1", "status": "collapsed", "epochs_run": 1, "lr": 0.05, "val_loss": 0.69, "val_accuracy": 0.5},
+            {"trial": "t2", "status": "collapsed", "epochs_run": 1, "lr": 0.08, "val_loss": 0.70, "val_accuracy": 0.5},
+            {"trial": "t3", "status": "pending", "epochs_run": 0, "lr": 0.01, "val_loss": None, "val_accuracy": None}]
+    rundir.write_json(tmp_path / "trials.json", rows)
+    rundir.write_json(tmp_path / "search.json", {"metric": "val_loss", "mode": "min",
+                                                 "best": {"trial": "t0", "validation": {"loss": 0.45}}})
+    text = read(write_report(tmp_path))
+    card = re.search(r'<div class="k">search</div><div class="v">(.*?)</div><div class="d">(.*?)</div>', text)
+    assert card and card.group(1) == "4 trials"
+    assert card.group(2) == "1 completed, 2 collapsed, 1 pending"
+    assert text.count('class="t status-collapsed">collapsed</td>') == 2
+    assert re.search(r"\.status-collapsed\{color:#[0-9a-f]{6}\}", text)

@@ -349,3 +349,37 @@ def test_trial_curves_show_passes_inside_the_first_epoch_and_epoch_0(monkeypatch
     for ax, first, last in ((q_acc, 0.25, 2), (q_loss, 0.25, 2), (b_loss, 0, 1)):
         lo, hi = ax.get_xlim()
         assert lo < first and hi > last and lo > first - 0.5
+
+
+def test_user_text_is_drawn_as_plain_text(monkeypatch) -> None:
+    """Class names, option values and run labels are text, not matplotlib mathtext: '$10-$20' keeps its dollars,
+    'a$^$b' (invalid mathtext) still draws, and a label starting with '_' stays in a legend."""
+    from loratune.report import plots
+
+    figs = []
+    real = plots.png
+    monkeypatch.setattr(plots, "png", lambda fig: figs.append(fig) or real(fig))
+
+    def shown(texts) -> list[tuple[str, bool]]:      # what the renderer draws: (string, as mathtext?)
+        return [(s.replace("\u200b", ""), m) for s, m in (t._preprocess_math(t.get_text()) for t in texts)]
+
+    names = ["$10-$20", "a$^$b", "_under"]
+    plots.confusion_plot([[3, 1, 0], [0, 4, 1], [1, 0, 5]], names)
+    ax = figs[-1].axes[0]
+    assert shown(ax.get_xticklabels()) == shown(ax.get_yticklabels()) == [(n, False) for n in names]
+    labels = np.repeat([0, 1, 2], 10)
+    probs = np.full((30, 3), 0.2)
+    probs[np.arange(30), labels] = 0.6
+    plots.roc_plot(labels, probs, names)
+    legend = shown(figs[-1].axes[0].get_legend().get_texts())
+    assert [s.split(" (AUC")[0] for s, _ in legend] == names and not any(m for _, m in legend)
+    rows = [{"trial": str(i), "rank": 4, "lr": 1e-3 * (i + 1), "val_loss": 0.5 - i / 10, "price": n}
+            for i, n in enumerate(names)]
+    plots.metric_vs_options(rows, "val_loss", ["rank"], "price", None)
+    assert shown(figs[-1].axes[0].get_legend().get_texts()) == [(f"price = {n}", False) for n in sorted(names)]
+    plots.phi_heatmaps({"q": np.eye(2)}, ["_q$"], "a$^$b", "_r")
+    ax = figs[-1].axes[0]
+    assert shown([ax.title, ax.xaxis.label, ax.yaxis.label]) == [("_q$", False), ("j: _r", False),
+                                                                 ("i: a$^$b", False)]
+    plots.singular_values_plot([{"singular_values": [2.0, 1.0]}], ["_m$"])
+    assert shown(figs[-1].axes[1].get_legend().get_texts())[0] == ("_m$", False)

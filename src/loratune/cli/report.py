@@ -28,8 +28,9 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     s.set_defaults(func=cmd_report)
 
     s = sub.add_parser("analyze", parents=[common], help="singular values, effective rank and amplification of ΔW",
-                       description="Analyse the learned ΔW = (α/r)·B·A of every adapted matrix: singular values, "
-                                   "effective rank (90%% of ‖ΔW‖²_F), ‖ΔW‖_F, amplification against the base weights; "
+                       description="Analyse the learned ΔW = s·B·A (s = α/r, α/√r with rsLoRA) of every adapted matrix: "
+                                   "singular values, "
+                                   "effective rank (90% of ‖ΔW‖²_F), ‖ΔW‖_F, amplification against the base weights; "
                                    "with --compare, the subspace similarity φ of two adapters.")
     s.add_argument("adapter", type=Path, metavar="ADAPTER", help="adapter folder (a run's adapter/)")
     s.add_argument("--compare", type=Path, metavar="ADAPTER2", help="a second adapter: φ per shared matrix")

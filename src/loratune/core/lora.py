@@ -43,6 +43,24 @@ INITS = ("kaiming", "gaussian", "pissa", "olora")
 principal singular vectors / its QR, and W0 replaced by the residual, so the output at step 0 is unchanged)."""
 
 
+@torch.no_grad()
+def initial_factors(w: torch.Tensor, init: str, r: int, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A0 (r, k), B0 (d, r)), float32: where a PiSSA / OLoRA adapter starts on W0 = ``w`` (d, k).
+
+    PiSSA: W0 = U·S·Vᵀ, B0 = U_r·√(S_r/s), A0 = √(S_r/s)·V_rᵀ (s the scaling); OLoRA: W0 = Q·R, B0 = Q_r,
+    A0 = R_r. Both as peft computes them (torch.linalg on W0 in float32), OLoRA here on W0 as (d, k) for a
+    Conv1D too."""
+    w = w.float()
+    if init == "pissa":
+        u, sv, vh = torch.linalg.svd(w, full_matrices=False)          # (d, m), (m,), (m, k)
+        root = torch.sqrt(sv[:r] / scaling)
+        return root[:, None] * vh[:r], u[:, :r] * root[None, :]
+    if init == "olora":
+        q, rr = torch.linalg.qr(w)                                    # (d, m), (m, k)
+        return rr[:r].contiguous(), q[:, :r].contiguous()
+    raise ValueError(f"no initial factors for init {init!r} (pissa or olora)")
+
+
 class LoraAdapter(nn.Module):
     """One low-rank update ΔW = scaling·B·A, with the dropout on its input.
 
@@ -134,19 +152,11 @@ class LoraLinear(nn.Module):
 
     @torch.no_grad()
     def _init_from_weight(self, adapter: LoraAdapter, init: str) -> None:
-        """PiSSA: W0 = U·S·Vᵀ, B = U_r·√(S_r/s), A = √(S_r/s)·V_rᵀ (s the scaling); OLoRA: W0 = Q·R, B = Q_r,
-        A = R_r. W0 becomes W0 − s·B·A, so the layer's output is unchanged; both as peft computes them
-        (torch.linalg, float32), OLoRA here on W0 as (d, k) for a Conv1D too. Deterministic: a resumed run
-        and a loader recompute the same residual."""
+        """A and B from W0 (:func:`initial_factors`); W0 becomes W0 − s·B·A, so the layer's output is unchanged.
+        Deterministic: a resumed run and a loader recompute the same residual."""
         w = self.weight().float()                                        # (d, k)
-        r, s = adapter.r, adapter.scaling
-        if init == "pissa":
-            u, sv, vh = torch.linalg.svd(w, full_matrices=False)          # (d, m), (m,), (m, k)
-            root = torch.sqrt(sv[:r] / s)
-            a, b = root[:, None] * vh[:r], u[:, :r] * root[None, :]
-        else:
-            q, rr = torch.linalg.qr(w)                                    # (d, m), (m, k)
-            a, b = rr[:r].contiguous(), q[:, :r].contiguous()
+        s = adapter.scaling
+        a, b = initial_factors(w, init, adapter.r, s)
         adapter.lora_A.copy_(a)
         adapter.lora_B.copy_(b)
         adapter.init_A, adapter.init_B = a.clone().to(adapter.lora_A.dtype), b.clone().to(adapter.lora_B.dtype)

@@ -19,6 +19,12 @@ DoRA (``use_dora``): the merged weight is W = g ⊙ (W0 + s·B·A), g = m / ‖W
 defined as W − W0 (full rank in general; every singular value is reported, and ``delta`` says which ΔW a matrix
 has). It needs W0: without the base model a DoRA matrix is analysed as s·B·A alone, and the note says so.
 
+PiSSA / OLoRA saved unconverted (``init_lora_weights`` "pissa" / "olora"): the loader recomputes A0, B0 from W0
+(:func:`loratune.core.lora.initial_factors`) and replaces W0 by W0 − s·B0·A0, so the learned ΔW relative to the
+original W0 is s·(B·A − B0·A0): the rank-2r pair A′ = [A; A0], B′ = [B, −B0] with the same s (the "rank" column
+stays r). Without the base model such a matrix is analysed as s·B·A (mostly W0's own top directions), and the
+note says that this is not what was learned.
+
 GPT-2's ``Conv1D`` stores W0 as (k, d) (``fan_in_fan_out``); A and B are stored as for a Linear, so
 ΔW is (d, k) either way and W0 is transposed before use.
 """
@@ -60,6 +66,8 @@ class LoraPair:
     scaling: float
     magnitude: torch.Tensor | None = None
     """DoRA's m (d,), float64; None for plain LoRA."""
+    init: str = "kaiming"
+    """How A and B started (the adapter config's init_lora_weights): pissa / olora start from W0."""
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -82,7 +90,9 @@ class MatrixStats:
     frobenius_norm: float
     amplification: float | None = None
     delta: str = "s*B*A"
-    """Which ΔW: ``s*B*A`` (LoRA), ``merged-W0`` (DoRA with its base), ``s*B*A (DoRA, no base)``."""
+    """Which ΔW: ``s*B*A`` (LoRA), ``merged-W0`` (DoRA with its base), ``s*(B*A-B0*A0)`` (PiSSA / OLoRA with its
+    base), or ``s*B*A (DoRA, no base)`` / ``s*B*A (PiSSA, no base)`` / ``s*B*A (OLoRA, no base)`` (not the
+    learned ΔW: the base model was not available)."""
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "shape": list(self.shape), "rank": self.rank,
@@ -100,7 +110,7 @@ class Analysis:
     phi: dict[str, np.ndarray] = field(default_factory=dict)
     base: str | None = None
     note: str | None = None
-    """Why amplification is missing, when it is."""
+    """Why amplification is missing, and which matrices do not show the learned ΔW (no base model), when so."""
 
     def to_json(self) -> dict[str, Any]:
         """The contract's ``analyze --json`` object."""
@@ -140,13 +150,27 @@ def lora_pairs(adapter: str | os.PathLike) -> dict[str, LoraPair]:
         if spec.variant == "dora" and (m is None or tuple(m.shape) != (b.shape[0],)):
             raise InputError(f"{path}: {name}: a DoRA adapter needs lora_magnitude_vector of shape [{b.shape[0]}]")
         out[name] = LoraPair(name, A, B, alpha / (math.sqrt(r) if spec.rslora else r),
-                             None if m is None else m.to(torch.float64))
+                             None if m is None else m.to(torch.float64), spec.init)
     if not out:
         raise InputError(f"{path}: holds no LoRA tensors (*.lora_A.weight)")
     return out
 
 
 # --- the math ----------------------------------------------------------------------------------
+
+INIT_NAMES = {"pissa": "PiSSA", "olora": "OLoRA"}
+
+
+def relative_to_w0(pair: LoraPair, w0: torch.Tensor) -> LoraPair:
+    """A PiSSA / OLoRA pair as the rank-2r pair of its ΔW relative to the original W0 (d, k):
+    A′ = [A; A0] (2r, k), B′ = [B, −B0] (d, 2r), same s, so s·B′·A′ = s·(B·A − B0·A0); A0, B0 as the loader
+    computes them (:func:`loratune.core.lora.initial_factors`, float32)."""
+    from loratune.core.lora import initial_factors
+
+    a0, b0 = initial_factors(w0, pair.init, int(pair.A.shape[0]), pair.scaling)
+    return LoraPair(pair.name, torch.cat([pair.A, a0.to(torch.float64)]),
+                    torch.cat([pair.B, -b0.to(torch.float64)], dim=1), pair.scaling, pair.magnitude, pair.init)
+
 
 def svd_lowrank_product(pair: LoraPair) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Thin SVD of ΔW = s·B·A via QR of B and Aᵀ: (U (d, q), σ (q,), V (k, q)), σ descending, q = min(r, d, k)."""
@@ -205,7 +229,8 @@ def base_weights(adapter: str | os.PathLike, names: list[str], base: str | None 
     """W0 as (d, k) for each module in ``names``, the base model spec, and why not (when not).
 
     The base is ``base`` or the one the adapter names (its ``loratune.json``, else
-    ``base_model_name_or_path``). An explicit ``base`` that cannot be loaded is an InputError; the
+    ``base_model_name_or_path``); only ``base`` may be downloaded, a name read from a file is loaded from a
+    local folder or the cache. An explicit ``base`` that cannot be loaded is an InputError; the
     adapter's own base that cannot be loaded (moved, not cached offline) gives ``({}, spec, reason)``.
     """
     from loratune.core.lora import is_conv1d
@@ -217,12 +242,15 @@ def base_weights(adapter: str | os.PathLike, names: list[str], base: str | None 
     if not spec:
         return {}, None, "the adapter names no base model (give --base MODEL)"
     labels = meta.get("id2label") or [f"LABEL_{i}" for i in range(num_labels_of(read_weights(adapter)) or 2)]
+    download = base is not None                       # only a base the user names may be fetched (as infer)
     try:
-        model = load_causal_lm(str(spec)) if meta.get("task") == "causal-lm" else load_model(str(spec), labels)
+        model = (load_causal_lm(str(spec), download=download) if meta.get("task") == "causal-lm"
+                 else load_model(str(spec), labels, download=download))
     except (InputError, OSError, ValueError) as e:
+        why = str(e).removeprefix("--model: ")          # the loader names its own flag; analyze's is --base
         if base is not None:
-            raise InputError(f"--base: cannot load {base!r}: {e}") from None
-        return {}, str(spec), f"the base model {spec!r} could not be loaded ({e})"
+            raise InputError(f"--base: cannot load {base!r}: {why}") from None
+        return {}, str(spec), f"the base model {spec!r} could not be loaded ({why})"
     modules = dict(model.named_modules())
     out: dict[str, torch.Tensor] = {}
     for name in names:
@@ -241,42 +269,60 @@ def analyze_adapter(adapter: str | os.PathLike, compare: str | os.PathLike | Non
 
     ``with_base=False`` skips loading the base model (amplification ``None``).
     """
+    if not Path(adapter).is_dir():                               # the positional argument, named as the CLI shows it
+        raise InputError(f"ADAPTER: {adapter} " + ("is not a folder" if Path(adapter).exists() else "does not exist"))
     if compare is not None and not Path(compare).is_dir():      # named by its own flag, before any work
         raise InputError(f"--compare: {compare} " + ("is not a folder" if Path(compare).exists() else "does not exist"))
     pairs = lora_pairs(adapter)
     weights: dict[str, torch.Tensor] = {}
     spec = note = None
     if with_base:
-        weights, spec, note = base_weights(adapter, list(pairs), base)
-        if note:
-            log.warning("amplification not computed: %s", note)
+        weights, spec, reason = base_weights(adapter, list(pairs), base)
+        if reason:
+            note = f"amplification not computed: {reason}"
+            log.warning("%s", note)
     stats = []
-    dora_without_base = False
+    without_base: list[str] = []                     # DoRA / PiSSA / OLoRA matrices analysed as s·B·A alone
     for name, pair in pairs.items():
         w0 = weights.get(name)
+        fits = w0 is not None and tuple(w0.shape) == pair.shape
+        w0 = w0 if fits else None
         delta = "s*B*A"
-        if pair.magnitude is not None and w0 is not None and tuple(w0.shape) == pair.shape:
+        starts_from_w0 = pair.init in ("pissa", "olora")
+        if starts_from_w0 and w0 is not None:
+            pair = relative_to_w0(pair, w0)
+            delta = "s*(B*A-B0*A0)"
+        if pair.magnitude is not None and w0 is not None:
             u, s, v = dora_svd(pair, w0)
             delta = "merged-W0"
         else:
             u, s, v = svd_lowrank_product(pair)
-            if pair.magnitude is not None:
-                delta, dora_without_base = "s*B*A (DoRA, no base)", True
+            kinds = [k for k, on in (("DoRA", pair.magnitude is not None),
+                                     (INIT_NAMES.get(pair.init, ""), starts_from_w0)) if on]
+            if kinds and not fits:
+                delta = f"s*B*A ({', '.join(kinds)}, no base)"
+                without_base += [k for k in kinds if k not in without_base]
         norm = float(torch.linalg.vector_norm(s).item())          # ‖ΔW‖_F = ‖σ‖₂
         amp = None
-        if w0 is not None and tuple(w0.shape) == pair.shape:
-            r = int(pair.A.shape[0])                               # ΔW's top r directions (DoRA's ΔW has more)
-            amp = amplification(u[:, :r], v[:, :r], w0, norm)
-        elif w0 is not None:
+        rank = int(pairs[name].A.shape[0])                         # the adapter's own r (A′ of PiSSA has 2r rows)
+        if w0 is not None:                                         # ΔW's top r directions (DoRA's ΔW has more)
+            amp = amplification(u[:, :rank], v[:, :rank], w0, norm)
+        elif name in weights:
             log.warning("amplification of %s not computed: the base weight is %s, ΔW is %s",
-                        name, list(w0.shape), list(pair.shape))
+                        name, list(weights[name].shape), list(pair.shape))
         elif with_base and not note:
             log.warning("amplification of %s not computed: the base model has no such matrix", name)
-        stats.append(MatrixStats(name, pair.shape, int(pair.A.shape[0]), [float(x) for x in s],
-                                 effective_rank(s), norm, amp, delta))
-    if dora_without_base:
-        note = (note + "; " if note else "") + ("DoRA's ΔW (the merged weight minus W0) needs the base model: "
-                                                "its matrices show s·B·A alone")
+        stats.append(MatrixStats(name, pair.shape, rank, [float(x) for x in s], effective_rank(s), norm, amp, delta))
+    notes = []
+    if "DoRA" in without_base:
+        notes.append("DoRA's ΔW (the merged weight minus W0) needs the base model: its matrices show s·B·A alone")
+    starts = [k for k in without_base if k != "DoRA"]
+    if starts:
+        notes.append(f"{'/'.join(starts)}'s ΔW, s·(B·A − B0·A0) with A0 and B0 computed from W0, needs the base "
+                     "model: its matrices show s·B·A, which is not what was learned")
+    for line in notes:
+        log.warning("%s", line)
+    note = "; ".join(([note] if note else []) + notes) or None
     result = Analysis(str(adapter), stats, base=spec, note=note)
     if compare is not None:
         result.compare = str(compare)
@@ -335,8 +381,19 @@ def format_table(result: dict[str, Any], top: int = 4) -> list[str]:
                        "-" if m["amplification"] is None else f"{m['amplification']:.2f}",
                        " ".join(f"{x:.3g}" for x in m["singular_values"][:top])] for n, m in zip(names, rows)]
     lines = _align(cells)
-    if any(m.get("delta") == "merged-W0" for m in rows):
+    deltas = [str(m.get("delta", "")) for m in rows]
+    if "merged-W0" in deltas:
         lines += ["", "DoRA: ΔW is the merged weight minus W0 (m/‖W0 + s·B·A‖ ⊙ (W0 + s·B·A) − W0), full rank in general"]
+    if "s*(B*A-B0*A0)" in deltas:
+        lines += ["", "PiSSA / OLoRA: ΔW is s·(B·A − B0·A0) against the original W0 (A0, B0: where A and B started, "
+                      "computed from W0), rank ≤ 2r"]
+    if any("DoRA" in d and "no base" in d for d in deltas):
+        lines += ["", "DoRA without its base model: its matrices show s·B·A alone, not the learned ΔW "
+                      "(the merged weight minus W0); give --base MODEL"]
+    starts = sorted({k for d in deltas if "no base" in d for k in INIT_NAMES.values() if k in d})
+    if starts:
+        lines += ["", f"{' / '.join(starts)} without its base model: its matrices show s·B·A, which is not what was "
+                      "learned (s·(B·A − B0·A0), A0 and B0 computed from W0); give --base MODEL"]
     cmp = result.get("compare")
     if cmp:
         lines += ["", f"subspace similarity φ with {cmp['adapter']} (1 = same directions, 0 = orthogonal):"]

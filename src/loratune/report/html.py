@@ -9,7 +9,8 @@ import html
 import math
 from typing import Any
 
-STATUS_COLORS = {"completed": "#2ca02c", "stopped_early": "#ff7f0e", "diverged": "#d62728", "failed": "#7f7f7f"}
+STATUS_COLORS = {"completed": "#2ca02c", "stopped_early": "#ff7f0e", "collapsed": "#9467bd", "diverged": "#d62728",
+                 "failed": "#7f7f7f"}
 """Each trial status's colour, in figures and in table cells."""
 
 CSS = """
@@ -26,7 +27,8 @@ th,td{border:1px solid #dde;padding:4px 8px;text-align:right;white-space:nowrap}
 td.t,th.t{text-align:left}tr.best td{background:#eaf7ea;font-weight:600}tr.hit td{background:#eaf7ea}
 td.w{white-space:pre-wrap;overflow-wrap:anywhere;text-align:left;vertical-align:top;min-width:8em;max-width:30em}
 table.sortable th{cursor:pointer;user-select:none}table.sortable th:after{content:" \\2195";color:#aab}
-.status-completed{color:#2a7d2a}.status-stopped_early{color:#b35900}.status-diverged,.status-failed{color:#c0392b}
+.status-completed{color:#2a7d2a}.status-stopped_early{color:#b35900}.status-collapsed{color:#7d3c98}
+.status-diverged,.status-failed{color:#c0392b}
 img{max-width:100%;display:block;margin:6px 0;background:#fff}.note{color:#777;font-style:italic}
 .row{display:flex;flex-wrap:wrap;gap:16px;align-items:flex-start}details{margin:8px 0}pre{background:#fff;padding:8px}
 """

@@ -3,7 +3,10 @@
 Figures are built with ``matplotlib.figure.Figure`` (the Agg canvas), never ``pyplot``: no global
 backend switch, no window, nothing left open, safe in a user's notebook or a worker thread.
 Every figure function takes plain numbers (lists, dicts, numpy arrays) and returns one data URI;
-the HTML around them is :mod:`loratune.report.html`.
+the HTML around them is :mod:`loratune.report.html`. Strings from the user's data (class names, option values,
+module names, run labels) go through :func:`plain`, or :func:`legend_label` for a legend: matplotlib would
+otherwise read a pair of ``$`` as mathtext (``$10-$20`` drawn as maths, ``a$^$b`` an error that loses the
+figure) and drop a legend entry starting with ``_``.
 """
 
 from __future__ import annotations
@@ -30,6 +33,17 @@ def png(fig: Figure) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=DPI, metadata={"Software": None})
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def plain(text: Any) -> str:
+    """``text`` drawn literally: every ``$`` escaped, so matplotlib never parses it as mathtext."""
+    return str(text).replace("$", r"\$")
+
+
+def legend_label(text: Any) -> str:
+    """:func:`plain`, with a zero-width space before a leading ``_`` (a legend skips labels starting with ``_``)."""
+    out = plain(text)
+    return "\u200b" + out if out.startswith("_") else out
 
 
 def _fig(width: float, height: float, cols: int = 1, rows: int = 1) -> tuple[Figure, list[Any]]:
@@ -76,8 +90,8 @@ def confusion_plot(matrix: Sequence[Sequence[int]], names: Sequence[str]) -> str
     ax.grid(False)
     ax.imshow(m, cmap="Blues", vmin=0)
     ax.set(xticks=range(n), yticks=range(n), xlabel="predicted", ylabel="true", title="Confusion (test)")
-    ax.set_xticklabels(names, rotation=30 if n > 4 else 0, ha="right" if n > 4 else "center")
-    ax.set_yticklabels(names)
+    ax.set_xticklabels([plain(x) for x in names], rotation=30 if n > 4 else 0, ha="right" if n > 4 else "center")
+    ax.set_yticklabels([plain(x) for x in names])
     top = m.max() if m.size else 0
     for i in range(n):
         for j in range(n):
@@ -97,7 +111,7 @@ def roc_plot(labels: np.ndarray, probs: np.ndarray, names: Sequence[str]) -> str
             continue
         fpr, tpr = roc_curve(truth, probs[:, c])
         ax.plot(fpr, tpr, color=PALETTE[c % len(PALETTE)], lw=1.5,
-                label=f"{names[c]} (AUC {binary_auc(truth, probs[:, c]):.3f})")
+                label=legend_label(f"{names[c]} (AUC {binary_auc(truth, probs[:, c]):.3f})"))
     ax.plot([0, 1], [0, 1], color="#aaa", ls=":", lw=1)
     ax.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC (test)", xlim=(0, 1), ylim=(0, 1.02))
     ax.legend(loc="lower right", fontsize=8)
@@ -142,7 +156,7 @@ def singular_values_plot(matrices: Sequence[dict[str, Any]], names: Sequence[str
         if not s.size or not s[0] > 0:
             continue
         x = np.arange(1, s.size + 1)
-        kw = dict(color=PALETTE[n % len(PALETTE)], lw=1, alpha=0.8, label=None if many else name)
+        kw = dict(color=PALETTE[n % len(PALETTE)], lw=1, alpha=0.8, label=None if many else legend_label(name))
         left.plot(x, np.maximum(s, s[0] * 1e-12), marker=".", **kw)
         right.plot(x, np.cumsum(s ** 2) / np.sum(s ** 2), marker=".", **kw)
     right.axhline(0.9, color="#d62728", ls="--", lw=1, label="90% (effective rank)")
@@ -172,9 +186,9 @@ def phi_heatmaps(phi: dict[str, np.ndarray], names: Sequence[str], r1: str, r2: 
                           extent=(0.5, m.shape[1] + 0.5, m.shape[0] + 0.5, 0.5))
         ax.set_xticks(_ticks(m.shape[1]))
         ax.set_yticks(_ticks(m.shape[0]))
-        ax.set_title(label[key], fontsize=8)
-        ax.set_xlabel(f"j: {r2}", fontsize=8)
-        ax.set_ylabel(f"i: {r1}", fontsize=8)
+        ax.set_title(plain(label[key]), fontsize=8)
+        ax.set_xlabel(plain(f"j: {r2}"), fontsize=8)
+        ax.set_ylabel(plain(f"i: {r1}"), fontsize=8)
     for ax in axes[len(keys):]:
         ax.set_axis_off()
     if image is not None:
@@ -205,7 +219,7 @@ def metric_vs_options(rows: Sequence[dict[str, Any]], metric: str, options: Sequ
             if not mine:
                 continue
             x, y = [float(r[opt]) for r in mine], [float(r[metric]) for r in mine]
-            name = f"{series} = {g}" if series else None
+            name = legend_label(f"{series} = {g}") if series else None
             ax.scatter(x, y, color=colors[g], s=28, alpha=0.85, label=name, zorder=3)
             bars = [(float(r[opt]), float(r[metric]), float(r[f"{metric}_lo"]), float(r[f"{metric}_hi"]))
                     for r in mine if finite(r.get(f"{metric}_lo")) and finite(r.get(f"{metric}_hi"))]
@@ -220,7 +234,7 @@ def metric_vs_options(rows: Sequence[dict[str, Any]], metric: str, options: Sequ
         if opt == "lr":
             ax.set_xscale("log")
         _log_if_wide(ax, [float(r[metric]) for r in rows if finite(r.get(metric))])
-        ax.set(xlabel=opt, ylabel=metric, title=f"{metric} vs {opt}")
+        ax.set(xlabel=plain(opt), ylabel=plain(metric), title=plain(f"{metric} vs {opt}"))
         if opt == "rank":
             ax.xaxis.get_major_locator().set_params(integer=True)
     _legend(axes[0])
@@ -231,9 +245,9 @@ def trial_curves(evals: dict[str, list[dict[str, Any]]], statuses: dict[str, str
                  max_epochs: int | None, best: str | None) -> str:
     """One panel per validation metric (``accuracy``, ``loss``): every trial's value per epoch, the
     best trial in black; the end of each curve is marked by how the trial ended (× ASHA stopped it,
-    ● completed, ▲ diverged): ASHA's cuts are the curves that stop before the last epoch."""
+    ● completed, ▼ collapsed, ▲ diverged): ASHA's cuts are the curves that stop before the last epoch."""
     fig, axes = _fig(5.0 * len(metrics), 3.6, cols=len(metrics))
-    marks = {"completed": "o", "stopped_early": "X", "diverged": "^", "failed": "s"}
+    marks = {"completed": "o", "stopped_early": "X", "collapsed": "v", "diverged": "^", "failed": "s"}
     for ax, metric in zip(axes, metrics):
         seen: set[str] = set()
         for n, (trial, ev) in enumerate(evals.items()):
@@ -245,7 +259,7 @@ def trial_curves(evals: dict[str, list[dict[str, Any]]], statuses: dict[str, str
             ax.plot(x, y, color="black" if is_best else PALETTE[n % len(PALETTE)], lw=2.4 if is_best else 1,
                     alpha=1 if is_best else 0.6, zorder=3 if is_best else 2, label="best trial" if is_best else None)
             ax.scatter([x[-1]], [y[-1]], marker=marks.get(status, "o"), s=70, color=STATUS_COLORS.get(status, "#555"),
-                       edgecolor="black", lw=0.5, zorder=4, label=None if status in seen else status.replace("_", " "))
+                       edgecolor="black", lw=0.5, zorder=4, label=None if status in seen else legend_label(status.replace("_", " ")))
             seen.add(status)
         if max_epochs:                                 # passes inside an epoch (0.25 …) and epoch 0 (a causal
             first = min((e["epoch"] for ev in evals.values() for e in ev if finite(e.get(metric))),  # LM's base
@@ -253,7 +267,7 @@ def trial_curves(evals: dict[str, list[dict[str, Any]]], statuses: dict[str, str
             pad = 0.04 * max_epochs
             ax.set_xlim(min(first, 1) - pad, max_epochs + pad)
         ax.xaxis.get_major_locator().set_params(integer=True)
-        ax.set(xlabel="epoch", ylabel=f"validation {metric}", title=f"validation {metric} per epoch")
+        ax.set(xlabel="epoch", ylabel=plain(f"validation {metric}"), title=plain(f"validation {metric} per epoch"))
         _log_if_wide(ax, [e[metric] for ev in evals.values() for e in ev if finite(e.get(metric))])
         _legend(ax)
     return png(fig)

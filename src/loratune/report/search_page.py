@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import csv
 import math
+from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -212,11 +214,24 @@ def _glance(s: _Search) -> list[str]:
         t, a = s.stats.get("trainable_params"), s.stats.get("all_params")
         glance.append(card("adapter size", f"{r:,.0f}× smaller", size_facts(s.stats)
                            + (f" · {100 * t / a:.2g}% of the parameters trained" if t and a else "")))
-    ended = ", ".join(f"{n} {st.replace('_', ' ')}" + (" (ASHA)" if st == "stopped_early" else "") for st, n in
-                      ((st, list(s.statuses.values()).count(st)) for st in plots.STATUS_COLORS) if n)
+    ended = ", ".join(f"{n} {_status_name(st)}" + (" (ASHA)" if st == "stopped_early" else "")
+                      for st, n in _status_counts(s.statuses.values()))
     glance.append(card("search", f"{len(s.rows)} trials" + (f" · {_duration(s.seconds)}" if s.seconds else ""), ended))
     glance.append("</div>")
     return glance
+
+
+def _status_counts(statuses: Iterable[str]) -> list[tuple[str, int]]:
+    """(status, trials) for every status present: the known ones in :data:`STATUS_COLORS`'s order, then the
+    others as they first appear."""
+    counts = Counter(statuses)
+    order = [st for st in plots.STATUS_COLORS if st in counts] + [st for st in counts if st not in plots.STATUS_COLORS]
+    return [(st, counts[st]) for st in order]
+
+
+def _status_name(status: str) -> str:
+    """'stopped early'; a trial without a status (one that had not ended) 'not ended'."""
+    return "not ended" if status in ("None", "") else status.replace("_", " ")
 
 
 def _winner(s: _Search, r: float | None) -> list[str]:

@@ -158,14 +158,17 @@ def generations_section(run: Path, heading: str = "Sample generations", level: i
 
 def analysis_section(adapter: Path, compare: Path | None = None, labels: tuple[str, str] = ("", "")) -> list[str]:
     """ΔW of ``adapter``: table and spectrum; with ``compare``, φ heatmaps (Figure 3 of the LoRA paper)."""
+    from loratune.core.adapters import read_adapter_config
     from loratune.report.analysis import analyze_adapter, short_names
 
     res = analyze_adapter(adapter, compare)
+    s = "(α/√r)" if read_adapter_config(adapter)[0].rslora else "(α/r)"     # rsLoRA scales by α/√r
+    product = "(B·A − B0·A0)" if any(m.delta == "s*(B*A-B0*A0)" for m in res.matrices) else "B·A"
     mats = [m.to_json() for m in res.matrices]
     names = short_names([m["name"] for m in mats])
     rows = [[n, "×".join(map(str, m["shape"])), m["rank"], m["effective_rank"], m["frobenius_norm"],
              m["amplification"], " ".join(f"{x:.3g}" for x in m["singular_values"][:4])] for n, m in zip(names, mats)]
-    out = ["<h2>What the adapter learned: ΔW = (α/r)·B·A</h2>",
+    out = [f"<h2>What the adapter learned: ΔW = {s}·{product}</h2>",
            "<p>Per adapted matrix: the effective rank is the fewest directions holding 90% of ‖ΔW‖²<sub>F</sub>; "
            "the amplification ‖ΔW‖<sub>F</sub> / ‖Uᵀ·W0·V‖<sub>F</sub> says how strongly ΔW boosts directions the "
            "frozen weight W0 barely uses (LoRA paper §7).</p>",
@@ -173,10 +176,13 @@ def analysis_section(adapter: Path, compare: Path | None = None, labels: tuple[s
                  sortable=True),
            img(plots.singular_values_plot(mats, names), "singular values")]
     if any(m.delta == "merged-W0" for m in res.matrices):
-        out.append(note("DoRA adapter: ΔW is the merged weight minus W0, m/‖W0 + (α/r)·B·A‖ ⊙ (W0 + (α/r)·B·A) − W0, "
+        out.append(note(f"DoRA adapter: ΔW is the merged weight minus W0, m/‖W0 + {s}·B·A‖ ⊙ (W0 + {s}·B·A) − W0, "
                         "full rank in general"))
+    if product != "B·A":
+        out.append(note("PiSSA / OLoRA adapter: A and B started at A0, B0 computed from W0, which the loader replaces "
+                        f"by W0 − {s}·B0·A0, so ΔW against the original W0 is {s}·(B·A − B0·A0), rank ≤ 2r"))
     if res.note:
-        out.append(note(f"amplification: {res.note}"))
+        out.append(note(res.note))
     if compare is not None and res.phi:
         phi_names = short_names(list(res.phi))
         out += [f"<h3>Subspace similarity φ between {esc(labels[0])} and {esc(labels[1])}</h3>",
