@@ -296,3 +296,99 @@ def test_a_refused_second_adapter_keeps_the_first_active(tmp_path, batch) -> Non
         load_adapter(model, bad, "b")
     assert set(next(iter(lora_layers(model).values())).adapters) == {"a"}
     assert _rel(model(**batch).logits, ours(**batch).logits) <= 1e-5
+
+
+def test_a_decoder_classifier_reads_each_row_at_its_last_token_whatever_it_is_batched_with(tmp_path) -> None:
+    """transformers' decoder classifiers read each row at its last token that is not ``config.pad_token_id``. A
+    tokenizer that pads with another id than the config's EOS (as Llama-3-Instruct's: its config names three EOS
+    ids, none the tokenizer's pad) had a short row read at a padding slot, so its probabilities changed with the
+    rows it was batched with. The config now names the id the batches are padded with."""
+    from test_causal_data import chat_tokenizer
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from loratune.infer.inference import load, predict
+    from loratune.training.models import load_model, pad_id_of
+
+    tok = chat_tokenizer(eos="<|endoftext|>")                 # pads with <|im_end|>; EOS <|endoftext|>
+    assert tok.pad_token_id != tok.eos_token_id
+    torch.manual_seed(0)
+    ref = LlamaForSequenceClassification(LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, initializer_range=0.3, num_labels=2, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id, pad_token_id=None))
+    base = tmp_path / "base"
+    ref.save_pretrained(base)
+    tok.save_pretrained(base)
+    model = load_model(str(base), ["neg", "pos"], pad_id=pad_id_of(tok))
+    assert model.config.pad_token_id == tok.pad_token_id
+    spec = LoraSpec(targets=("q_proj", "v_proj"), rank=2)
+    inject(model, spec)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape) * 0.3)
+    adapter = save_adapter(model, tmp_path / "adapter", spec, ["q_proj", "v_proj"], base_model=str(base),
+                           meta={"model": str(base), "id2label": ["neg", "pos"], "max_length": 64})
+    loaded = load(adapter, device="cpu")
+    assert loaded.model.config.pad_token_id == loaded.pad_id == tok.pad_token_id
+    short, long = "Paris.", "What is the capital of France? The capital of France is Paris. Name three colours."
+    alone = list(predict(loaded, [short], precision="fp32"))[0]["probabilities"]
+    batched = list(predict(loaded, [short, long], precision="fp32"))[0]["probabilities"]
+    with torch.no_grad():                                      # the reference: the short row alone, unpadded
+        ids = torch.tensor([tok(short)["input_ids"]])
+        want = torch.softmax(loaded.model(input_ids=ids).logits.float(), -1)[0].tolist()
+    assert list(alone.values()) == pytest.approx(want, abs=1e-5)
+    assert list(batched.values()) == pytest.approx(want, abs=1e-5), (alone, batched)
+
+
+def test_predict_takes_a_lone_string_as_one_text_and_refuses_a_text_with_no_tokens(tmp_path) -> None:
+    """`predict(adapter, "a text")` classified each character (a str is an iterable of texts); an empty text that
+    tokenizes to nothing (a tokenizer that adds no special tokens, as GPT-2's or this ChatML one) crashed the
+    batch (exit 1) or, beside other texts, was read at a padding slot."""
+    from test_causal_data import chat_tokenizer
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from loratune.infer.inference import predict
+    from loratune.training.models import load_model
+
+    tok = chat_tokenizer()
+    assert tok("")["input_ids"] == []
+    LlamaForSequenceClassification(LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, num_labels=2, pad_token_id=tok.pad_token_id)).save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    model = load_model(str(tmp_path / "base"), ["neg", "pos"])
+    spec = LoraSpec(targets=("q_proj", "v_proj"), rank=2)
+    inject(model, spec)
+    adapter = save_adapter(model, tmp_path / "adapter", spec, ["q_proj", "v_proj"], base_model=str(tmp_path / "base"),
+                           meta={"model": str(tmp_path / "base"), "id2label": ["neg", "pos"], "max_length": 64})
+    rows = list(predict(adapter, "a fine film", device="cpu", precision="fp32"))
+    assert [r["text"] for r in rows] == ["a fine film"]
+    with pytest.raises(InputError, match=r"^text 3 \(''\) has no tokens: nothing to classify$"):
+        list(predict(adapter, ["a fine film", "dull", ""], device="cpu", precision="fp32", chunk=2))
+
+
+def test_a_peft_adapter_without_a_stored_length_reads_at_most_the_models_positions(tmp_path, tiny_model_dir) -> None:
+    """A peft-written adapter has no loratune.json, so its length defaulted to 128 tokens, past the 64 positions
+    of this BERT: a long text crashed inside the embeddings (exit 1). It is cut at the table's size, as
+    transformers' pipeline would cut it (truncation to the model's maximum)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from loratune.infer.inference import load, predict
+    from loratune.serve.model import ServedModel
+
+    torch.manual_seed(0)
+    pm = get_peft_model(AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=2),
+                        LoraConfig(r=2, lora_alpha=4, target_modules=["query", "value"], task_type="SEQ_CLS"))
+    pm.save_pretrained(tmp_path / "adapter")
+    assert not (tmp_path / "adapter" / "loratune.json").exists()
+    assert load(tmp_path / "adapter", device="cpu").max_length == 64
+    text = " ".join(["a great film and a dull plot"] * 20)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    assert len(tok(text)["input_ids"]) > 64
+    got = list(predict(tmp_path / "adapter", [text], device="cpu", precision="fp32"))[0]["probabilities"]
+    with torch.no_grad():
+        want = torch.softmax(pm.eval()(**tok(text, truncation=True, max_length=64, return_tensors="pt")).logits, -1)[0]
+    assert list(got.values()) == pytest.approx(want.tolist(), abs=1e-5)
+    served = ServedModel(tiny_model_dir, device="cpu", precision="fp32", max_length=128)   # serve --max-length 128
+    assert served.base_max_length == 64 and served.add("peft", tmp_path / "adapter").max_length == 64

@@ -470,3 +470,85 @@ def test_the_models_context_bounds_prompt_and_completion(adapter, loaded, capsys
     code, _, err = run(capsys, "generate", "--adapter", str(adapter), "a prompt", words * 2)
     assert_one_line_error(code, err, "prompt 2 (")
     assert "the model reads at most 512" in err
+
+
+def _argmax_decoding(model, tok, ids: list[int], n: int) -> str:
+    """The reference: the most likely token each step, until a stop token, with no setting at all."""
+    stops, out, x = set(stop_ids(tok)), [], torch.tensor([ids])
+    with torch.no_grad():
+        for _ in range(n):
+            nxt = int(model(input_ids=x).logits[0, -1].argmax())
+            if nxt in stops:
+                break
+            out.append(nxt)
+            x = torch.cat([x, torch.tensor([[nxt]])], 1)
+    return tok.decode(out, skip_special_tokens=True)
+
+
+def test_greedy_is_greedy_whatever_the_models_generation_config_says(base_dir, tmp_path) -> None:
+    """A base whose generation_config.json sets sampling and a repetition penalty (as some instruct models ship):
+    `generate --temperature 0` and the evaluation's greedy answers still take the most likely token each time, and
+    the model keeps its own generation config afterwards."""
+    import shutil
+
+    from transformers import GenerationConfig
+
+    base = tmp_path / "base"
+    shutil.copytree(base_dir, base)
+    tok = load(causal_adapter(base_dir, tmp_path / "a0"), device="cpu").tokenizer
+    GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, do_sample=True, temperature=0.7,
+                     top_p=0.8, top_k=20, repetition_penalty=5.0, no_repeat_ngram_size=2).save_pretrained(base)
+    loaded = load(causal_adapter(base, tmp_path / "adapter"), device="cpu")
+    assert loaded.model.generation_config.repetition_penalty == 5.0
+    ids = prompt_ids(loaded.tokenizer, PROMPTS[0], SYSTEM)
+    want = _argmax_decoding(loaded.model, loaded.tokenizer, ids, 16)
+    assert gen(loaded, PROMPTS[:1], max_new_tokens=16)[0]["completion"] == want
+    assert greedy_generate(loaded.model, loaded.tokenizer, [np.asarray(ids)], CPU, 16)[0] == want
+    assert loaded.model.generation_config.repetition_penalty == 5.0
+
+
+def _gpt2(tmp_path: Path, n_positions: int = 32) -> tuple[Path, Path]:
+    """A random GPT-2 causal LM with a learned table of ``n_positions`` positions and a tokenizer with no chat
+    template and no special tokens added, and a LoRA adapter on it: (base folder, adapter folder)."""
+    from test_causal_data import CHATML_SPECIALS, _bpe
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(tokenizer_object=_bpe(CHATML_SPECIALS), bos_token="<|endoftext|>",
+                                  eos_token="<|endoftext|>", unk_token="<|endoftext|>")
+    torch.manual_seed(0)
+    base = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=2, n_positions=n_positions,
+                               initializer_range=0.3, bos_token_id=tok.bos_token_id,
+                               eos_token_id=tok.eos_token_id)).save_pretrained(base)
+    tok.save_pretrained(base)
+    model = load_causal_lm(str(base))
+    spec = LoraSpec(targets=("c_attn",), rank=2)
+    inject(model, spec)
+    adapter = save_adapter(model, tmp_path / "adapter", spec, ["c_attn"], base_model=str(base),
+                           meta={"task": "causal-lm", "model": str(base), "max_length": n_positions})
+    return base, adapter
+
+
+def test_an_empty_prompt_with_no_template_is_refused(tmp_path, capsys) -> None:
+    """GPT-2's tokenizer adds no special tokens and has no template: '' is no tokens, which generate crashed on
+    (IndexError, exit 1); it is a one-line error naming the prompt."""
+    _, adapter = _gpt2(tmp_path)
+    with pytest.raises(InputError, match=r"^prompt 2 \(''\) has no tokens: nothing to continue$"):
+        gen(adapter, ["Name a colour.", ""], max_new_tokens=2)
+    capsys.readouterr()                                        # the set-up's own output
+    code, _, err = run(capsys, "generate", "--adapter", str(adapter), "--max-new-tokens", "2", "")
+    assert_one_line_error(code, err, "prompt 1 ('') has no tokens")
+
+
+def test_greedy_answers_stay_inside_a_learned_position_table(tmp_path) -> None:
+    """The evaluation's greedy answers on a model with 32 learned positions: a 30-token prompt and 12 new tokens
+    ran past the table (IndexError: exit 1 mid-evaluation). As lm-evaluation-harness does, a prompt keeps its last
+    32 - 12 = 20 tokens, and the answer is the most likely token each step from there."""
+    base, adapter = _gpt2(tmp_path, n_positions=32)
+    loaded = load(adapter, device="cpu")
+    tok = loaded.tokenizer
+    ids = tok(" ".join(["the capital of France is Paris"] * 8))["input_ids"][:30]
+    assert len(ids) == 30
+    got = greedy_generate(loaded.model, tok, [np.asarray(ids), np.asarray(ids[:5])], CPU, 12)
+    assert got[0] == _argmax_decoding(loaded.model, tok, ids[-20:], 12)
+    assert got[1] == _argmax_decoding(loaded.model, tok, ids[:5], 12)     # a short prompt is kept whole

@@ -32,7 +32,7 @@ from transformers.generation.streamers import BaseStreamer
 from loratune.errors import InputError
 from loratune.infer.inference import Loaded, load, require_task
 from loratune.runtime import autocast, resolve_precision, set_threads
-from loratune.tasks.causal_metrics import stop_ids
+from loratune.tasks.causal_metrics import only_given_settings, stop_ids
 
 
 def generate(adapter: str | os.PathLike | Loaded, prompts: Iterable[str] | str, *, max_new_tokens: int = 128,
@@ -69,12 +69,14 @@ def generate(adapter: str | os.PathLike | Loaded, prompts: Iterable[str] | str, 
     context = getattr(loaded.model.config, "max_position_embeddings", None)
     for number, prompt in enumerate(prompts, 1):
         ids = torch.tensor([prompt_ids(tok, prompt, system)], dtype=torch.long, device=dev)
+        if ids.shape[1] == 0:                           # no template, no special tokens: nothing to continue
+            raise InputError(f"prompt {number} ({prompt!r:.40}) has no tokens: nothing to continue")
         room = max_new_tokens if not context else min(max_new_tokens, context - ids.shape[1])
         if room < 1:
             raise InputError(f"prompt {number} ({prompt!r:.40}) is {ids.shape[1]} tokens with its chat template, "
                              f"and the model reads at most {context}")
         stream = _Stream(tok, stops, on_text) if on_text is not None else None
-        with torch.no_grad(), autocast(dev, prec), rng.active():
+        with torch.no_grad(), autocast(dev, prec), rng.active(), only_given_settings(loaded.model):
             out = loaded.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=room,
                                         eos_token_id=stops, pad_token_id=loaded.pad_id, streamer=stream, **how)
         new = out[0, ids.shape[1]:].tolist()

@@ -55,6 +55,8 @@ from loratune.training.models import (
     load_causal_lm,
     load_model,
     load_tokenizer,
+    pad_id_of,
+    within_positions,
 )
 from loratune.training.models import modules_to_save as saved_for
 from loratune.training.options import TrainConfig
@@ -135,6 +137,8 @@ def load(adapter: str | os.PathLike, *, base: str | None = None, device: str = "
         raise InputError(f"{Path(adapter) / 'loratune.json'}: field 'system_prompt' must be text or null, "
                          f"got {system_prompt!r:.40}")
     labels = meta.get("id2label")
+    tok = load_tokenizer(base, download=download)
+    pad = pad_id_of(tok)
     if task == "causal-lm":
         labels = list(labels or [])
         model = load_causal_lm(base, download=download)
@@ -142,12 +146,11 @@ def load(adapter: str | os.PathLike, *, base: str | None = None, device: str = "
         if labels is None:
             n = num_labels_of(read_weights(adapter)) or 2
             labels = [f"LABEL_{i}" for i in range(n)]
-        model = load_model(base, labels, download=download)
+        model = load_model(base, labels, download=download, pad_id=pad)
     load_adapter(model, adapter)
     model.to(resolve_device(device)).eval()
-    tok = load_tokenizer(base, download=download)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    return Loaded(model, tok, list(labels), spec, str(base), int(meta.get("max_length", 128)), int(pad), task,
+    return Loaded(model, tok, list(labels), spec, str(base), within_positions(meta.get("max_length", 128), model),
+                  int(pad), task,
                   system_prompt if task == "causal-lm" else None)
 
 
@@ -165,12 +168,12 @@ def _load_full(folder: str | os.PathLike, *, base: str | None, device: str) -> L
         raise InputError(f"{Path(folder) / 'config.json'}: unreadable label names ({e})") from None
     if len(labels) < 2:
         raise InputError(f"{Path(folder) / 'config.json'}: a classifier needs id2label with two or more labels")
-    model = load_model(str(folder), labels, download=False)
-    model.to(resolve_device(device)).eval()
     tok = load_tokenizer(str(folder), download=False)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    return Loaded(model, tok, list(labels), None, str(meta.get("model") or folder), int(meta.get("max_length", 128)),
-                  int(pad))
+    pad = pad_id_of(tok)
+    model = load_model(str(folder), labels, download=False, pad_id=pad)
+    model.to(resolve_device(device)).eval()
+    return Loaded(model, tok, list(labels), None, str(meta.get("model") or folder),
+                  within_positions(meta.get("max_length", 128), model), int(pad))
 
 
 @dataclass(frozen=True, eq=False)
@@ -300,26 +303,38 @@ def predict(adapter: str | os.PathLike | Loaded, texts: Iterable[str], *, precis
             threads: int | None = None) -> Iterator[dict[str, Any]]:
     """Yield ``{"text", "label", "score", "probabilities"}`` per text, in input order, ``chunk`` at a time.
 
-    Memory stays bounded by ``chunk``: texts are read, tokenized and classified a chunk at a time.
+    Memory stays bounded by ``chunk``: texts are read, tokenized and classified a chunk at a time. A lone string
+    is one text. A text that tokenizes to no tokens (an empty text, with a tokenizer that adds no special tokens,
+    as GPT-2's) is an InputError: a decoder classifier would read it at a padding slot.
     """
     _count("--batch-size", chunk, 1)
+    if isinstance(texts, str):
+        texts = [texts]
     set_threads(threads)
     require_task(adapter, "classification")
     loaded = adapter if isinstance(adapter, Loaded) else load(adapter, base=base, device=device)
     dev = next(loaded.model.parameters()).device
     prec = resolve_precision(precision, dev)
     buf: list[str] = []
+    done = 0
     for text in texts:
+        if not isinstance(text, str):
+            raise InputError(f"text {done + len(buf) + 1}: expected a string, got {type(text).__name__}")
         buf.append(text)
         if len(buf) >= chunk:
-            yield from _classify(loaded, buf, dev, prec)
-            buf = []
+            yield from _classify(loaded, buf, dev, prec, done)
+            done, buf = done + len(buf), []
     if buf:
-        yield from _classify(loaded, buf, dev, prec)
+        yield from _classify(loaded, buf, dev, prec, done)
 
 
-def _classify(loaded: Loaded, texts: list[str], dev: torch.device, precision: str) -> Iterator[dict[str, Any]]:
+def _classify(loaded: Loaded, texts: list[str], dev: torch.device, precision: str,
+              before: int = 0) -> Iterator[dict[str, Any]]:
+    """Classify ``texts``, the texts after the first ``before`` of the input (for the numbers in errors)."""
     enc = tokenize(Split(texts, np.zeros(len(texts), dtype=np.int64)), loaded.tokenizer, loaded.max_length)
+    if (empty := np.flatnonzero(enc.lengths == 0)).size:
+        k = int(empty[0])
+        raise InputError(f"text {before + k + 1} ({texts[k]!r:.40}) has no tokens: nothing to classify")
     probs, _ = predict_probs(loaded.model, enc, dev, precision, pad_id=loaded.pad_id)
     for text, p in zip(texts, probs):
         k = int(np.argmax(p))

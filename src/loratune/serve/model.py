@@ -34,7 +34,9 @@ from loratune.training.models import (
     is_model_folder,
     load_model,
     load_tokenizer,
+    pad_id_of,
     resolve_model_path,
+    within_positions,
 )
 
 log = logging.getLogger(__name__)
@@ -93,13 +95,15 @@ class ServedModel:
         self.base_labels = _head_labels(base)
         """The base's own classes when it is a trained classifier (served under its name), else None."""
         self.base_max_length = max_length
-        self.model = load_model(base, self.base_labels or ["LABEL_0", "LABEL_1"], download=download)
-        self.model.to(self.device).eval()
-        for p in self.model.parameters():
-            p.requires_grad_(False)
         self.tokenizer = load_tokenizer(base, download=download)
         tok = self.tokenizer
-        self.pad_id = int(tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0))
+        self.pad_id = pad_id_of(tok)
+        self.model = load_model(base, self.base_labels or ["LABEL_0", "LABEL_1"], download=download,
+                                pad_id=self.pad_id)
+        self.model.to(self.device).eval()
+        self.base_max_length = within_positions(max_length, self.model)
+        for p in self.model.parameters():
+            p.requires_grad_(False)
         self._probe = list(tok("probe")["input_ids"])    # tokenized here: the tokenizer is the event loop's after
         self.merged = False
         self.adapters: dict[str, ServedAdapter] = {}
@@ -154,7 +158,7 @@ class ServedModel:
             # checked here: the probe below cannot see it (classify cuts each row's scores to its label count)
             raise InputError(f"{adapter_dir}: loratune.json names {len(labels)} labels, but the head gives "
                              f"{head} scores")
-        max_length = int(meta.get("max_length", self.base_max_length))
+        max_length = within_positions(meta.get("max_length", self.base_max_length), self.model)
         add_routed_adapter(self.model, adapter_dir, name)
         adapter = ServedAdapter(name, str(adapter_dir), list(labels), max_length, file_size(adapter_dir))
         self.adapters[name] = adapter

@@ -53,6 +53,24 @@ class _EvalMode:
         self.model.train(self.was_training)
 
 
+class only_given_settings:
+    """``with only_given_settings(model): model.generate(...)`` decodes with the settings the call passes and
+    transformers' own defaults, nothing else. transformers fills every setting a call leaves unset from the
+    model's ``generation_config.json``: a ``repetition_penalty``, ``no_repeat_ngram_size`` or ``min_p`` there
+    made a greedy call not greedy (and ``generate`` differ from ``serve``, which decodes by itself)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model, self.kept = model, getattr(model, "generation_config", None)
+
+    def __enter__(self) -> None:
+        from transformers import GenerationConfig
+
+        self.model.generation_config = GenerationConfig()
+
+    def __exit__(self, *exc: object) -> None:
+        self.model.generation_config = self.kept
+
+
 def _split_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     """(backbone, LM head) of a Hugging Face causal LM whose logits are ``head(backbone(...)[0])``, else None."""
     config = getattr(model, "config", None)
@@ -205,14 +223,25 @@ def greedy_generate(model: nn.Module, tokenizer: Any, prompts_ids: Sequence[np.n
 
     Batches are left-padded (generation appends on the right). A generation stops at any of
     ``eos_ids`` (default :func:`stop_ids`), which is left out of the text, or after ``max_new_tokens``.
+    On a model with a learned position table (GPT-2's), prompt and answer fit in it: a longer prompt keeps its
+    last (table - ``max_new_tokens``) tokens, as lm-evaluation-harness cuts a context. Only the settings
+    passed here shape the answer (:class:`only_given_settings`), whatever the model's generation config says.
     """
+    from loratune.training.models import position_limit
+
     stops = list(eos_ids) if eos_ids is not None else stop_ids(tokenizer)
     if not stops:
         raise InputError("the tokenizer has no EOS or end-of-turn token to stop generation on")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+    limit = position_limit(model)                 # a learned position table (GPT-2's): prompt and answer fit in it
+    if limit is not None and max((len(p) for p in prompts_ids), default=0) + max_new_tokens > limit:
+        # lm-evaluation-harness's rule: a prompt keeps its last (limit - max_new_tokens) tokens
+        max_new_tokens = min(max_new_tokens, limit - 1)
+        prompts_ids = [p[len(p) - (limit - max_new_tokens):] if len(p) > limit - max_new_tokens else p
+                       for p in prompts_ids]
     lengths = np.fromiter((len(p) for p in prompts_ids), dtype=np.int64, count=len(prompts_ids))
     texts = [""] * len(prompts_ids)
-    with _EvalMode(model):
+    with _EvalMode(model), only_given_settings(model):
         for idx in batch_order(lengths, batch_size, bucket=True, shuffle=False, seed=0, epoch=0):
             width = int(lengths[idx].max())
             ids = torch.full((len(idx), width), pad, dtype=torch.long)

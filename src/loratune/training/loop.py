@@ -61,6 +61,7 @@ from loratune.training.models import (
     load_tokenizer,
     model_hint,
     modules_to_save,
+    pad_id_of,
     save_model,
 )
 from loratune.training.options import TrainConfig
@@ -144,7 +145,7 @@ def prepare_data(cfg: TrainConfig) -> Prepared:
             raise InputError(f"--model: {cfg.model} is not a causal LM (a decoder with an LM head); the causal-lm "
                              f"task needs one, e.g. --model smollm2-135m (the default for it)")
     tok = load_tokenizer(cfg.model)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    pad = pad_id_of(tok)
     if (fit := fit_max_length(cfg)) != cfg.max_length:       # auto, past the model's positions
         cfg = cfg.replace(max_length=fit)
     if cfg.task == "causal-lm":
@@ -180,13 +181,16 @@ def _prepare_causal(cfg: TrainConfig, tok: Any, pad: int) -> Prepared:
     return Prepared(list(splits.choices), train, val, test, pad, task="causal-lm", max_length=cfg.max_length)
 
 
-def build_model(cfg: TrainConfig, label_names: list[str]) -> tuple[nn.Module, LoraSpec | None, list[str]]:
+def build_model(cfg: TrainConfig, label_names: list[str], pad_id: int | None = None
+                ) -> tuple[nn.Module, LoraSpec | None, list[str]]:
     """The base classifier with a fresh adapter ``default``; returns (model, spec, peft-style targets).
+    ``pad_id``: the id the batches are padded with (a classifier's config is set to it: models.load_model).
 
     ``--method full``: every weight trains and there is no adapter (spec None, no targets). A default
     ``--modules-to-save`` name (``auto``) that names no module of this model is dropped; a given one must exist.
     """
-    model = load_causal_lm(cfg.model) if cfg.task == "causal-lm" else load_model(cfg.model, label_names, seed=cfg.seed)
+    model = load_causal_lm(cfg.model) if cfg.task == "causal-lm" else load_model(cfg.model, label_names, seed=cfg.seed,
+                                                                                            pad_id=pad_id)
     if cfg.method == "full":
         model.requires_grad_(True)
         return model, None, []
@@ -211,7 +215,7 @@ def setup(cfg: TrainConfig, data: Prepared, out: Path, *, device: torch.device, 
         compiled.check_compiler(device)                     # before the model loads: a one-line refusal
     if data.max_length is not None and data.max_length < cfg.max_length:   # auto, fitted to the model's positions
         cfg = cfg.replace(max_length=data.max_length)       # config.yaml and the adapter: what the data was cut at
-    model, spec, targets = build_model(cfg, data.label_names)
+    model, spec, targets = build_model(cfg, data.label_names, data.pad_id)
     if spec is not None and "modules_to_save" in cfg.auto_fields:
         cfg = cfg.replace(modules_to_save=spec.modules_to_save)   # config.yaml: what this model trains
     model.to(device)

@@ -118,10 +118,20 @@ def load_tokenizer(spec: str, *, download: bool = True) -> Any:
     return _from_pretrained(AutoTokenizer, resolve_model_path(spec), "tokenizer", download=download, use_fast=True)
 
 
-def load_model(spec: str, label_names: Sequence[str], *, seed: int = 0, download: bool = True) -> nn.Module:
+def pad_id_of(tok: Any) -> int:
+    """The id a batch is padded with: the tokenizer's pad token, else its EOS (else 0)."""
+    return int(tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0))
+
+
+def load_model(spec: str, label_names: Sequence[str], *, seed: int = 0, download: bool = True,
+               pad_id: int | None = None) -> nn.Module:
     """A sequence classifier with ``len(label_names)`` classes; a fresh head is seeded by ``seed``.
 
     ``download=False`` for a name read from a file (an adapter's base model): local or cached only.
+    ``pad_id``: the id the batches are padded with (:func:`pad_id_of` the tokenizer). transformers' decoder
+    classifiers (GPT-2, Llama, ...) read each row at its last token that is not ``config.pad_token_id``, so the
+    config is set to it: a config that named another id (its own EOS where the tokenizer pads with a different
+    one) read a short row at a padding slot, and its prediction changed with what it was batched with.
     """
     import transformers
     from transformers import AutoConfig, AutoModelForSequenceClassification
@@ -130,7 +140,9 @@ def load_model(spec: str, label_names: Sequence[str], *, seed: int = 0, download
     id2label = {i: str(n) for i, n in enumerate(label_names)}
     config = _from_pretrained(AutoConfig, path, "config", download=download, num_labels=len(label_names), id2label=id2label,
                               label2id={n: i for i, n in id2label.items()})
-    if getattr(config, "pad_token_id", None) is None and getattr(config, "eos_token_id", None) is not None:
+    if pad_id is not None:
+        config.pad_token_id = int(pad_id)
+    elif getattr(config, "pad_token_id", None) is None and getattr(config, "eos_token_id", None) is not None:
         config.pad_token_id = config.eos_token_id if isinstance(config.eos_token_id, int) else config.eos_token_id[0]
     torch.manual_seed(seed)                                  # the new head's init is part of the run's seed
     verbosity = transformers.logging.get_verbosity()
@@ -294,6 +306,14 @@ def position_limit(model: nn.Module) -> int | None:
             skip = int(getattr(m, "offset", 0) or 0) + (m.padding_idx + 1 if m.padding_idx is not None else 0)
             return m.num_embeddings - skip
     return None
+
+
+def within_positions(max_length: int, model: nn.Module) -> int:
+    """``max_length`` cut to :func:`position_limit` of ``model`` (an adapter's stored length, a peft file's
+    default 128, or ``serve --max-length``, on a model whose position table is shorter: a longer row would fail
+    inside its embeddings)."""
+    limit = position_limit(model)
+    return int(max_length) if limit is None else min(int(max_length), limit)
 
 
 @functools.lru_cache(maxsize=8)
