@@ -552,3 +552,20 @@ def test_greedy_answers_stay_inside_a_learned_position_table(tmp_path) -> None:
     got = greedy_generate(loaded.model, tok, [np.asarray(ids), np.asarray(ids[:5])], CPU, 12)
     assert got[0] == _argmax_decoding(loaded.model, tok, ids[-20:], 12)
     assert got[1] == _argmax_decoding(loaded.model, tok, ids[:5], 12)     # a short prompt is kept whole
+
+
+def test_overlapping_greedy_calls_give_the_model_its_own_generation_config_back(loaded) -> None:
+    """Two threads generating with one model overlap: the second entered while the first had swapped in the blank
+    config, and kept that blank one to restore last (every setting of the model's own config lost for good)."""
+    from loratune.tasks.causal_metrics import only_given_settings
+
+    own = loaded.model.generation_config
+    first = only_given_settings(loaded.model)
+    first.__enter__()
+    second = only_given_settings(loaded.model)                     # made while the first holds the blank config
+    second.__enter__()
+    assert loaded.model.generation_config is not own
+    first.__exit__(None, None, None)
+    assert loaded.model.generation_config is not own              # the second is still generating
+    second.__exit__(None, None, None)
+    assert loaded.model.generation_config is own

@@ -99,6 +99,7 @@ def test_a_base_named_by_a_file_is_never_fetched(tmp_path, finished_run, monkeyp
     import transformers
 
     monkeypatch.setattr(transformers, "AutoConfig", Spy)
+    monkeypatch.setattr(transformers, "AutoTokenizer", Spy)      # loaded first (its pad id goes into the config)
     with pytest.raises(InputError, match="never downloads what a file names"):
         inference.load(adapter)
     assert calls and all(c["local_files_only"] and c["trust_remote_code"] is False for c in calls)

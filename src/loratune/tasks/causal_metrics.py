@@ -19,6 +19,7 @@ positions whose *next* token has a label. Models whose logits are more than ``lm
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -59,16 +60,28 @@ class only_given_settings:
     model's ``generation_config.json``: a ``repetition_penalty``, ``no_repeat_ngram_size`` or ``min_p`` there
     made a greedy call not greedy (and ``generate`` differ from ``serve``, which decodes by itself)."""
 
+    _lock = threading.Lock()
+    _held: dict[int, list[Any]] = {}      # id(model) -> [contexts inside, the model's own config]: threads share it
+
     def __init__(self, model: nn.Module) -> None:
-        self.model, self.kept = model, getattr(model, "generation_config", None)
+        self.model = model
 
     def __enter__(self) -> None:
         from transformers import GenerationConfig
 
-        self.model.generation_config = GenerationConfig()
+        with self._lock:                  # the first in keeps the model's config; the last out puts it back
+            held = self._held.setdefault(id(self.model), [0, getattr(self.model, "generation_config", None)])
+            held[0] += 1
+            if held[0] == 1:
+                self.model.generation_config = GenerationConfig()
 
     def __exit__(self, *exc: object) -> None:
-        self.model.generation_config = self.kept
+        with self._lock:
+            held = self._held[id(self.model)]
+            held[0] -= 1
+            if held[0] == 0:
+                self.model.generation_config = held[1]
+                del self._held[id(self.model)]
 
 
 def _split_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
