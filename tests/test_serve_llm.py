@@ -280,7 +280,8 @@ def test_the_context_bounds_prompt_and_answer(server, client, monkeypatch) -> No
         client.completions.create(model="plain", prompt=PROMPTS[0], max_tokens=N)
 
 
-def test_a_stream_the_client_leaves_ends_its_row(server, client, monkeypatch) -> None:
+def _batches_run(server, monkeypatch) -> list[list[dict]]:
+    """The rows of each batch the server's batcher runs from now on (this test's), as run returns them."""
     seen: list[list[dict]] = []
     run = server.state.batcher.run
 
@@ -290,8 +291,18 @@ def test_a_stream_the_client_leaves_ends_its_row(server, client, monkeypatch) ->
         return out
 
     monkeypatch.setattr(server.state.batcher, "run", spy)
+    return seen
+
+
+def _writes_64() -> str:
+    """A prompt the 'plain' adapter answers with all 64 tokens when alone (no stop token before)."""
     lo = _CACHE["plain"]
-    prompt = next(p for p in PROMPTS if text_ref(lo.model, lo.tokenizer, p, 64)[1] == 64)   # writes all 64 alone
+    return next(p for p in PROMPTS if text_ref(lo.model, lo.tokenizer, p, 64)[1] == 64)
+
+
+def test_a_stream_the_client_leaves_ends_its_row(server, client, monkeypatch) -> None:
+    seen = _batches_run(server, monkeypatch)
+    prompt = _writes_64()
     stream = client.completions.create(model="plain", prompt=prompt, max_tokens=64, temperature=0, stream=True)
     next(iter(stream))
     stream.close()
@@ -304,17 +315,8 @@ def test_a_stream_never_sent_generates_nothing(server, client, monkeypatch) -> N
     (cancelled, or the client gone and the server stopping). Its rows must not be generating to max_tokens for
     nobody: the only row the batcher runs is the next request's. (A stream that has begun and is left ends its rows
     at their next step: test_a_stream_the_client_leaves_ends_its_row.)"""
-    seen: list[list[dict]] = []
-    run = server.state.batcher.run
-
-    def spy(rows):
-        out = run(rows)
-        seen.append(out)
-        return out
-
-    monkeypatch.setattr(server.state.batcher, "run", spy)
-    lo = _CACHE["plain"]
-    prompt = next(p for p in PROMPTS if text_ref(lo.model, lo.tokenizer, p, 64)[1] == 64)   # writes all 64 alone
+    seen = _batches_run(server, monkeypatch)
+    prompt = _writes_64()
     body = json.dumps({"model": "plain", "prompt": prompt, "max_tokens": 64, "temperature": 0,
                        "stream": True}).encode()
     scope = {"type": "http", "method": "POST", "path": "/v1/completions", "query_string": b"",

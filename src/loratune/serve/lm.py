@@ -35,7 +35,12 @@ from loratune.errors import InputError
 from loratune.runtime import autocast, resolve_device, resolve_precision
 from loratune.serve.model import ServedAdapter, ServedModel
 from loratune.tasks.causal_metrics import stop_ids
-from loratune.training.models import is_model_folder, load_causal_lm, load_tokenizer
+from loratune.training.models import (
+    is_model_folder,
+    load_causal_lm,
+    load_tokenizer,
+    pad_id_of,
+)
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +117,7 @@ class ServedLM:
 
     def _finish_init(self) -> None:
         tok = self.tokenizer
-        self.pad_id = int(tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0))
+        self.pad_id = pad_id_of(tok)
         self.stops = set(stop_ids(tok))
         if not self.stops:
             raise InputError(f"{self.base}: the tokenizer has no EOS or end-of-turn token to stop generation on")

@@ -94,7 +94,6 @@ class ServedModel:
         self.precision = resolve_precision(precision, self.device)
         self.base_labels = _head_labels(base)
         """The base's own classes when it is a trained classifier (served under its name), else None."""
-        self.base_max_length = max_length
         self.tokenizer = load_tokenizer(base, download=download)
         tok = self.tokenizer
         self.pad_id = pad_id_of(tok)
